@@ -1,0 +1,223 @@
+"""
+Token files, tokenizers and the batch loader.
+
+Token file (the llm.c / modded-nanogpt format, so their FineWeb shards work as they are):
+
+    header: 256 int32  = [MAGIC=20240520, VERSION=1, n_tokens, 0, 0, ...]   (1024 bytes)
+    body:   n_tokens uint16 tokens                                           (2 * n_tokens bytes)
+
+A dataset is a folder data/<name>/ holding files whose names contain "train" or "val"
+(train.bin, val.bin, or fineweb_train_000001.bin ...) and a meta.json that names the tokenizer:
+{"tokenizer": "gpt2"} or {"tokenizer": "char", "chars": [...]} (a char's id is its index).
+
+The loader cuts each shard into sequences of block_size + 1 tokens (inputs and targets
+overlap by one), visits them in a seeded random order that changes every epoch, and deals
+each DDP rank its own disjoint rows of every global batch. Its whole position is three
+integers, so a checkpoint can save it and a resumed run sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
+EOT = 50256  # GPT-2's <|endoftext|>, which separates documents
+
+
+class DataError(Exception):
+    """Bad or missing data. Scripts print str(e) as one line and exit, never a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# token files
+
+
+def write_tokens(path, tokens):
+    """Write `tokens` (any int sequence, every id < 65536) as a token file, atomically:
+    into a temp file first, then os.replace, so an interrupted write never leaves a
+    half-written file under the real name."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise DataError(f"{path}: token ids must fit in uint16 (0..65535)")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+    os.replace(tmp, path)
+
+
+def read_tokens(path):
+    """Return the tokens of a token file as a read-only uint16 memmap (nothing is loaded into
+    memory until it is indexed). Checks the magic, the version and the length."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such token file")
+    size = os.path.getsize(path)
+    if size < HEADER_INTS * 4:
+        raise DataError(f"{path}: too short for a token-file header ({size} bytes); re-run its prepare script")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise DataError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); not a token file, or a corrupt one")
+    if header[1] != VERSION:
+        raise DataError(f"{path}: unsupported version {header[1]} (expected {VERSION})")
+    n = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * n
+    if size != expected:
+        raise DataError(f"{path}: header says {n:,} tokens ({expected:,} bytes) but the file has {size:,} bytes; "
+                        "it is truncated or corrupt: re-run its prepare script")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def write_meta(data_dir, meta):
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: prepare the dataset first (e.g. python prepare_shakespeare.py)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def list_shards(data_dir, split):
+    """The token files of one split ("train" or "val"), sorted by name."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"dataset folder {data_dir} not found: prepare it first (e.g. python prepare_shakespeare.py)")
+    files = sorted(f for f in glob.glob(os.path.join(data_dir, "*.bin")) if split in os.path.basename(f))
+    if not files:
+        raise DataError(f"no {split} token files (*{split}*.bin) in {data_dir}")
+    return files
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+def get_gpt2_encoding():
+    """tiktoken's GPT-2 BPE. Its files are downloaded once and cached; offline, point
+    TIKTOKEN_CACHE_DIR at a cache that holds them."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network and no cache: a wall of HTTP errors helps nobody
+        raise DataError(f"cannot load the GPT-2 BPE files ({type(e).__name__}): be online once so tiktoken "
+                        "caches them, or set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
+
+
+def get_tokenizer(meta):
+    """Return (encode, decode) for a dataset's meta.json: encode(str) -> list[int],
+    decode(list[int]) -> str."""
+    kind = meta.get("tokenizer")
+    if kind == "gpt2":
+        enc = get_gpt2_encoding()
+        encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
+        return encode, enc.decode
+    if kind == "char":
+        chars = meta["chars"]
+        stoi = {c: i for i, c in enumerate(chars)}
+
+        def encode(s):
+            missing = sorted(set(c for c in s if c not in stoi))
+            if missing:
+                raise DataError(f"the text has characters this model's vocabulary lacks: {missing!r}")
+            return [stoi[c] for c in s]
+
+        return encode, lambda ids: "".join(chars[i] for i in ids)
+    raise DataError(f"unknown tokenizer {kind!r} in meta.json (expected 'gpt2' or 'char')")
+
+
+# -----------------------------------------------------------------------------
+# the batch loader
+
+
+class DataLoader:
+    """Batches of (x, y), each (B, T) int64, from the token files of one split.
+
+    shuffle=True (training): each epoch visits the shards in a new seeded order, and within a
+    shard the sequences in a new seeded order from a new random offset, so no epoch repeats
+    the last one's batches (fixed shard order gives a periodic pattern in the loss curve).
+    shuffle=False (validation): the same sequences in the same order every time; reset()
+    goes back to the start, so every evaluation sees the same batches.
+
+    With DDP, one global batch is B * world_size consecutive sequences of the order, and rank r
+    takes rows [r*B, (r+1)*B): ranks never see the same data.
+    """
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337, shuffle=True):
+        self.files = list_shards(data_dir, split)
+        self.B, self.T = batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        # a shard too small for one global batch is skipped; if all are, say so now
+        self.lengths = [len(read_tokens(f)) for f in self.files]
+        need = self.B * self.world_size * self.T + 1
+        if max(self.lengths) < need:
+            raise DataError(f"{data_dir}: the largest {split} file has {max(self.lengths):,} tokens, fewer than one "
+                            f"batch needs ({need:,} = batch_size*world_size*block_size+1); lower batch_size or block_size")
+        self.reset()
+
+    def reset(self):
+        self.epoch, self.shard_pos, self.seq_pos = 0, 0, 0
+        self._order = None  # computed lazily for the current (epoch, shard)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "seq_pos": self.seq_pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.shard_pos, self.seq_pos = state["epoch"], state["shard_pos"], state["seq_pos"]
+        self._order = None
+
+    def _shard_order(self):
+        # which file is the shard_pos-th of this epoch
+        if not self.shuffle:
+            return list(range(len(self.files)))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.files)).tolist()
+
+    def _load_shard(self):
+        # the current shard's tokens, and the start of every sequence in visiting order
+        self._file_idx = self._shard_order()[self.shard_pos]
+        self._tokens = read_tokens(self.files[self._file_idx])
+        n_tok = len(self._tokens)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, self._file_idx])
+            offset = int(rng.integers(0, self.T))  # a new cut of the text each epoch
+            n_seq = (n_tok - 1 - offset) // self.T
+            self._order = offset + rng.permutation(n_seq) * self.T
+        else:
+            n_seq = (n_tok - 1) // self.T
+            self._order = np.arange(n_seq) * self.T
+
+    def next_batch(self):
+        """Return (x, y): (B, T) int64 CPU tensors, y being x shifted left by one token."""
+        global_rows = self.B * self.world_size
+        while True:
+            if self._order is None:
+                self._load_shard()
+            if self.seq_pos + global_rows <= len(self._order):
+                break
+            # this shard is used up (or too small): go to the next one, or the next epoch
+            self.seq_pos = 0
+            self.shard_pos += 1
+            if self.shard_pos == len(self.files):
+                self.shard_pos = 0
+                self.epoch += 1
+            self._order = None
+        first = self.seq_pos + self.rank * self.B
+        starts = self._order[first:first + self.B]
+        self.seq_pos += global_rows
+        # fancy-index the memmap: only these B rows are read from disk
+        rows = np.stack([self._tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)
+        buf = torch.from_numpy(rows)
+        return buf[:, :-1], buf[:, 1:]

@@ -1,0 +1,403 @@
+"""
+GPT-2 in one file.
+
+    GPTConfig   the hyperparameters (and named presets: gpt2 ... gpt2-xl, gpt2-1.3b)
+    GPT         token (+ position) embeddings -> n_layer pre-norm Blocks -> ln_f -> lm_head
+
+Each Block is  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x)).  Attention goes through
+F.scaled_dot_product_attention, which picks flash attention on a GPU. The lm_head shares its
+weight with the token embedding wte (weight tying, as in GPT-2). With rope=True there is no
+position table wpe: queries and keys are rotated by their position instead (RoPE).
+
+Names follow OpenAI's GPT-2 checkpoints (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj, ln_f), so from_pretrained is a copy with a few transposes.
+
+Shapes in comments: B batch, T time (sequence length), C channels (n_embd), nh heads,
+hs head size (C // nh), V vocabulary.
+"""
+
+import inspect
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context the model sees (the size of wpe)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 128: faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining; 0.1-0.2 helps small data sets
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2 has them
+    rope: bool = False  # rotary position embeddings instead of the learned wpe
+    rope_theta: float = 10000.0  # RoPE's base: wavelengths go from 2*pi to 2*pi*theta
+    gelu: str = "tanh"  # GPT-2 used GELU's tanh approximation; "none" is the exact erf form
+
+
+# The OpenAI GPT-2 family, and a 1.3B model of GPT-3 XL's shape (head size 128).
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "gpt2-1.3b": dict(n_layer=24, n_head=16, n_embd=2048),  # 1.3B
+}
+
+
+def preset(name, **overrides):
+    """GPTConfig of a named size, e.g. preset("gpt2-medium", rope=True)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# rotary position embeddings
+
+
+def rope_tables(head_size, n_pos, theta):
+    """cos and sin of shape (n_pos, head_size // 2): position p turns channel pair i by the
+    angle p * theta^(-2i / head_size)."""
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)  # (n_pos, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, nh, T, hs) by the angles of its positions (cos, sin: (T, hs/2)).
+
+    The channels are split in halves: (x1[i], x2[i]) is rotated as a 2-D vector. The dot
+    product of two rotated vectors depends only on the difference of their angles, so
+    attention scores depend on relative position only.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each; rotate in fp32
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)  # back to the autocast dtype, so q, k and v agree
+
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        # queries, keys and values of all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # the output projection, back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_PROJ = True  # init scaled by 1/sqrt(2*n_layer), see GPT._init_weights
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None, pos=0):
+        """x (B, T, C). rope: (cos, sin) for positions pos..pos+T-1, or None.
+        cache: this layer's dict of key/value buffers during generation, or None.
+        pos: how many tokens the cache already holds (the position of x's first token)."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        if cache is not None:
+            # write this chunk's keys and values after the ones already cached, then attend
+            # over everything so far. The buffers are allocated once, at block_size.
+            if "k" not in cache:
+                n = cache["size"]
+                cache["k"] = k.new_zeros(B, self.n_head, n, hs)
+                cache["v"] = v.new_zeros(B, self.n_head, n, hs)
+            cache["k"][:, :, pos:pos + T] = k
+            cache["v"][:, :, pos:pos + T] = v
+            k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]  # (B, nh, pos+T, hs)
+
+        # SDPA's is_causal mask is aligned top-left: right for a fresh sequence, wrong for
+        # queries that come after cached keys. One new token may see every key (no mask);
+        # a chunk after a cache needs the causal mask shifted right by pos.
+        mask, is_causal = None, True
+        if pos > 0:
+            is_causal = False
+            if T > 1:
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate=config.gelu)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_PROJ = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, pos=0):
+        # pre-norm: each sublayer reads a normalised copy and adds its output to the stream
+        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings (V, C)
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if not config.rope:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)  # positions (block_size, C)
+        else:
+            # not parameters and not saved: recomputed from the config on load
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the output layer scores a token by how well the final hidden state
+        # matches its embedding. One tensor, so it is counted, stored and updated once.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        print(f"number of parameters: {self.num_params() / 1e6:.2f}M")
+
+    def _init_weights(self, module):
+        # GPT-2's init: N(0, 0.02) everywhere, zero biases, and the two projections that
+        # write into the residual stream scaled down by 1/sqrt(2*n_layer): the stream is a sum
+        # of 2*n_layer such outputs, so this keeps its variance from growing with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_PROJ", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameters, the tied wte/lm_head counted once. non_embedding=True leaves out the
+        position table (the token table stays: as lm_head it does real work per token)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if non_embedding and not self.config.rope:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        targets (B, T): the next token at every position; -1 marks a position to ignore
+        (padding, or a prompt in instruction tuning). kv_cache / pos: see generate().
+        """
+        B, T = idx.size()
+        assert pos + T <= self.config.block_size, f"cannot run {pos + T} positions, block_size is {self.config.block_size}"
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.rope:
+            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])  # 2 x (T, hs/2)
+        else:
+            positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(positions)  # (T, C) broadcasts over the batch
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, None if kv_cache is None else kv_cache[i], pos)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # cross_entropy upcasts bf16 logits to fp32 under autocast
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, on_token=None, generator=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
+
+        temperature=0 picks the most likely token (greedy). top_k keeps the k likeliest
+        tokens, top_p the smallest set whose probability reaches p. on_token(tokens (B, 1))
+        is called after every step, so a caller can print as the text comes.
+
+        With the KV cache the prompt is run once and each later step runs only the newest
+        token, reading the keys and values of the earlier ones from the cache. Once the
+        sequence is longer than block_size, the model may only see the last block_size
+        tokens, at positions 0..block_size-1: every cached key has changed then (its position,
+        and in deeper layers what it attended to), so each further step re-runs the last
+        block_size tokens from scratch. That is exactly what a full recompute does; a rolling
+        cache that just dropped the oldest entry would give different tokens.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            block_size = self.config.block_size
+            cache, cached = None, 0  # cached: how many tokens of idx the cache holds
+            for _ in range(max_new_tokens):
+                if not use_cache:
+                    logits, _ = self(idx[:, -block_size:])
+                elif idx.size(1) <= block_size and cache is not None:
+                    logits, _ = self(idx[:, cached:], kv_cache=cache, pos=cached)  # the new token(s) only
+                    cached = idx.size(1)
+                else:
+                    # the first step, or past block_size: (re)fill a fresh cache
+                    cache = [{"size": block_size} for _ in self.transformer.h]
+                    context = idx[:, -block_size:]
+                    logits, _ = self(context, kv_cache=cache, pos=0)
+                    cached = context.size(1)
+                logits = logits[:, -1, :].float()  # (B, V): only the last position predicts
+                idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                idx = torch.cat((idx, idx_next), dim=1)
+                if on_token is not None:
+                    on_token(idx_next)
+            return idx
+        finally:
+            self.train(was_training)
+
+    # -------------------------------------------------------------------------
+    # training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on the matrices (2-D and up: Linear weights, embeddings)
+        and none on biases and LayerNorm gains, which only shift and scale. Only parameters
+        that require grad are optimised (a LoRA run freezes the base)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        print(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+        print(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        # the fused CUDA kernel updates all tensors in a few launches instead of a loop
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        print(f"using fused AdamW: {fused}")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward), the estimate of the PaLM paper:
+
+            6 * N  +  12 * n_layer * n_embd * T
+
+        6N: every parameter takes part in one multiply-add (2 FLOPs) in the forward pass and
+        two in the backward pass (gradients of inputs and of weights); N leaves out the
+        position table (a lookup, no matmul) and counts the tied wte once, as the lm_head.
+        The second term is attention's two matmuls (QK^T and AV) over T keys, also x6/2 per
+        layer and channel. LayerNorm, GELU and softmax are left out, as is customary.
+        """
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops, seq_len=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak
+        (e.g. 989.5e12 for an H100 SXM in bf16). dt: seconds per iteration."""
+        return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
+
+    # -------------------------------------------------------------------------
+    # OpenAI's weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """A GPT with the weights of a Hugging Face GPT2LMHeadModel: one of OpenAI's models
+        by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached by
+        transformers) or a local folder as save_pretrained writes it (config.json plus
+        weights). override_args may set dropout, and a block_size smaller than the model's
+        (the position table is cropped)."""
+        override_args = dict(override_args or {})
+        if set(override_args) - {"dropout", "block_size"}:
+            raise ValueError(f"from_pretrained can override only dropout and block_size, not {sorted(override_args)}")
+        local = os.path.isdir(name_or_path)
+        if not local and name_or_path not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+            raise OSError(f"{name_or_path!r} is neither a local Hugging Face model folder nor one of "
+                          "gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise ImportError("loading GPT-2 weights needs transformers: pip install transformers") from None
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=local)
+        except OSError:
+            raise OSError(f"could not load {name_or_path!r}: offline? Be online once so transformers caches it, "
+                          "or pass a local folder written by save_pretrained") from None
+        hc = hf.config
+        if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"{name_or_path}: activation {hc.activation_function!r} is not GPT-2's GELU")
+        if getattr(hc, "scale_attn_by_inverse_layer_idx", False) or getattr(hc, "reorder_and_upcast_attn", False):
+            raise ValueError(f"{name_or_path}: non-standard GPT-2 attention options are not supported")
+        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
+                           n_head=hc.n_head, n_embd=hc.n_embd, bias=True, dropout=0.0,
+                           gelu="none" if hc.activation_function == "gelu" else "tanh")
+        sd_hf = hf.state_dict()
+        config.dropout = override_args.get("dropout", 0.0)
+        model = cls(config)
+        sd = model.state_dict()
+        # Hugging Face stores these four as Conv1D, weight (in, out): transpose to Linear's (out, in)
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        keys = list(sd)  # ours has no mask buffers: SDPA builds the causal mask itself
+        hf_keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+        assert set(keys) == set(hf_keys), f"key mismatch: {sorted(set(keys) ^ set(hf_keys))[:5]}"
+        with torch.no_grad():
+            for k in keys:
+                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
+                sd[k].copy_(w)
+        if "block_size" in override_args:
+            model.crop_block_size(override_args["block_size"])
+        return model
+
+    def crop_block_size(self, block_size):
+        """Use a shorter context than the model was built with (e.g. GPT-2's 1024 -> 256)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if self.config.rope:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+        else:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits (B, V): returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")  # below the k-th largest: never
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the likeliest tokens until their mass reaches top_p (at least one)
+        sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before this token already enough
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # renormalises itself
