@@ -1,0 +1,50 @@
+"""Shared test set-up: the repo root on sys.path, and helpers that many test files use."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def gpt2_encoding_available():
+    """True when tiktoken's GPT-2 files can be had (a cache via TIKTOKEN_CACHE_DIR, or the network)."""
+    try:
+        import tiktoken
+        tiktoken.get_encoding("gpt2")
+        return True
+    except Exception:
+        return False
+
+
+# tests that need the GPT-2 BPE files are skipped, with the reason, on a machine that has none
+needs_gpt2_bpe = pytest.mark.skipif(not gpt2_encoding_available(),
+                                    reason="GPT-2 BPE files unavailable: set TIKTOKEN_CACHE_DIR or go online")
+
+
+def run_script(args, cwd=None, env=None, check=True, timeout=600):
+    """Run `python args...` from the repo root (or cwd); return the CompletedProcess with
+    stdout/stderr as text. check=True fails the test with the script's output on error."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    p = subprocess.run([sys.executable] + list(args), cwd=cwd or ROOT, env=full_env,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture
+def tiny_hf_folder(tmp_path):
+    """A small random transformers GPT2LMHeadModel saved with save_pretrained: (folder, hf_model)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=96,
+                     bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    folder = tmp_path / "hf_tiny"
+    hf.save_pretrained(folder)
+    return str(folder), hf
