@@ -151,32 +151,37 @@ class DataLoader:
     shuffle=False (validation): the same sequences in the same order every time; reset()
     goes back to the start, so every evaluation sees the same batches.
 
-    With DDP, one global batch is B * world_size consecutive sequences of the order, and rank r
-    takes rows [r*B, (r+1)*B): ranks never see the same data.
+    One optimizer step reads B * world_size * grad_accum consecutive sequences of the order:
+    micro-step m of rank r takes rows [(m * world_size + r) * B, ... + B). Ranks never see the
+    same data, and 2 ranks x 1 micro-step read exactly the rows that 1 rank x 2 micro-steps
+    read: DDP and gradient accumulation see the same global batch.
     """
 
-    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337, shuffle=True):
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
+                 shuffle=True, grad_accum=1):
         self.files = list_shards(data_dir, split)
         self.B, self.T = batch_size, block_size
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.seed, self.shuffle = seed, shuffle
         # a shard too small for one global batch is skipped; if all are, say so now
         self.lengths = [len(read_tokens(f)) for f in self.files]
-        need = self.B * self.world_size * self.T + 1
+        need = self.B * self.world_size * self.grad_accum * self.T + 1
         if max(self.lengths) < need:
             raise DataError(f"{data_dir}: the largest {split} file has {max(self.lengths):,} tokens, fewer than one "
-                            f"batch needs ({need:,} = batch_size*world_size*block_size+1); lower batch_size or block_size")
+                            f"step needs ({need:,} = batch_size*world_size*grad_accum*block_size+1); "
+                            "use a smaller batch_size, block_size or total_batch_size")
         self.reset()
 
     def reset(self):
-        self.epoch, self.shard_pos, self.seq_pos = 0, 0, 0
+        self.epoch, self.shard_pos, self.seq_pos, self.micro = 0, 0, 0, 0
         self._order = None  # computed lazily for the current (epoch, shard)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "seq_pos": self.seq_pos}
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "seq_pos": self.seq_pos, "micro": self.micro}
 
     def load_state_dict(self, state):
         self.epoch, self.shard_pos, self.seq_pos = state["epoch"], state["shard_pos"], state["seq_pos"]
+        self.micro = state.get("micro", 0)
         self._order = None
 
     def _shard_order(self):
@@ -202,10 +207,11 @@ class DataLoader:
     def next_batch(self):
         """Return (x, y): (B, T) int64 CPU tensors, y being x shifted left by one token."""
         global_rows = self.B * self.world_size
+        step_rows = global_rows * self.grad_accum  # a whole optimizer step comes from one shard
         while True:
             if self._order is None:
                 self._load_shard()
-            if self.seq_pos + global_rows <= len(self._order):
+            if self.micro > 0 or self.seq_pos + step_rows <= len(self._order):
                 break
             # this shard is used up (or too small): go to the next one, or the next epoch
             self.seq_pos = 0
@@ -217,6 +223,7 @@ class DataLoader:
         first = self.seq_pos + self.rank * self.B
         starts = self._order[first:first + self.B]
         self.seq_pos += global_rows
+        self.micro = (self.micro + 1) % self.grad_accum
         # fancy-index the memmap: only these B rows are read from disk
         rows = np.stack([self._tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)
         buf = torch.from_numpy(rows)

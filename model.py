@@ -385,6 +385,27 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. Matched
+# against torch.cuda.get_device_name(); anything else needs an explicit peak.
+PEAK_FLOPS = {
+    "H200": 989.5e12,
+    "H100": 989.5e12,  # SXM; the PCIe card is 756e12
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165.2e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device_name):
+    """The bf16 peak of a GPU by name, or None if unknown (then MFU is not reported)."""
+    for key, flops in PEAK_FLOPS.items():
+        if key in device_name:
+            return 756e12 if key == "H100" and "PCIe" in device_name else flops
+    return None
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick the next token from logits (B, V): returns (B, 1)."""
     if temperature == 0:

@@ -1,0 +1,89 @@
+"""
+Prepare Tiny Shakespeare (about 1.1M characters of plays) for training.
+
+    python prepare_shakespeare.py                      # characters -> data/shakespeare_char/
+    python prepare_shakespeare.py --tokenizer=gpt2     # GPT-2 BPE  -> data/shakespeare/
+    python prepare_shakespeare.py --input=PATH         # any local text file instead of the download
+
+The first 90% of the text is train.bin, the last 10% val.bin (a contiguous split: the
+validation text is plays the model has never seen, not lines shuffled out of its training
+plays). Both are token files in the format of dataloader.py, beside a meta.json that names the
+tokenizer; the char-level one lists its characters, sorted, so a char's id is its index.
+"""
+
+import os
+
+import requests
+
+from configurator import configure, die
+from dataloader import DataError, get_gpt2_encoding, write_meta, write_tokens
+
+DEFAULTS = dict(
+    tokenizer="char",  # "char" (65 characters) or "gpt2" (BPE, 50257 tokens)
+    input="",  # a local text file to use instead of downloading Tiny Shakespeare
+    out_dir="",  # where to write; default data/shakespeare_char or data/shakespeare
+    url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    val_fraction=0.1,  # the last 10% of the text is validation
+)
+
+
+def get_text(cfg):
+    """The text: --input, or the download (cached in data/ so it is fetched once)."""
+    if cfg["input"]:
+        if not os.path.isfile(cfg["input"]):
+            die(f"--input file {cfg['input']} not found")
+        with open(cfg["input"], encoding="utf-8") as f:
+            return f.read()
+    cache = os.path.join("data", "tinyshakespeare.txt")
+    if not os.path.isfile(cache):
+        print(f"downloading {cfg['url']}")
+        try:
+            r = requests.get(cfg["url"], timeout=30)
+            r.raise_for_status()
+        except requests.RequestException as e:
+            die(f"download failed ({type(e).__name__}); give a local copy with --input=PATH")
+        os.makedirs("data", exist_ok=True)
+        with open(cache, "w", encoding="utf-8") as f:
+            f.write(r.text)
+    with open(cache, encoding="utf-8") as f:
+        return f.read()
+
+
+def prepare(cfg):
+    text = get_text(cfg)
+    if cfg["tokenizer"] == "char":
+        chars = sorted(set(text))
+        stoi = {c: i for i, c in enumerate(chars)}
+        ids = [stoi[c] for c in text]
+        meta = {"tokenizer": "char", "chars": chars}
+        out_dir = cfg["out_dir"] or os.path.join("data", "shakespeare_char")
+    elif cfg["tokenizer"] == "gpt2":
+        enc = get_gpt2_encoding()
+        # one document: no <|endoftext|> needed inside it
+        ids = enc.encode_ordinary(text)
+        meta = {"tokenizer": "gpt2"}
+        out_dir = cfg["out_dir"] or os.path.join("data", "shakespeare")
+    else:
+        die(f"--tokenizer must be char or gpt2, not {cfg['tokenizer']!r}")
+    # split the tokens (not the characters) so the two files add up to the whole text
+    n_val = int(len(ids) * cfg["val_fraction"])
+    train_ids, val_ids = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    write_tokens(os.path.join(out_dir, "train.bin"), train_ids)
+    write_tokens(os.path.join(out_dir, "val.bin"), val_ids)
+    write_meta(out_dir, meta)
+    vocab = len(meta["chars"]) if cfg["tokenizer"] == "char" else 50257
+    print(f"{len(text):,} characters, vocabulary {vocab:,}: train {len(train_ids):,} tokens, "
+          f"val {len(val_ids):,} tokens -> {out_dir}/")
+    return out_dir
+
+
+def main():
+    cfg = configure(DEFAULTS)
+    try:
+        prepare(cfg)
+    except DataError as e:
+        die(str(e))
+
+
+if __name__ == "__main__":
+    main()
