@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from dataloader import DataError
 from model import GPT, GPTConfig
 
 
@@ -36,11 +37,11 @@ def save_checkpoint(ckpt, path):
 
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first, or check --out_dir")
+        raise DataError(f"no checkpoint at {path}: train one first, or check --out_dir")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path} could not be read ({type(e).__name__}); it is not a checkpoint of this project, "
+        raise DataError(f"{path} could not be read ({type(e).__name__}); it is not a checkpoint of this project, "
                            "or it is corrupt") from None
 
 
@@ -62,7 +63,7 @@ def newest_checkpoint(pattern="out*/ckpt.pt"):
 
 
 def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
-    """Return (model, meta) ready for inference: from out_dir/ckpt.pt of a run of ours (a
+    """Return (model, meta): from out_dir/ckpt.pt of a run of ours (a
     LoRA run's base is loaded and its adapter applied), or OpenAI's weights when init_from is
     a GPT-2 name or a local Hugging Face folder. meta names the tokenizer."""
     if out_dir is not None:
@@ -72,13 +73,19 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
             import lora
             # the base: OpenAI's weights by name, or another run's checkpoint
             base = ckpt["base"]
-            model, _ = load_model(out_dir=base) if os.path.isdir(base) else load_model(init_from=base)
+            if os.path.isfile(os.path.join(base, "ckpt.pt")):
+                model, _ = load_model(out_dir=base, dropout=dropout)
+            else:
+                model, _ = load_model(init_from=base, dropout=dropout)
             lora.load_lora(model, ckpt["lora"])
         else:
             args = dict(ckpt["model_args"], dropout=dropout)
             model = GPT(GPTConfig(**args))
             model.load_state_dict(clean_state_dict(ckpt["model"]))
     else:
-        model = GPT.from_pretrained(init_from, {"dropout": dropout})
+        try:
+            model = GPT.from_pretrained(init_from, {"dropout": dropout})
+        except (OSError, ValueError, ImportError) as e:  # offline, unknown name, odd config
+            raise DataError(str(e)) from None
         meta = {"tokenizer": "gpt2"}
     return model.to(device), meta

@@ -1,0 +1,363 @@
+"""
+How fast is this model on this machine? Two measurements, each ending in one line to paste
+into an issue:
+
+    python bench.py --mode=train --model=gpt2 --batch_size=16 --block_size=1024 --dtype=bfloat16 --compile=True
+    python bench.py --mode=sample --model=gpt2 --prompt_len=16 --new_tokens=200
+
+train   times whole optimizer steps on random tokens: host-to-device copy, forward, backward
+        (gradient accumulation if grad_accum > 1), gradient clipping, AdamW. The same path as
+        train.py, so its ms/step is what a real run costs minus the data loading.
+        Reports ms/step, tokens/s, MFU and peak memory.
+sample  times model.generate, with the KV cache and with a full recompute of the context for
+        every new token, at batch 1 and batch N. Reports tokens/s and the cache's speed-up.
+
+--profile=True then runs torch.profiler over a few more steps (train) or one generation
+(sample) and prints the ops that cost the most time.
+
+MFU (model FLOPs utilisation) = the FLOPs the model needs per second (model.flops_per_token:
+6 per parameter per token, plus attention) / the device's peak. Only the FLOPs of the model
+count, not the ones a kernel wastes, so it compares implementations fairly.
+"""
+
+import math
+import platform
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure, die, print_config
+from model import GPT, PRESETS, preset
+
+# -----------------------------------------------------------------------------
+# settings: python bench.py [config/FILE.py] [--key=value ...]
+
+defaults = dict(
+    mode="train",  # train: time optimizer steps; sample: time generation, KV cache vs recompute
+    # the model (random weights: speed does not depend on them)
+    model="gpt2",  # a preset of model.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-1.3b
+    n_layer=0,  # > 0: override the preset's number of layers
+    n_head=0,  # > 0: override the preset's number of heads
+    n_embd=0,  # > 0: override the preset's width
+    vocab_size=50304,  # 50257 is GPT-2's own; 50304 (a multiple of 128) gives faster matmuls
+    rope=False,  # rotary position embeddings instead of the learned position table
+    # train mode
+    batch_size=16,  # micro-batch: sequences per forward/backward
+    block_size=1024,  # tokens per sequence, and the model's context (sample mode too)
+    grad_accum=1,  # micro-batches per optimizer step
+    warmup=5,  # untimed steps first: torch.compile, cuBLAS/cuDNN autotuning, the allocator
+    steps=10,  # timed steps (sample mode: untouched, one timed generation per row)
+    # sample mode
+    sample_batch=8,  # the batch N timed besides batch 1 (1: batch 1 only)
+    prompt_len=16,  # prompt tokens per sequence
+    new_tokens=200,  # tokens generated per sequence
+    # both
+    device="auto",  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",  # auto (bf16 on a GPU that has it, else fp16; fp32 on cpu/mps), float32, bfloat16, float16
+    compile=True,  # torch.compile the model (train mode only: generation changes shape every step)
+    peak_flops=0.0,  # the device's peak FLOP/s for MFU; 0: look the GPU up in PEAK_FLOPS
+    profile=False,  # also run torch.profiler and print the most expensive ops
+    seed=1337,  # for the random tokens and weights
+)
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets, matched in this order
+# against torch.cuda.get_device_name() (so "H100 PCIe" is tried before "H100", the SXM part,
+# whose name reads "NVIDIA H100 80GB HBM3"). In fp32, matmuls run on TF32 tensor cores,
+# whose peak on these chips is half the bf16 one. Any other device: pass --peak_flops.
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100": 989.5e12,
+    "H200": 989.5e12,
+    "A100": 312e12,
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# the optimizer settings of train.py's defaults; they do not change the speed, only the numbers
+WEIGHT_DECAY, LEARNING_RATE, BETAS, GRAD_CLIP = 0.1, 6e-4, (0.9, 0.95), 1.0
+
+
+# -----------------------------------------------------------------------------
+# set-up: device, precision, model
+
+
+def setup(cfg):
+    """Check the settings and pick the device and dtype. Returns (device, device_type, dtype);
+    device_type is what torch.autocast wants: cuda, mps or cpu."""
+    if cfg["mode"] not in ("train", "sample"):
+        die(f"--mode must be train or sample, not {cfg['mode']!r}")
+    if cfg["model"] not in PRESETS:
+        die(f"unknown --model={cfg['model']}; choose one of {', '.join(PRESETS)}")
+    for key in ("batch_size", "block_size", "grad_accum", "steps", "sample_batch", "prompt_len",
+                "new_tokens", "vocab_size"):
+        if cfg[key] < 1:
+            die(f"--{key} must be at least 1, got {cfg[key]}")
+    if cfg["warmup"] < 0 or cfg["peak_flops"] < 0:
+        die("--warmup and --peak_flops cannot be negative")
+    n_head = cfg["n_head"] or PRESETS[cfg["model"]]["n_head"]
+    n_embd = cfg["n_embd"] or PRESETS[cfg["model"]]["n_embd"]
+    if n_embd % n_head:
+        die(f"n_embd={n_embd} is not a multiple of n_head={n_head}: change --n_embd or --n_head")
+    if cfg["rope"] and (n_embd // n_head) % 2:
+        die(f"rope needs an even head size, got {n_embd // n_head}: change --n_embd or --n_head")
+    if cfg["mode"] == "sample" and cfg["prompt_len"] + cfg["new_tokens"] > cfg["block_size"]:
+        # past the context the cached path re-runs the whole window every step: not what we time
+        die(f"prompt_len + new_tokens = {cfg['prompt_len'] + cfg['new_tokens']} exceeds "
+            f"--block_size={cfg['block_size']}: raise --block_size or shorten the generation")
+
+    device = cfg["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = device.split(":")[0]
+    if device_type not in ("cuda", "mps", "cpu"):
+        die(f"--device must be auto, cpu, cuda, cuda:N or mps, not {device!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        die(f"--device={device} but torch sees no CUDA GPU: use --device=cpu (or auto)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        die("--device=mps but MPS is not available here: use --device=cpu (or auto)")
+
+    if cfg["dtype"] == "auto":
+        if device_type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    elif cfg["dtype"] in DTYPES:
+        dtype = DTYPES[cfg["dtype"]]
+    else:
+        die(f"--dtype must be auto, float32, bfloat16 or float16, not {cfg['dtype']!r}")
+
+    if device_type == "cuda":
+        torch.cuda.set_device(device)  # so the memory statistics below are this GPU's
+        # fp32 matmuls and convolutions on TF32 tensor cores: 10-bit mantissa inputs, fp32
+        # accumulation; several times faster, and what every GPU training run uses
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg["seed"])
+    return device, device_type, dtype
+
+
+def build_model(cfg, device):
+    """A randomly initialised GPT of the chosen preset and overrides, on device."""
+    overrides = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd") if cfg[k] > 0}
+    config = preset(cfg["model"], block_size=cfg["block_size"], vocab_size=cfg["vocab_size"],
+                    rope=cfg["rope"], **overrides)
+    return GPT(config).to(device)
+
+
+def synchronize(device_type):
+    """Wait for the GPU to finish the work queued so far. GPU calls return as soon as the
+    work is queued, so a clock read without this measures the queueing, not the work."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_flops_for(cfg, device, device_type, dtype):
+    """The peak FLOP/s that MFU divides by: --peak_flops, or the GPU's row of PEAK_FLOPS.
+    None where unknown (a CPU, an unlisted GPU): MFU is then reported as n/a."""
+    if cfg["peak_flops"] > 0:
+        return cfg["peak_flops"]
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops / 2 if dtype == torch.float32 else flops  # fp32 -> TF32 peak
+    return None
+
+
+def peak_memory(device, device_type):
+    """(bytes, what was measured): the most memory PyTorch held on the GPU since the last
+    reset, or the process's peak resident set size on the host (which includes Python, torch
+    and everything else: an upper bound on what the model needed)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU mem"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None, "RSS"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS"  # macOS: bytes; Linux: KiB
+
+
+def device_name(device, device_type):
+    if device_type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device_type == "mps":
+        return f"Apple {platform.machine()} (MPS)"
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() often says only x86_64
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def describe(model, cfg, dtype):
+    """The config part of the summary line: enough to reproduce the row."""
+    c = model.config
+    return (f"{cfg['model']} {model.num_params() / 1e6:.1f}M L{c.n_layer} H{c.n_head} C{c.n_embd} "
+            f"V{c.vocab_size}{' rope' if c.rope else ''} | {str(dtype).replace('torch.', '')}")
+
+
+def gib(n):
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+# -----------------------------------------------------------------------------
+# profiling
+
+
+def profile(fn, device_type, repeats):
+    """Run fn() `repeats` times under torch.profiler and print the ops that took the most time
+    (self time: inside the op itself, not its children). Returns the table."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        synchronize(device_type)
+    # on a GPU the kernels' time is what matters; the CPU time there is mostly launching them
+    sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=20)
+    print(f"\nprofile of {repeats} run(s), sorted by {sort_by}:\n{table}")
+    return table
+
+
+# -----------------------------------------------------------------------------
+# train mode
+
+
+def bench_train(cfg):
+    """Time cfg['steps'] optimizer steps after cfg['warmup'] untimed ones. Prints and returns
+    a dict: ms_per_step, tokens_per_s, mfu (None where the peak is unknown), peak_flops,
+    peak_mem_bytes, loss (of the last micro-batch), summary (the one line)."""
+    device, device_type, dtype = setup(cfg)
+    B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["grad_accum"]
+    raw_model = build_model(cfg, device)
+    raw_model.train()
+    # train.py's optimizer: AdamW, decay on matrices only, the fused CUDA kernel on a GPU
+    optimizer = raw_model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device_type)
+    # fp16 has too little range for small gradients: scale the loss up, unscale before the step.
+    # Disabled (every call a no-op) for bf16 and fp32.
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
+    model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+
+    # Synthetic batches: random tokens, made once on the host. train.py's loader hands over
+    # host tensors; in page-locked (pinned) memory the copy to the GPU runs asynchronously
+    # (non_blocking) while the GPU still works, so it costs the step almost nothing.
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    xs = torch.randint(cfg["vocab_size"], (accum, B, T), generator=gen)  # (accum, B, T)
+    ys = torch.randint(cfg["vocab_size"], (accum, B, T), generator=gen)
+    if device_type == "cuda":
+        xs, ys = xs.pin_memory(), ys.pin_memory()
+
+    def step():
+        for micro in range(accum):
+            x = xs[micro].to(device, non_blocking=True)  # (B, T)
+            y = ys[micro].to(device, non_blocking=True)
+            with autocast:
+                _, loss = model(x, y)
+            # the mean over the step's micro-batches, as one big batch would give
+            scaler.scale(loss / accum).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss  # a GPU tensor: reading it (.item()) would wait for the GPU, so we don't here
+
+    print(f"warm-up: {cfg['warmup']} steps{' (the first compiles the model)' if cfg['compile'] else ''}")
+    for _ in range(cfg["warmup"]):
+        step()
+    synchronize(device_type)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # count the steady state, not compilation
+    # no synchronisation inside the loop: the host queues step after step, the GPU never idles
+    t0 = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        loss = step()
+    synchronize(device_type)
+    dt = (time.perf_counter() - t0) / cfg["steps"]  # seconds per step
+    mem, mem_what = peak_memory(device, device_type)
+
+    tokens = B * T * accum  # tokens per optimizer step
+    peak = peak_flops_for(cfg, device, device_type, dtype)
+    mfu = None if peak is None else raw_model.estimate_mfu(tokens, dt, peak, seq_len=T)
+    r = dict(ms_per_step=dt * 1000, tokens_per_s=tokens / dt, mfu=mfu, peak_flops=peak,
+             peak_mem_bytes=mem, loss=loss.item())
+    mfu_text = "MFU n/a (give --peak_flops)" if mfu is None else f"MFU {100 * mfu:.1f}% of {peak / 1e12:.1f} TFLOP/s"
+    r["summary"] = (f"bench train | {device_name(device, device_type)} | torch {torch.__version__} | "
+                    f"{describe(raw_model, cfg, dtype)} compile={cfg['compile']} | B={B} T={T} accum={accum} | "
+                    f"{r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tok/s | {mfu_text} | "
+                    f"{mem_what} {gib(mem)}")
+    print(r["summary"])
+    if cfg["profile"]:
+        profile(step, device_type, repeats=3)
+    return r
+
+
+# -----------------------------------------------------------------------------
+# sample mode
+
+
+def bench_sample(cfg):
+    """Time model.generate (greedy) with and without the KV cache, at batch 1 and batch
+    sample_batch. Prints and returns a dict: for each batch size b, cache_tok_s_b{b},
+    recompute_tok_s_b{b} and ratio_b{b} (cache over recompute), plus peak_mem_bytes and summary."""
+    device, device_type, dtype = setup(cfg)
+    P, N = cfg["prompt_len"], cfg["new_tokens"]
+    model = build_model(cfg, device).eval()
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def generate(prompt, n, use_cache):
+        # greedy (temperature 0): every run does the same work, and sampling's cost is not timed
+        with autocast:
+            return model.generate(prompt, n, temperature=0.0, use_cache=use_cache)
+
+    r, parts = {}, []
+    for b in sorted({1, cfg["sample_batch"]}):
+        prompt = torch.randint(cfg["vocab_size"], (b, P), generator=gen).to(device)  # (b, P)
+        for use_cache in (True, False):
+            generate(prompt, 2, use_cache)  # warm-up: first-call allocations and kernel choices
+            synchronize(device_type)
+            t0 = time.perf_counter()
+            generate(prompt, N, use_cache)
+            synchronize(device_type)
+            tok_s = b * N / (time.perf_counter() - t0)  # new tokens per second, whole batch
+            r[f"{'cache' if use_cache else 'recompute'}_tok_s_b{b}"] = tok_s
+            print(f"batch {b}, {'KV cache ' if use_cache else 'recompute'}: {tok_s:,.1f} tok/s")
+        r[f"ratio_b{b}"] = r[f"cache_tok_s_b{b}"] / r[f"recompute_tok_s_b{b}"]
+        parts.append(f"B={b}: cache {r[f'cache_tok_s_b{b}']:,.1f} tok/s, recompute "
+                     f"{r[f'recompute_tok_s_b{b}']:,.1f} tok/s, {r[f'ratio_b{b}']:.1f}x")
+    mem, mem_what = peak_memory(device, device_type)
+    r["peak_mem_bytes"] = mem
+    r["summary"] = (f"bench sample | {device_name(device, device_type)} | torch {torch.__version__} | "
+                    f"{describe(model, cfg, dtype)} | prompt {P} + {N} new, greedy | "
+                    + " | ".join(parts) + f" | {mem_what} {gib(mem)}")
+    print(r["summary"])
+    if cfg["profile"]:
+        prompt = torch.randint(cfg["vocab_size"], (1, P), generator=gen).to(device)
+        profile(lambda: generate(prompt, N, True), device_type, repeats=1)
+    return r
+
+
+def main():
+    cfg = configure(defaults)
+    print_config(cfg)
+    if cfg["mode"] == "sample":
+        bench_sample(cfg)
+    else:
+        bench_train(cfg)
+
+
+if __name__ == "__main__":
+    main()

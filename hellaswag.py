@@ -1,0 +1,335 @@
+"""
+HellaSwag: does the model know how an everyday scene goes on?
+
+    python hellaswag.py --init_from=gpt2                 # OpenAI's 124M model
+    python hellaswag.py --out_dir=out --limit=500        # a run of ours, first 500 examples
+    python hellaswag.py --out_dir=out_shakespeare_char --val_dataset=shakespeare_char
+                                                         # a plain val loss instead
+
+Each example is a context ("A man is sitting on a roof. he") and four endings, one of them
+right. We score it completion style, the way GPT-2's and GPT-3's papers did: the model reads
+context + " " + ending for each of the four endings, and the ending whose tokens it finds
+least surprising wins. Two ways to add up the surprise:
+
+    acc        sum of the ending's token losses    (favours short endings)
+    acc_norm   mean of the ending's token losses   (the number usually quoted for GPT-2)
+
+Random guessing gets 0.25. The data is the jsonl files of the dataset's own repository
+(rowanz/hellaswag); the val split has 10,042 examples, the test split's labels are not public.
+
+train.py renders the examples once with load_examples() and calls evaluate() every
+hellaswag_interval steps; evaluate() splits the examples across DDP ranks and all-reduces
+the counts, so every rank gets the same numbers.
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from checkpoint import load_model
+from configurator import configure, die, print_config
+from dataloader import EOT, DataError, DataLoader, get_gpt2_encoding, read_meta
+
+# -----------------------------------------------------------------------------
+# settings (python hellaswag.py [config/FILE.py] [--key=value ...])
+
+defaults = dict(
+    init_from="gpt2",  # OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF folder; unused with out_dir
+    out_dir="",  # a run of ours: load out_dir/ckpt.pt (LoRA runs: base + adapter) instead of init_from
+    split="val",  # which HellaSwag split: val (10,042 examples) or train; test has no public labels
+    data_file="",  # a local jsonl in HellaSwag's format instead of the downloaded split
+    limit=0,  # score only the first N examples (0 = all): for a quick look
+    batch_size=8,  # examples per forward pass (4 rows each); with val_dataset: sequences per batch
+    device="auto",  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",  # auto (bf16 on GPUs that have it, else fp16; fp32 on cpu/mps), float32, bfloat16, float16
+    compile=False,  # torch.compile the model (worth it for a full run on a GPU)
+    val_dataset="",  # instead of HellaSwag: report the val loss on data/<val_dataset>
+    eval_iters=50,  # with val_dataset: batches to average over (0 = the whole val split once)
+    block_size=0,  # with val_dataset: sequence length (0 = the model's block_size)
+)
+
+DATA_DIR = os.path.join("data", "hellaswag")
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+
+# -----------------------------------------------------------------------------
+# the data
+
+
+def download(split):
+    """Fetch hellaswag_<split>.jsonl into data/hellaswag/ once; return its path."""
+    path = os.path.join(DATA_DIR, f"hellaswag_{split}.jsonl")
+    if os.path.isfile(path):
+        return path  # cached
+    import requests
+
+    url = URL.format(split=split)
+    os.makedirs(DATA_DIR, exist_ok=True)
+    tmp = path + ".tmp"  # written under a temp name, so an interrupted download is never "cached"
+    try:
+        with requests.get(url, stream=True, timeout=30) as r:
+            r.raise_for_status()
+            total = int(r.headers.get("content-length", 0)) or None
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                for chunk in r.iter_content(chunk_size=1 << 16):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except requests.RequestException as e:
+        raise DataError(f"could not download {url} ({type(e).__name__}): be online once, or pass "
+                        f"--data_file=PATH to a local copy") from None
+    os.replace(tmp, path)
+    return path
+
+
+def load_examples(split="val", data_file=None, limit=None):
+    """Read and tokenize HellaSwag examples: a list of dicts
+
+        ctx       the context's GPT-2 tokens
+        endings   four token lists, each the tokens of " " + ending
+        label     the index of the right ending (0..3)
+
+    from data_file, or from the split's downloaded file. limit keeps the first N."""
+    if split == "test" and not data_file:
+        raise DataError("HellaSwag's test labels are not public, so it cannot be scored here: use split=val")
+    if split not in ("train", "val", "test"):
+        raise DataError(f"unknown HellaSwag split {split!r}: use val or train")
+    path = data_file or download(split)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file (--data_file must be a jsonl in HellaSwag's format)")
+    enc = get_gpt2_encoding()
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit and len(examples) == limit:
+                break
+            if not line.strip():
+                continue  # a blank line (e.g. at the end) is not an example
+            where = f"{path} line {lineno}"
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(ex, dict):
+                raise DataError(f"{where}: expected a JSON object with ctx, endings and label")
+            if "label" not in ex:
+                raise DataError(f"{where}: no label (HellaSwag's test labels are not public: use the val split)")
+            ctx, endings, label = ex.get("ctx"), ex.get("endings"), ex["label"]
+            if not isinstance(ctx, str) or not ctx.strip():
+                raise DataError(f"{where}: ctx must be a non-empty string, got {ctx!r}")
+            if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+                raise DataError(f"{where}: endings must be a list of 4 strings, got {endings!r}")
+            # the real files store label as an int; exports (e.g. Hugging Face's) as a string
+            if isinstance(label, str) and label.strip().isdigit():
+                label = int(label)
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
+                raise DataError(f"{where}: label must be 0, 1, 2 or 3, got {ex['label']!r}")
+            # an ending is its own word after the context: " " + ending, so that BPE gives it
+            # the space-prefixed tokens it would have in running text
+            examples.append(dict(ctx=enc.encode(ctx),
+                                 endings=[enc.encode(" " + e) for e in endings],
+                                 label=label))
+    if not examples:
+        raise DataError(f"{path}: no examples in the file")
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def ending_losses(model, examples, device, autocast_ctx=nullcontext()):
+    """Run n examples through the model in one forward pass; return (sum_loss, n_tokens),
+    each (n, 4) float32 on the CPU: the summed loss of each ending's tokens and their count.
+
+    Each example makes four rows, context + ending. The rows are padded on the right to one
+    length: under the causal mask a token never sees what comes after it, so padding changes
+    no real position and needs no attention mask; the targets of padding (and of the context)
+    are -1, so they are not scored. A row longer than the model's block_size loses its oldest
+    context tokens."""
+    block_size = _raw(model).config.block_size
+    rows = [(ex["ctx"], end) for ex in examples for end in ex["endings"]]  # 4n rows
+    T = min(max(len(c) + len(e) for c, e in rows) - 1, block_size)  # inputs drop the last token
+    idx = torch.full((len(rows), T), EOT, dtype=torch.long)  # (4n, T) inputs, padded with any real id
+    targets = torch.full((len(rows), T), -1, dtype=torch.long)  # (4n, T) -1 = not scored
+    for r, (ctx, end) in enumerate(rows):
+        tokens = ctx + end
+        x, y = tokens[:-1], tokens[1:]  # position t predicts token t+1
+        first = len(ctx) - 1  # y[first] is the ending's first token
+        cut = max(0, len(x) - block_size)  # crop from the left to fit the context window
+        x, y, first = x[cut:], y[cut:], max(0, first - cut)
+        idx[r, :len(x)] = torch.tensor(x)
+        targets[r, first:len(y)] = torch.tensor(y[first:])
+    idx, targets = idx.to(device), targets.to(device)
+    with torch.no_grad(), autocast_ctx:
+        logits = model(idx)[0]  # (4n, T, V)
+    # the loss of the scored positions only: their logits go to fp32 for an exact log-softmax,
+    # the (many more) context and padding positions never get copied
+    scored = targets != -1  # (4n, T)
+    losses = torch.zeros(targets.shape, device=logits.device)  # (4n, T) fp32
+    losses[scored] = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+    sum_loss = losses.sum(dim=1).view(-1, 4).cpu()  # (n, 4)
+    n_tokens = scored.sum(dim=1).view(-1, 4).float().cpu()  # (n, 4)
+    return sum_loss, n_tokens
+
+
+def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), rank=0, world_size=1,
+             progress=False):
+    """HellaSwag accuracy: dict(acc, acc_norm, n). With DDP, rank r scores
+    examples[r::world_size] and the counts are summed over ranks, so all ranks return the
+    numbers of the whole set. The model may be compiled and/or wrapped in DDP."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # DDP broadcasts buffers (e.g. RoPE's tables) in every forward pass, a collective: ranks
+    # holding different numbers of batches would wait on each other forever. The inner module
+    # has the same weights and runs no collectives.
+    if isinstance(model, DDP):
+        model = model.module
+    mine = examples[rank::world_size]
+    was_training = model.training
+    model.eval()  # no dropout
+    counts = [0, 0, 0]  # correct by summed loss, correct by mean loss, examples
+    bar = tqdm(total=len(mine), unit="ex", desc="hellaswag", disable=not progress)
+    try:
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i:i + batch_size]
+            sum_loss, n_tokens = ending_losses(model, batch, device, autocast_ctx)  # (n, 4) each
+            labels = torch.tensor([ex["label"] for ex in batch])  # (n,)
+            counts[0] += (sum_loss.argmin(dim=1) == labels).sum().item()
+            counts[1] += ((sum_loss / n_tokens).argmin(dim=1) == labels).sum().item()
+            counts[2] += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(acc_norm=f"{counts[1] / counts[2]:.4f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        total = torch.tensor(counts, dtype=torch.long, device=device)  # on the device: nccl needs it there
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        counts = total.tolist()
+    n = counts[2]
+    return dict(acc=counts[0] / max(n, 1), acc_norm=counts[1] / max(n, 1), n=n)
+
+
+def val_loss(model, data_dir, batch_size, block_size, eval_iters, device, autocast_ctx=nullcontext()):
+    """The mean loss over the first eval_iters batches of data_dir's val split, always the
+    same batches (0 = every full batch of the split once). Returns (loss, n_tokens)."""
+    loader = DataLoader(data_dir, "val", batch_size, block_size, shuffle=False)
+    # full batches in one pass: each file holds (n - 1) // T sequences, cut into batches of B
+    available = sum((n - 1) // block_size // batch_size for n in loader.lengths)
+    steps = min(eval_iters, available) if eval_iters > 0 else available
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for _ in tqdm(range(steps), unit="batch", desc="val loss", disable=steps < 10):
+            x, y = loader.next_batch()
+            with torch.no_grad(), autocast_ctx:
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.item()  # every batch has B*T tokens: the mean of means is the mean
+    finally:
+        model.train(was_training)
+    return total / steps, steps * batch_size * block_size
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def _raw(model):
+    """The GPT inside DDP and/or torch.compile wrappers (for its config)."""
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device={name} but torch sees no CUDA GPU: use --device=cpu (or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        die("--device=mps but MPS is not available here: use --device=cpu (or auto)")
+    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        die(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def autocast_for(device, dtype):
+    """The autocast context for a device and a dtype name."""
+    device_type = device.split(":")[0]
+    if dtype == "auto":
+        if device_type != "cuda":
+            return nullcontext()  # fp32: the CPU's bf16 is slow, MPS autocast is young
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    choices = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        die(f"unknown --dtype={dtype}; choose auto, float32, bfloat16 or float16")
+    if choices[dtype] is None:
+        return nullcontext()
+    # evaluation has no backward pass, so fp16 needs no GradScaler here
+    return torch.autocast(device_type=device_type, dtype=choices[dtype])
+
+
+def main():
+    cfg = configure(defaults)
+    print_config(cfg)
+    device = pick_device(cfg["device"])
+    ctx = autocast_for(device, cfg["dtype"])
+    if cfg["batch_size"] < 1:
+        die(f"--batch_size must be at least 1, got {cfg['batch_size']}")
+    torch.manual_seed(0)  # nothing here is random; this just makes sure of it
+
+    try:
+        # the data first: a bad file should fail before minutes of model loading
+        examples = None
+        if not cfg["val_dataset"]:
+            examples = load_examples(cfg["split"], cfg["data_file"] or None, cfg["limit"] or None)
+        try:
+            if cfg["out_dir"]:
+                model, meta = load_model(out_dir=cfg["out_dir"], device=device)
+            else:
+                model, meta = load_model(init_from=cfg["init_from"], device=device)
+        except (OSError, RuntimeError, ValueError, ImportError) as e:
+            die(str(e).splitlines()[0])
+        source = cfg["out_dir"] or cfg["init_from"]
+        if cfg["compile"]:
+            model = torch.compile(model)
+
+        if cfg["val_dataset"]:
+            data_dir = os.path.join("data", cfg["val_dataset"])
+            data_meta = read_meta(data_dir)
+            # the same token ids must mean the same text for the model and the data
+            if (data_meta.get("tokenizer"), data_meta.get("chars")) != (meta.get("tokenizer"), meta.get("chars")):
+                die(f"{data_dir} is tokenized with {data_meta.get('tokenizer')!r}, but {source} was trained "
+                    f"with {meta.get('tokenizer')!r} (or other chars): pick a dataset of the same tokenizer")
+            block_size = cfg["block_size"] or _raw(model).config.block_size
+            if block_size > _raw(model).config.block_size:
+                die(f"--block_size={block_size} is longer than the model's {_raw(model).config.block_size}")
+            loss, n_tokens = val_loss(model, data_dir, cfg["batch_size"], block_size, cfg["eval_iters"], device, ctx)
+            print(f"val loss {loss:.4f} over {n_tokens:,} tokens ({source} on {data_dir})")
+            return
+
+        if meta.get("tokenizer") != "gpt2":
+            die(f"{source} uses the {meta.get('tokenizer')!r} tokenizer; HellaSwag needs a GPT-2 BPE model "
+                f"(for a char-level run, try --val_dataset=NAME for a val loss)")
+        t0 = time.time()
+        result = evaluate(model, examples, device, cfg["batch_size"], ctx, progress=True)
+        dt = time.time() - t0
+        n = result["n"]
+        # the standard error of an accuracy over n examples, so two runs can be told apart
+        se = math.sqrt(result["acc_norm"] * (1 - result["acc_norm"]) / n)
+        print(f"hellaswag {cfg['split'] if not cfg['data_file'] else cfg['data_file']}: "
+              f"acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f} (+-{se:.4f})  over {n:,} examples  "
+              f"({n / dt:.1f} examples/s, {source})")
+    except DataError as e:
+        die(str(e))
+
+
+if __name__ == "__main__":
+    main()
