@@ -171,8 +171,9 @@ def make_figure(runs, smooth=1, baseline_val_loss=0.0):
                 steps, values = streams[stream]
                 # the line's label: the run (if several, in the first panel only: colours say the
                 # rest) and the stream (if the panel has several)
-                name_parts = ([label] if several and ax is axes[0] else []) + ([stream] if len(stream_names) > 1 else [])
-                line_label = " ".join(name_parts) or None
+                parts = [label] if several and ax is axes[0] else []
+                parts += [stream] if len(stream_names) > 1 else []
+                line_label = " ".join(parts) or None
                 if stream == "val" or stream == "hella":
                     # evaluated every few hundred steps: dots, so a single point still shows
                     ax.plot(steps, values, "o--" if stream == "val" else "o-", color=color,

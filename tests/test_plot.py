@@ -91,6 +91,10 @@ def test_malformed_and_partial_lines(tmp_path):
     assert warnings[1].startswith(f"{folder / 'log.txt'}:5:")
     assert streams["train"][0].tolist() == [0, 1, 3]
     assert streams["train"][1].tolist() == [4.0, 3.5, 3.0]
+    # a wrong file does not flood the terminal: the first few lines, then a count
+    (tmp_path / "junk.txt").write_text("junk\n" * 20)
+    warnings = plot.read_log(str(tmp_path / "junk.txt"))[1]
+    assert len(warnings) == plot.MAX_WARNINGS + 1 and "15 more" in warnings[-1]
     # through the command line: a warning line naming file and line, and still a picture
     p = run_script(["plot.py", str(folder)])
     assert "log.txt:3:" in p.stderr and "log.txt:5:" in p.stderr
