@@ -200,7 +200,7 @@ def device_name(device, device_type):
 def describe(model, cfg, dtype):
     """The config part of the summary line: enough to reproduce the row."""
     c = model.config
-    return (f"{cfg['model']} {model.num_params() / 1e6:.1f}M L{c.n_layer} H{c.n_head} C{c.n_embd} "
+    return (f"{cfg['model']} {model.num_params() / 1e6:.4g}M L{c.n_layer} H{c.n_head} C{c.n_embd} "
             f"V{c.vocab_size}{' rope' if c.rope else ''} | {str(dtype).replace('torch.', '')}")
 
 
@@ -222,7 +222,7 @@ def profile(fn, device_type, repeats):
             fn()
         synchronize(device_type)
     # on a GPU the kernels' time is what matters; the CPU time there is mostly launching them
-    sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=20)
     print(f"\nprofile of {repeats} run(s), sorted by {sort_by}:\n{table}")
     return table

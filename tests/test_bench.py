@@ -1,0 +1,97 @@
+"""bench.py on a tiny model on CPU: both modes run, return sane numbers and print their
+summary line. Timings themselves are never asserted (they depend on the machine's load)."""
+
+import math
+import sys
+
+import pytest
+
+import bench
+from configurator import configure
+from model import GPT, GPTConfig
+
+# 2 layers, 32 wide, a 64-token vocabulary: a step takes milliseconds
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--vocab_size=64", "--device=cpu", "--compile=False"]
+
+
+def positive_finite(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def summary_printed(out, summary):
+    # the whole summary is one line of the output, so it can be pasted as it is
+    return summary in out.splitlines()
+
+
+def test_train_numbers_and_summary(capsys):
+    cfg = configure(bench.defaults, TINY + ["--mode=train", "--batch_size=2", "--block_size=16",
+                                            "--grad_accum=2", "--warmup=1", "--steps=2", "--peak_flops=1e12"])
+    r = bench.bench_train(cfg)
+    for key in ("ms_per_step", "tokens_per_s", "mfu", "loss"):
+        assert positive_finite(r[key]), (key, r[key])
+    assert r["peak_mem_bytes"] > 0
+    # tokens/s is the tokens of one optimizer step (B * T * accum) over its time
+    assert r["tokens_per_s"] == pytest.approx(2 * 16 * 2 / (r["ms_per_step"] / 1000), rel=1e-6)
+    # MFU against the given peak, with the FLOP count worked out here: 6 per non-embedding
+    # parameter per token plus 12 * n_layer * n_embd * T for attention
+    n = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16)).num_params()
+    n -= 16 * 32  # the position table: a lookup, not a matmul
+    flops_per_token = 6 * n + 12 * 2 * 32 * 16
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token / 1e12, rel=1e-6)
+    # random weights predict about uniformly: the loss is near ln(vocab), so a real step ran
+    assert abs(r["loss"] - math.log(64)) < 0.5
+    out = capsys.readouterr().out
+    assert summary_printed(out, r["summary"])
+    assert "ms/step" in r["summary"] and "tok/s" in r["summary"] and "MFU" in r["summary"]
+
+
+def test_train_bf16_cpu_mfu_na_and_profile(capsys):
+    # no peak for a CPU: MFU is n/a, not a made-up number; bf16 autocast runs on CPU too
+    cfg = configure(bench.defaults, TINY + ["--batch_size=2", "--block_size=16", "--warmup=0", "--steps=2",
+                                            "--dtype=bfloat16", "--rope=True", "--profile=True"])
+    r = bench.bench_train(cfg)
+    assert r["mfu"] is None and "MFU n/a" in r["summary"]
+    assert positive_finite(r["ms_per_step"]) and positive_finite(r["loss"])
+    out = capsys.readouterr().out
+    assert summary_printed(out, r["summary"])
+    assert "bfloat16" in r["summary"] and "rope" in r["summary"]
+    # the profiler's table: op names with their self CPU time
+    assert "Self CPU" in out and "aten::" in out
+
+
+def test_sample_numbers_and_summary(capsys):
+    cfg = configure(bench.defaults, TINY + ["--mode=sample", "--block_size=32", "--sample_batch=3",
+                                            "--prompt_len=4", "--new_tokens=8"])
+    r = bench.bench_sample(cfg)
+    for b in (1, 3):
+        for key in (f"cache_tok_s_b{b}", f"recompute_tok_s_b{b}", f"ratio_b{b}"):
+            assert positive_finite(r[key]), (key, r[key])
+        assert r[f"ratio_b{b}"] == pytest.approx(r[f"cache_tok_s_b{b}"] / r[f"recompute_tok_s_b{b}"])
+    out = capsys.readouterr().out
+    assert summary_printed(out, r["summary"])
+    assert "B=1:" in r["summary"] and "B=3:" in r["summary"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=gpt5"], "unknown --model=gpt5"),
+    (["--mode=sample", "--block_size=32", "--prompt_len=16", "--new_tokens=20"], "exceeds --block_size=32"),
+    (["--n_embd=30", "--n_head=4"], "not a multiple of n_head"),
+    (["--dtype=fp8"], "--dtype must be"),
+])
+def test_bad_settings_say_what_is_wrong(args, message, capsys):
+    cfg = configure(bench.defaults, TINY + args)
+    run = bench.bench_sample if cfg["mode"] == "sample" else bench.bench_train
+    with pytest.raises(SystemExit) as e:
+        run(cfg)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_command_line(monkeypatch, capsys):
+    # main() as `python bench.py ...` runs it, in this process (a subprocess would spend
+    # longer importing torch than benchmarking)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--mode=train", "--batch_size=1", "--block_size=8",
+                                      "--warmup=0", "--steps=1"] + TINY)
+    bench.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench train | CPU")]
+    assert len(lines) == 1 and "ms/step" in lines[0]
