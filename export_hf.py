@@ -1,0 +1,307 @@
+"""
+Export a run of ours as a Hugging Face GPT-2 folder.
+
+    python export_hf.py --out_dir=out --hf_dir=hf/my-gpt2 [--dtype=bfloat16]
+
+The folder holds what transformers reads with no code of ours:
+
+    config.json                      a GPT2Config (model_type "gpt2")
+    model.safetensors                the weights, under the names GPT2LMHeadModel uses
+    vocab.json, merges.txt           GPT-2's byte-level BPE, rebuilt from tiktoken
+    tokenizer_config.json, special_tokens_map.json
+
+so that GPT2LMHeadModel.from_pretrained(hf_dir), AutoTokenizer.from_pretrained(hf_dir), the
+Hub and lm-evaluation-harness all take it as they take OpenAI's gpt2.
+
+What changes on the way out, and why it is exact:
+  - the vocabulary padded to 50304 (for fast matmuls) is cropped back to GPT-2's 50257 rows:
+    the padding rows belong to no token, so no text can ever select them;
+  - a LoRA run is merged into its base first (W + B @ A * alpha / r), giving plain weights;
+  - a model without biases gets zero biases, which add nothing;
+  - our Linear weights are (out, in); GPT-2's Conv1D stores (in, out), so four are transposed.
+What cannot be exported is refused, before anything is written: a RoPE model (transformers'
+GPT-2 has a learned position table, nothing to put rotations in), and a character-level
+model (its ids are not GPT-2's tokens: the tokenizer, and every score computed through it,
+would be nonsense).
+
+The folder is written next to hf_dir under a temporary name and renamed at the end, so an
+export that fails half way leaves nothing behind.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+
+from configurator import configure, die, print_config
+
+# -----------------------------------------------------------------------------
+# defaults; override with config files or --key=value
+
+defaults = dict(
+    out_dir="out",  # the run to export: its out_dir/ckpt.pt
+    hf_dir="",  # the folder to write (must not exist yet, or be empty)
+    dtype="float32",  # the weights' type in the folder: float32 or bfloat16 (half the size)
+)
+
+GPT2_VOCAB = 50257  # GPT-2's real vocabulary: 50000 merges + 256 bytes + <|endoftext|>
+EOT = 50256  # <|endoftext|>: GPT-2's only special token, its BOS, EOS and "unknown"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# our nn.GELU(approximate=...) -> transformers' name for the same function
+ACTIVATIONS = {"tanh": "gelu_new", "none": "gelu"}
+
+
+# -----------------------------------------------------------------------------
+# what can be exported
+
+
+def why_not_exportable(model, meta):
+    """A one-line reason why this model has no exact Hugging Face GPT-2 form, or None."""
+    cfg = model.config
+    if cfg.rope:
+        return ("this model uses RoPE (rope=True), but GPT-2 in transformers has learned positions (wpe) "
+                "and no rotary embeddings: only models trained with rope=False can be exported")
+    if meta.get("tokenizer") == "char":
+        return (f"this is a character-level model ({len(meta.get('chars', []))} characters), not GPT-2 BPE: "
+                "its ids mean nothing to a GPT-2 tokenizer, so transformers' tokenizer and lm-eval's "
+                "scores would be meaningless; export models trained on GPT-2-tokenized data")
+    if meta.get("tokenizer") != "gpt2":
+        return f"unknown tokenizer {meta.get('tokenizer')!r} in the checkpoint's meta (expected 'gpt2')"
+    if cfg.vocab_size < GPT2_VOCAB:
+        return f"the model has {cfg.vocab_size} token rows, fewer than GPT-2's {GPT2_VOCAB}"
+    if cfg.gelu not in ACTIVATIONS:
+        return f"GELU variant {cfg.gelu!r} has no transformers name (expected one of {', '.join(ACTIVATIONS)})"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the model: config.json and model.safetensors
+
+
+def hf_config(cfg, dtype):
+    """config.json for transformers' GPT2Config: the fields that differ from its defaults, and
+    the ones a reader will look for. Dropout is off, as for inference; set resid_pdrop,
+    embd_pdrop and attn_pdrop here before fine-tuning with transformers."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": GPT2_VOCAB,
+        "n_positions": cfg.block_size,  # the size of wpe: the longest context
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # None means 4 * n_embd, as ours
+        "activation_function": ACTIVATIONS[cfg.gelu],
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which ours uses
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,  # scores / sqrt(head size), as SDPA does
+        "tie_word_embeddings": True,  # lm_head is wte: stored once, tied again on load
+        "bos_token_id": EOT,
+        "eos_token_id": EOT,
+        "dtype": dtype,
+        "use_cache": True,
+    }
+
+
+def hf_state_dict(model, dtype):
+    """Our weights under GPT2LMHeadModel's names, as a dict of separate contiguous tensors
+    (what safetensors stores). Our names are already GPT-2's; the differences are the cropped
+    vocabulary, the Conv1D transposes and the biases a bias=False model lacks."""
+    cfg = model.config
+    sd = model.state_dict()
+    C = cfg.n_embd
+    used = set()
+
+    def take(name, shape, transpose=False):
+        if name not in sd:  # bias=False: the zero bias is the same function
+            assert name.endswith(".bias"), f"{name} is missing from the model"
+            return torch.zeros(shape, dtype=DTYPES[dtype])
+        used.add(name)
+        w = sd[name].detach().cpu()
+        w = w.t() if transpose else w
+        assert tuple(w.shape) == shape, f"{name}: {tuple(w.shape)} vs expected {shape}"
+        return w.to(DTYPES[dtype], copy=True).contiguous()  # a copy: no storage shared with the model
+
+    # the tied lm_head is not stored: transformers ties it to wte again (tie_word_embeddings)
+    if not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
+        raise ValueError("lm_head and wte differ: the model is not tied, GPT-2's format needs them tied")
+    used.add("lm_head.weight")
+    wte = sd["transformer.wte.weight"][:GPT2_VOCAB]  # (50304, C) -> (50257, C): drop the padding rows
+    out = {"transformer.wte.weight": wte.detach().cpu().to(DTYPES[dtype], copy=True).contiguous()}
+    used.add("transformer.wte.weight")
+    out["transformer.wpe.weight"] = take("transformer.wpe.weight", (cfg.block_size, C))
+    # Conv1D weights are (in, out): the transpose of our Linear's (out, in)
+    shapes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[p + ln + ".weight"] = take(p + ln + ".weight", (C,))
+            out[p + ln + ".bias"] = take(p + ln + ".bias", (C,))
+        for name, (n_in, n_out) in shapes.items():
+            out[p + name + ".weight"] = take(p + name + ".weight", (n_in, n_out), transpose=True)
+            out[p + name + ".bias"] = take(p + name + ".bias", (n_out,))
+    out["transformer.ln_f.weight"] = take("transformer.ln_f.weight", (C,))
+    out["transformer.ln_f.bias"] = take("transformer.ln_f.bias", (C,))
+    # every tensor of the model must have gone somewhere: a leftover (say, an unmerged LoRA
+    # adapter) would otherwise be dropped without a word
+    left = sorted(set(sd) - used)
+    if left:
+        raise ValueError(f"the model has tensors GPT-2 has no place for: {', '.join(left[:4])}")
+    return out
+
+
+def write_model(folder, model, dtype="float32"):
+    """config.json and model.safetensors for `model` (a GPT with learned positions)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        die("exporting needs safetensors: pip install safetensors")
+    tensors = hf_state_dict(model, dtype)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config(model.config, dtype), f, indent=2)
+    # metadata format "pt" tells transformers these are PyTorch tensors
+    weights = os.path.join(folder, "model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    # safetensors creates its file readable by the owner only; give it the permissions every
+    # other file here gets from the umask, so a shared folder is readable by all of its users
+    shutil.copymode(os.path.join(folder, "config.json"), weights)
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer: GPT-2's vocab.json and merges.txt, rebuilt from tiktoken
+
+
+def bytes_to_unicode():
+    """GPT-2's map from the 256 byte values to printable characters. BPE works on bytes, but
+    vocab.json and merges.txt are text, split on spaces and newlines: so every byte is written
+    as a visible character. The printable Latin-1 bytes stand for themselves; the other 68
+    (control codes, space, ...) take the characters from 256 up, in byte order (space -> 'Ġ')."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def gpt2_merges(ranks):
+    """The BPE merge list, in order, from tiktoken's token ranks (bytes -> id).
+
+    tiktoken keeps only the tokens; merges.txt lists which two tokens make each one. The token
+    of rank r was made by the r-256th merge, so its two halves are what byte-level BPE reaches
+    on its bytes using only the merges before it: start from single bytes and repeatedly join
+    the adjacent pair of lowest rank below r. That leaves exactly two pieces (checked)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue  # the 256 single bytes are the alphabet, not merges
+        parts = [bytes([b]) for b in token]
+        while True:
+            pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+            best, i = min(pairs)
+            if best >= rank:
+                break  # no merge earlier than this token's own is left
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        assert len(parts) == 2, f"token {token!r} (rank {rank}) does not split into two earlier tokens"
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def write_tokenizer(folder, enc, model_max_length):
+    """GPT-2's tokenizer files for transformers, from tiktoken's encoding `enc`. GPT-2's ids
+    are tiktoken's ranks, so the vocabulary maps each token's printable form to its rank."""
+    ranks = enc._mergeable_ranks  # bytes -> id; tiktoken has no public accessor for it
+    b2u = bytes_to_unicode()
+    text = lambda token: "".join(b2u[b] for b in token)
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT
+    assert len(vocab) == GPT2_VOCAB and sorted(vocab.values()) == list(range(GPT2_VOCAB))
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")  # the header GPT-2's own merges.txt has; readers skip it
+        for a, b in gpt2_merges(ranks):
+            f.write(f"{text(a)} {text(b)}\n")
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({
+            "tokenizer_class": "GPT2Tokenizer",
+            **special,
+            "add_prefix_space": False,  # "Hello" and " Hello" stay different tokens, as in tiktoken
+            "add_bos_token": False,  # GPT-2 adds nothing to what it is given
+            "model_max_length": model_max_length,
+        }, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# the export
+
+
+def export(model, enc, hf_dir, dtype="float32"):
+    """Write the whole folder: into a temporary sibling first, renamed to hf_dir at the end."""
+    hf_dir = os.path.abspath(hf_dir)
+    # a sibling, so the final rename stays on one file system and is atomic
+    tmp = f"{hf_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a killed export with our pid, if any
+    os.makedirs(tmp)
+    try:
+        write_model(tmp, model, dtype)
+        write_tokenizer(tmp, enc, model.config.block_size)
+        if os.path.isdir(hf_dir):
+            os.rmdir(hf_dir)  # main() allows only an empty one; rename cannot replace a folder
+        os.rename(tmp, hf_dir)
+    except BaseException:  # also Ctrl-C: leave nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main():
+    cfg = configure(defaults)
+    if not cfg["hf_dir"]:
+        die("say where to write the folder: --hf_dir=PATH")
+    if cfg["dtype"] not in DTYPES:
+        die(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    if os.path.exists(cfg["hf_dir"]) and (not os.path.isdir(cfg["hf_dir"]) or os.listdir(cfg["hf_dir"])):
+        die(f"{cfg['hf_dir']} already exists and is not an empty folder: remove it or choose another --hf_dir")
+    print_config(cfg)
+
+    from checkpoint import load_model
+    from dataloader import DataError, get_gpt2_encoding
+    try:
+        model, meta = load_model(out_dir=cfg["out_dir"])  # a LoRA run comes with its adapters applied
+    except (FileNotFoundError, RuntimeError) as e:
+        die(str(e))
+    reason = why_not_exportable(model, meta)
+    if reason:
+        die(reason)
+    try:
+        import lora
+    except ImportError:
+        lora = None  # no lora.py: then no run has adapters either
+    if lora is not None and lora.has_lora(model):
+        lora.merge_lora(model)  # fold B @ A into the base weights: plain GPT-2 weights again
+        print("merged the LoRA adapters into the base weights")
+    try:
+        enc = get_gpt2_encoding()
+    except DataError as e:
+        die(str(e))
+
+    try:
+        export(model.eval(), enc, cfg["hf_dir"], cfg["dtype"])
+    except ValueError as e:  # a model our checks let through but the format cannot hold
+        die(str(e))
+    n_bytes = sum(os.path.getsize(os.path.join(cfg["hf_dir"], f)) for f in os.listdir(cfg["hf_dir"]))
+    print(f"wrote {cfg['hf_dir']} ({n_bytes / 1e6:.1f} MB): load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({cfg['hf_dir']!r})")
+
+
+if __name__ == "__main__":
+    main()
