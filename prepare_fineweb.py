@@ -1,0 +1,298 @@
+"""
+Prepare FineWeb-edu (or any text corpus) for pretraining: tokenize it with GPT-2's BPE and
+cut the token stream into shards in the llm.c format (see dataloader.py).
+
+    python prepare_fineweb.py                                   # FineWeb-edu sample-10BT, ~10B tokens
+    python prepare_fineweb.py --name=sample-100BT --out_dir=data/fineweb_edu100B
+    python prepare_fineweb.py --dataset=HuggingFaceFW/fineweb --name=sample-10BT --out_dir=data/fineweb10B
+    python prepare_fineweb.py --data_files='corpus/*.jsonl' --out_dir=data/mycorpus --shard_size=10000000
+    python prepare_fineweb.py --max_tokens=20000000 --shard_size=5000000   # a quick try
+
+Every document becomes <|endoftext|> followed by its tokens, and the documents follow each
+other in the dataset's order into shards of exactly `shard_size` tokens (a document that does
+not fit is continued in the next shard; only the last shard is shorter). The first shard is
+the validation split, the rest are training: fineweb_val_000000.bin, fineweb_train_000001.bin,
+... the names and format of llm.c's and modded-nanogpt's FineWeb shards, so shards from either
+work here and these work there.
+
+Resuming. Tokenizing 10B tokens takes hours, so an interrupted run must not start over. After
+each shard is written (atomically), prepare_progress.json records where in the corpus that
+shard ends: the index of the next document and how many of its tokens are already used. A
+rerun keeps the complete shards that this file vouches for (present, with the recorded length),
+reopens the corpus at the recorded document, re-tokenizes just that one document to drop the
+tokens already used, and goes on. Tokenization is deterministic and the document order is
+fixed, so the result is byte for byte what one uninterrupted run writes; documents before the
+resume point are skipped, not re-tokenized.
+"""
+
+import glob
+import json
+import os
+import time
+from multiprocessing import Pool
+
+import numpy as np
+
+from configurator import configure, die, print_config
+from dataloader import EOT, DataError, get_gpt2_encoding, read_tokens, write_meta, write_tokens
+
+# -----------------------------------------------------------------------------
+# defaults; override with a config file or --key=value
+defaults = dict(
+    dataset="HuggingFaceFW/fineweb-edu",  # a Hugging Face Hub dataset (used when data_files is empty)
+    name="sample-10BT",  # its configuration: sample-10BT, sample-100BT, sample-350BT, ... ("" for none)
+    data_files="",  # local corpus instead: comma-separated paths or globs of .jsonl/.json/.parquet/.txt (.gz ok)
+    text_field="text",  # the column holding each document's text (a .txt file is one document, field "text")
+    streaming=False,  # read the Hub dataset as a stream: no local Arrow copy (saves ~disk), slower to resume
+    out_dir="data/fineweb_edu10B",  # where the shards, meta.json and prepare_progress.json go
+    shard_size=100_000_000,  # tokens per shard (100M tokens = 200 MB); the first shard is validation
+    max_tokens=0,  # stop after this many tokens in all (0: the whole corpus); for a quick try
+    num_proc=os.cpu_count() or 1,  # tokenizer processes (1: tokenize in this process, no pool)
+)
+
+PROGRESS = "prepare_progress.json"  # the resume record, in out_dir
+DOCS_PER_TASK = 256  # documents sent to a worker at once: big enough that pickling is cheap
+
+
+# -----------------------------------------------------------------------------
+# reading the corpus
+
+# file name ending -> the datasets builder that reads it
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}  # datasets decompresses these itself
+
+
+def resolve_files(spec):
+    """'a.jsonl,dir/*.parquet' -> sorted absolute paths, and the one builder that reads them all."""
+    files = []
+    for pattern in (p.strip() for p in spec.split(",")):
+        if not pattern:
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            die(f"--data_files: no files match {pattern!r}")
+        files += [os.path.abspath(m) for m in matches]
+    if not files:
+        die("--data_files is empty: give paths or globs, comma-separated")
+    kinds = set()
+    for f in files:
+        stem, ext = os.path.splitext(f.lower())
+        if ext in COMPRESSION:  # data.jsonl.gz is read as jsonl
+            stem, ext = os.path.splitext(stem)
+        if ext not in BUILDERS:
+            die(f"--data_files: cannot read {f} (expected {', '.join(BUILDERS)}, optionally compressed)")
+        kinds.add(BUILDERS[ext])
+    if len(kinds) > 1:
+        die(f"--data_files mixes formats ({', '.join(sorted(kinds))}): prepare one format at a time")
+    return files, kinds.pop()
+
+
+def load_corpus(cfg, files, builder):
+    """The corpus as a datasets Dataset (or IterableDataset when streaming), in a fixed order."""
+    import datasets
+
+    try:
+        if files:
+            # a .txt file is read whole as one document, not line by line
+            extra = {"sample_by": "document"} if builder == "text" else {}
+            return datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg["streaming"], **extra)
+        # num_proc speeds up downloading and converting the Hub's many parquet files
+        extra = {} if cfg["streaming"] else {"num_proc": cfg["num_proc"]}
+        return datasets.load_dataset(cfg["dataset"], name=cfg["name"] or None, split="train",
+                                     streaming=cfg["streaming"], **extra)
+    except Exception as e:  # offline, a typo in the name, a broken file: one line, not a page
+        what = ", ".join(files) if files else f"{cfg['dataset']} ({cfg['name']})"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        die(f"cannot load {what}: {type(e).__name__}: {msg}")
+
+
+def document_batches(ds, text_field, start_doc):
+    """Lists of DOCS_PER_TASK texts, in corpus order, from document number start_doc on."""
+    ds = ds.skip(start_doc) if start_doc else ds  # map-style: a slice; streaming: reads past them
+    for batch in ds.select_columns([text_field]).iter(batch_size=DOCS_PER_TASK):
+        yield batch[text_field]
+
+
+# -----------------------------------------------------------------------------
+# tokenizing (runs in the worker processes)
+
+_enc = None  # each process loads the BPE once, on its first task
+
+
+def tokenize(texts):
+    """A list of texts -> a list of uint16 arrays, one per document: [EOT, its tokens...]."""
+    global _enc
+    if _enc is None:
+        _enc = get_gpt2_encoding()
+    out = []
+    for text in texts:
+        if text is None:
+            text = ""  # an empty document still counts, so that document numbers stay aligned
+        if not isinstance(text, str):
+            raise DataError(f"the text field holds {type(text).__name__} values, not text: pick another --text_field")
+        # encode_ordinary: a literal "<|endoftext|>" inside a web page is text, not a separator
+        ids = _enc.encode_ordinary(text)
+        doc = np.empty(len(ids) + 1, dtype=np.uint16)  # GPT-2's 50,257 ids fit in uint16
+        doc[0] = EOT  # every document starts with <|endoftext|>: the model learns where texts begin
+        doc[1:] = ids
+        out.append(doc)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# shards and the resume record
+
+
+def shard_name(index):
+    return f"fineweb_{'val' if index == 0 else 'train'}_{index:06d}.bin"
+
+
+def save_progress(out_dir, progress):
+    # atomic like the shards: a crash leaves the old record or the new one, never half of one
+    path = os.path.join(out_dir, PROGRESS)
+    with open(path + ".tmp", "w") as f:
+        json.dump(progress, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def completed_shards(out_dir, source):
+    """The resume record's shards that are still intact, and whether the corpus was finished.
+
+    A shard counts when its file is there with the recorded number of tokens and it is full
+    (a short shard is the end of a --max_tokens run, which a longer run rewrites), or it is
+    the last shard of a corpus that was read to the end."""
+    path = os.path.join(out_dir, PROGRESS)
+    if not os.path.isfile(path):
+        strangers = glob.glob(os.path.join(out_dir, "fineweb_*.bin"))
+        if strangers:
+            die(f"{out_dir} holds shards this script did not write (no {PROGRESS}): use another --out_dir or delete them")
+        return [], False
+    with open(path) as f:
+        progress = json.load(f)
+    if progress["source"] != source:
+        diff = ", ".join(f"{k}={progress['source'].get(k)!r}" for k in source if progress["source"].get(k) != source[k])
+        die(f"{out_dir} was prepared with {diff}; rerun with those settings, or use another --out_dir")
+    kept = []
+    for i, shard in enumerate(progress["shards"]):
+        try:
+            n = len(read_tokens(os.path.join(out_dir, shard["file"])))
+        except DataError:
+            break  # missing or damaged: it and everything after it are written again
+        last_of_corpus = progress["finished"] and i == len(progress["shards"]) - 1
+        if n != shard["tokens"] or (n != source["shard_size"] and not last_of_corpus):
+            break
+        kept.append(shard)
+    finished = progress["finished"] and len(kept) == len(progress["shards"])
+    return kept, finished
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    cfg = configure(defaults)
+    print_config(cfg)
+    if cfg["shard_size"] < 1 or cfg["max_tokens"] < 0 or cfg["num_proc"] < 1:
+        die("--shard_size and --num_proc must be >= 1, --max_tokens >= 0 (0 means the whole corpus)")
+    out_dir, shard_size, max_tokens = cfg["out_dir"], cfg["shard_size"], cfg["max_tokens"]
+    files, builder = resolve_files(cfg["data_files"]) if cfg["data_files"] else ([], None)
+    try:
+        get_gpt2_encoding()  # fail now, in one line, rather than inside every worker
+    except DataError as e:
+        die(str(e))
+
+    # what the shards are made from: a rerun must match it exactly to reuse them
+    source = dict(data_files=files, text_field=cfg["text_field"], shard_size=shard_size, streaming=cfg["streaming"])
+    if not files:
+        source.update(dataset=cfg["dataset"], name=cfg["name"])
+    os.makedirs(out_dir, exist_ok=True)
+    kept, finished = completed_shards(out_dir, source)
+    done_tokens = sum(s["tokens"] for s in kept)
+    if finished or (max_tokens and done_tokens >= max_tokens):
+        print(f"{out_dir} is already complete: {len(kept)} shards, {done_tokens:,} tokens")
+        write_meta(out_dir, {"tokenizer": "gpt2"})
+        return
+    progress = dict(source=source, shards=kept, finished=False)
+    start_doc, start_skip = (kept[-1]["next_doc"], kept[-1]["next_token"]) if kept else (0, 0)
+    if kept:
+        print(f"resuming after {len(kept)} complete shards ({done_tokens:,} tokens), at document {start_doc:,}")
+
+    ds = load_corpus(cfg, files, builder)
+    columns = ds.column_names or list(next(iter(ds)).keys())  # a stream may not know its columns up front
+    if cfg["text_field"] not in columns:
+        die(f"the data has no field {cfg['text_field']!r}; its fields are: {', '.join(columns)} (set --text_field)")
+    n_docs = len(ds) if hasattr(ds, "__len__") else None
+
+    from tqdm import tqdm
+
+    shard = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
+    fill = 0  # tokens in it so far
+    total = done_tokens  # tokens in all shards, written or being filled
+    doc = start_doc  # number of the document being consumed
+
+    def flush(next_doc, next_token):
+        # write the current shard and record where in the corpus it ends
+        nonlocal fill
+        index = len(progress["shards"])
+        write_tokens(os.path.join(out_dir, shard_name(index)), shard[:fill])
+        progress["shards"].append(dict(file=shard_name(index), tokens=fill, next_doc=next_doc, next_token=next_token))
+        save_progress(out_dir, progress)
+        fill = 0
+
+    t0 = time.time()
+    bar = tqdm(total=max_tokens or None, initial=total, unit="tok", unit_scale=True, desc="tokenizing")
+    pool = Pool(cfg["num_proc"]) if cfg["num_proc"] > 1 else None
+    try:
+        batches = document_batches(ds, cfg["text_field"], start_doc)
+        # imap keeps the corpus order, whichever worker finishes first
+        results = pool.imap(tokenize, batches) if pool else map(tokenize, batches)
+        stop = False
+        for docs in results:
+            before = total
+            for tokens in docs:
+                used = start_skip if doc == start_doc else 0  # the resumed document's first tokens are written
+                while used < len(tokens):
+                    take = min(len(tokens) - used, shard_size - fill)
+                    if max_tokens:
+                        take = min(take, max_tokens - total)
+                    shard[fill:fill + take] = tokens[used:used + take]
+                    fill, used, total = fill + take, used + take, total + take
+                    # resume point: the next unused token (a finished document means the next one)
+                    here = (doc, used) if used < len(tokens) else (doc + 1, 0)
+                    if fill == shard_size:
+                        flush(*here)
+                    if max_tokens and total >= max_tokens:
+                        stop = True
+                        break
+                doc += 1
+                if stop:
+                    break
+            bar.update(total - before)
+            bar.set_postfix_str(f"shard {len(progress['shards'])}, doc {doc:,}" + (f"/{n_docs:,}" if n_docs else ""))
+            if stop:
+                break
+        if fill:
+            flush(*here)  # the last, shorter shard
+        if total == 0:
+            die("the corpus has no documents")
+        progress["finished"] = not stop  # a --max_tokens run can be continued later
+        save_progress(out_dir, progress)
+    except DataError as e:
+        die(str(e))
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    write_meta(out_dir, {"tokenizer": "gpt2"})
+
+    dt = time.time() - t0
+    n = len(progress["shards"])
+    print(f"wrote {total - done_tokens:,} tokens in {dt:.1f}s ({(total - done_tokens) / dt:,.0f} tokens/s); "
+          f"{out_dir} has {n} shards (1 val, {n - 1} train), {total:,} tokens")
+    if n == 1:
+        print("note: there is only the val shard; training needs train shards: lower --shard_size")
+
+
+if __name__ == "__main__":
+    main()
