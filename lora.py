@@ -170,7 +170,8 @@ def merge_lora(model):
     """Fold every adapter into its base weight, W <- W + scale * B A, and put plain nn.Linear
     layers back: the same outputs (up to float rounding), no LoRA cost at inference, and a
     state dict an ordinary GPT loads. The adapters are folded in even if they are disabled.
-    Returns the model (changed in place)."""
+    Every parameter is trainable again, as in any GPT (apply_lora froze them). Returns the
+    model (changed in place)."""
     model = _unwrap(model)
     for name, m in list(model.named_modules()):
         if not isinstance(m, LoRALinear):
@@ -183,6 +184,8 @@ def merge_lora(model):
         linear.weight, linear.bias = m.weight, m.bias
         parent_path, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, linear)
+    for p in model.parameters():
+        p.requires_grad_(True)
     return model
 
 

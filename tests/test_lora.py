@@ -105,6 +105,7 @@ def test_disable_gives_base_and_merge_gives_adapted_outputs():
     lora.merge_lora(model)
     torch.testing.assert_close(logits_of(model, idx), adapted, atol=1e-5, rtol=0)
     assert not lora.has_lora(model)
+    assert all(p.requires_grad for p in model.parameters())  # an ordinary GPT: nothing frozen
     for block in model.transformer.h:
         for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
             assert type(m) is nn.Linear
