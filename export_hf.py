@@ -34,7 +34,9 @@ import shutil
 
 import torch
 
+from checkpoint import load_model
 from configurator import configure, die, print_config
+from dataloader import DataError, get_gpt2_encoding
 
 # -----------------------------------------------------------------------------
 # defaults; override with config files or --key=value
@@ -133,14 +135,14 @@ def hf_state_dict(model, dtype):
     used.add("transformer.wte.weight")
     out["transformer.wpe.weight"] = take("transformer.wpe.weight", (cfg.block_size, C))
     # Conv1D weights are (in, out): the transpose of our Linear's (out, in)
-    shapes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    shapes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C, "x"), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
         for ln in ("ln_1", "ln_2"):
             out[p + ln + ".weight"] = take(p + ln + ".weight", (C,))
             out[p + ln + ".bias"] = take(p + ln + ".bias", (C,))
-        for name, (n_in, n_out) in shapes.items():
-            out[p + name + ".weight"] = take(p + name + ".weight", (n_in, n_out), transpose=True)
+        for name, (n_in, n_out, *m) in shapes.items():
+            out[p + name + ".weight"] = take(p + name + ".weight", (n_in, n_out), transpose=not m)
             out[p + name + ".bias"] = take(p + name + ".bias", (n_out,))
     out["transformer.ln_f.weight"] = take("transformer.ln_f.weight", (C,))
     out["transformer.ln_f.bias"] = take("transformer.ln_f.bias", (C,))
@@ -273,11 +275,9 @@ def main():
         die(f"{cfg['hf_dir']} already exists and is not an empty folder: remove it or choose another --hf_dir")
     print_config(cfg)
 
-    from checkpoint import load_model
-    from dataloader import DataError, get_gpt2_encoding
     try:
         model, meta = load_model(out_dir=cfg["out_dir"])  # a LoRA run comes with its adapters applied
-    except (FileNotFoundError, RuntimeError) as e:
+    except (DataError, OSError, RuntimeError, ValueError) as e:  # no or a broken checkpoint, a base that won't load
         die(str(e))
     reason = why_not_exportable(model, meta)
     if reason:

@@ -286,10 +286,6 @@ def main():
     torch.manual_seed(0)  # nothing here is random; this just makes sure of it
 
     try:
-        # the data first: a bad file should fail before minutes of model loading
-        examples = None
-        if not cfg["val_dataset"]:
-            examples = load_examples(cfg["split"], cfg["data_file"] or None, cfg["limit"] or None)
         try:
             if cfg["out_dir"]:
                 model, meta = load_model(out_dir=cfg["out_dir"], device=device)
@@ -318,6 +314,7 @@ def main():
         if meta.get("tokenizer") != "gpt2":
             die(f"{source} uses the {meta.get('tokenizer')!r} tokenizer; HellaSwag needs a GPT-2 BPE model "
                 f"(for a char-level run, try --val_dataset=NAME for a val loss)")
+        examples = load_examples(cfg["split"], cfg["data_file"] or None, cfg["limit"] or None)
         t0 = time.time()
         result = evaluate(model, examples, device, cfg["batch_size"], ctx, progress=True)
         dt = time.time() - t0

@@ -188,7 +188,6 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
-        print(f"number of parameters: {self.num_params() / 1e6:.2f}M")
 
     def _init_weights(self, module):
         # GPT-2's init: N(0, 0.02) everywhere, zero biases, and the two projections that
@@ -243,12 +242,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, on_token=None, generator=None):
+                 use_cache=True, on_token=None, stop_token=None, generator=None):
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
         temperature=0 picks the most likely token (greedy). top_k keeps the k likeliest
         tokens, top_p the smallest set whose probability reaches p. on_token(tokens (B, 1))
-        is called after every step, so a caller can print as the text comes.
+        is called after every step, so a caller can print as the text comes. Generation ends
+        early once every sequence has just produced stop_token (e.g. <|endoftext|>).
 
         With the KV cache the prompt is run once and each later step runs only the newest
         token, reading the keys and values of the earlier ones from the cache. Once the
@@ -280,6 +280,8 @@ class GPT(nn.Module):
                 idx = torch.cat((idx, idx_next), dim=1)
                 if on_token is not None:
                     on_token(idx_next)
+                if stop_token is not None and (idx_next == stop_token).all():
+                    break
             return idx
         finally:
             self.train(was_training)

@@ -278,6 +278,7 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
     # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's)
     torch.manual_seed(cfg["seed"])
     model, base, ckpt = build_model(cfg, meta, device, say)
+    say(f"number of parameters: {model.num_params() / 1e6:.2f}M")
     raw_model = model  # the plain module: its state dict has clean names, and HellaSwag runs on it
     # then a different stream per rank, so dropout masks differ between ranks
     torch.manual_seed(cfg["seed"] + rank)
@@ -333,7 +334,7 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
         if not master:
             return
         for k, v in values.items():
-            log_file.write(f"{step} {k} {v:.6g}\n" if isinstance(v, float) else f"{step} {k} {v}\n")
+            log_file.write(f"{step} {k} {v:.7g}\n" if isinstance(v, float) else f"{step} {k} {v}\n")
         log_file.flush()
         if wandb is not None:
             wandb.log(values, step=step)
@@ -401,6 +402,7 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
 
     while True:
         last = step >= max_iters
+        t_pause = time.time()  # evaluation and saving are not counted in the step time
         if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last:
             val_loss = evaluate()
             say(f"step {step}: val loss {val_loss:.4f}")
@@ -413,11 +415,13 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
             log(step, hella=res["acc_norm"])
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0
         if (due or last) and step > start_step:
-            if bad_loss.item():
+            # never overwrite the last good checkpoint with a diverged model
+            if bad_loss.item() or not torch.stack([torch.isfinite(p).all() for p in params]).all():
                 raise_nonfinite(cfg)
             save(step, val_loss)
         if last:
             break
+        t_last += time.time() - t_pause
 
         # one optimizer step
         lr = get_lr(step, cfg)

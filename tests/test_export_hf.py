@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_gpt2_bpe, run_script
+from conftest import ROOT, needs_gpt2_bpe, run_script
 import export_hf
 from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
@@ -99,21 +99,46 @@ def test_bytes_to_unicode_and_merges():
 
 
 @needs_gpt2_bpe
-def test_cli_export_with_tokenizer(tmp_path):
+def test_train_export_reload(tmp_path, monkeypatch, capsys):
+    """A model trained 3 steps by train.py, then exported: transformers gives its logits and
+    loss, GPT.from_pretrained its exact weights, AutoTokenizer tiktoken's ids."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
-    from dataloader import get_gpt2_encoding
+    from checkpoint import load_model
+    from dataloader import get_gpt2_encoding, write_meta, write_tokens
+    # a tiny GPT-2-tokenized dataset: random ids (training only needs ids, not sense)
+    rng = torch.Generator().manual_seed(0)
+    data = tmp_path / "data" / "tiny"
+    write_tokens(str(data / "train.bin"), torch.randint(0, V, (4000,), generator=rng).numpy())
+    write_tokens(str(data / "val.bin"), torch.randint(0, V, (1000,), generator=rng).numpy())
+    write_meta(str(data), {"tokenizer": "gpt2"})
+    run_script([os.path.join(ROOT, "train.py"), "--dataset=tiny", "--out_dir=run", "--n_layer=2", "--n_head=2",
+                "--n_embd=32", "--block_size=16", "--batch_size=2", "--max_iters=3", "--warmup_iters=1",
+                "--eval_interval=0", "--eval_iters=1", "--device=cpu", "--compile=False", "--dtype=float32"],
+               cwd=tmp_path)
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
-    model = make_model()
-    save_run(str(run), model)
-    p = run_script(["export_hf.py", f"--out_dir={run}", f"--hf_dir={hf_dir}"])
-    assert "wrote" in p.stdout
-    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]  # no temporary folder left behind
+    # main() in-process: the command line itself is run by the RoPE test; this spares an interpreter start
+    monkeypatch.setattr("sys.argv", ["export_hf.py", f"--out_dir={run}", f"--hf_dir={hf_dir}"])
+    export_hf.main()
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["data", "hf", "run"]  # no temporary folder left behind
     assert sorted(os.listdir(hf_dir)) == ["config.json", "merges.txt", "model.safetensors",
                                           "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    back = GPT.from_pretrained(str(hf_dir)).state_dict()
+    for k, w in ckpt["model"].items():
+        assert torch.equal(back[k], w[:V] if k in ("transformer.wte.weight", "lm_head.weight") else w), k
+
+    model, _ = load_model(out_dir=str(run))
     hf = GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
-    idx = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, V, (2, 16), generator=rng)
     with torch.no_grad():
-        assert torch.allclose(hf(idx).logits, model(idx)[0][..., :V], atol=1e-5, rtol=0)
+        ours = model.eval()(idx)[0][..., :V]
+        out = hf(idx, labels=idx)
+    assert torch.allclose(out.logits, ours, atol=1e-5, rtol=0)
+    loss = F.cross_entropy(ours[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+    assert abs(out.loss.item() - loss.item()) < 1e-5
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     text = ("First line.\n\n  Indented\ttab, 'quotes' it's\r\nnaïve café — 日本語 ∑ 🤖👍🏽 "
@@ -122,6 +147,31 @@ def test_cli_export_with_tokenizer(tmp_path):
     assert tok(text)["input_ids"] == ids
     assert tok.decode(ids) == text
     assert tok.eos_token_id == tok.bos_token_id == 50256 and len(tok) == V
+    assert tok.model_max_length == 16
+
+
+@needs_gpt2_bpe
+def test_lora_run_is_merged(tmp_path, monkeypatch):
+    import lora
+    from transformers import GPT2LMHeadModel
+    base_dir, run, hf_dir = tmp_path / "base", tmp_path / "lora_run", tmp_path / "hf"
+    save_run(str(base_dir), make_model())
+    model = lora.apply_lora(make_model(), rank=2, alpha=4.0, targets="q,v,mlp_fc")
+    with torch.no_grad():  # B starts at zero: make the adapters do something
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_checkpoint({"lora": lora.lora_state_dict(model), "base": str(base_dir), "meta": {"tokenizer": "gpt2"},
+                     "step": 1}, str(run / "ckpt.pt"))
+    monkeypatch.setattr("sys.argv", ["export_hf.py", f"--out_dir={run}", f"--hf_dir={hf_dir}"])
+    export_hf.main()
+    hf = GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with_adapters = model(idx)[0][..., :V]
+        assert torch.allclose(hf(idx).logits, with_adapters, atol=1e-5, rtol=0)
+        lora.set_lora_enabled(model, False)
+        assert not torch.allclose(hf(idx).logits, model(idx)[0][..., :V], atol=1e-3)  # the adapters mattered
 
 
 def test_rope_refused_in_one_line_writing_nothing(tmp_path):

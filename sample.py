@@ -1,0 +1,113 @@
+"""
+Generate text from a trained model, printing it as it comes.
+
+    python sample.py --start "First Citizen:"             # the newest out*/ckpt.pt
+    python sample.py --out_dir=out-shakespeare-char --num_samples=3 --max_new_tokens=500
+    python sample.py --init_from=gpt2 --start "The meaning of life is" --top_p=0.9
+    python sample.py --start=FILE:prompt.txt               # the prompt from a file
+
+A LoRA run's out_dir works as any other: its base is loaded and the adapter applied.
+"""
+
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from checkpoint import load_model, newest_checkpoint
+from configurator import configure, die, print_config
+from dataloader import DataError, get_tokenizer
+from train import resolve_device, resolve_dtype
+
+DEFAULTS = dict(
+    out_dir="",  # a training run's folder; empty = the newest out*/ckpt.pt here
+    init_from="",  # or OpenAI's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (or a local HF folder)
+    start="\n",  # the prompt; FILE:path reads it from a file
+    num_samples=2,  # how many samples to draw
+    max_new_tokens=300,  # tokens per sample
+    temperature=0.8,  # < 1 sharper, > 1 more random, 0 = always the likeliest token
+    top_k=200,  # sample only among the k likeliest tokens (0 = no limit)
+    top_p=1.0,  # nucleus sampling: the smallest set of tokens with this much probability (1 = off)
+    instruct=False,  # wrap --start in the Alpaca prompt template (for instruction-tuned runs)
+    seed=1337,
+    device="auto",  # auto | cpu | cuda | cuda:N | mps
+    dtype="auto",  # auto | float32 | bfloat16 | float16
+    compile=False,  # torch.compile the model (pays off only for long samples)
+)
+
+
+def main():
+    cfg = configure(DEFAULTS)
+    device = resolve_device(cfg["device"])
+    device_type = "cuda" if device.startswith("cuda") else device
+    ptdtype = resolve_dtype(cfg["dtype"], device_type)
+    print_config(cfg, file=sys.stderr)  # to stderr: stdout holds only the samples
+    try:
+        if cfg["init_from"]:
+            model, meta = load_model(init_from=cfg["init_from"], device=device)
+            print(f"loaded {cfg['init_from']}", file=sys.stderr)
+        else:
+            out_dir = cfg["out_dir"]
+            if not out_dir:
+                path = newest_checkpoint()
+                if path is None:
+                    die("no out*/ckpt.pt here: train a model first (see README), or give --out_dir or --init_from=gpt2")
+                out_dir = os.path.dirname(path)
+            model, meta = load_model(out_dir=out_dir, device=device)
+            print(f"loaded {os.path.join(out_dir, 'ckpt.pt')}", file=sys.stderr)
+        encode, decode = get_tokenizer(meta)
+        start = cfg["start"]
+        if start.startswith("FILE:"):
+            path = start[len("FILE:"):]
+            if not os.path.isfile(path):
+                die(f"prompt file {path} not found")
+            with open(path, encoding="utf-8") as f:
+                start = f.read()
+        if cfg["instruct"]:
+            import prepare_alpaca
+            start = prepare_alpaca.render_prompt(start, "")
+        start_ids = encode(start)
+    except DataError as e:
+        die(str(e))
+    if not start_ids:
+        die("the prompt is empty; give some text with --start")
+    if len(start_ids) > model.config.block_size:
+        print(f"note: the prompt has {len(start_ids)} tokens; the model sees only the last "
+              f"{model.config.block_size}", file=sys.stderr)
+
+    model.eval()
+    if cfg["compile"]:
+        model = torch.compile(model)
+    torch.manual_seed(cfg["seed"])
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+    eot = 50256 if meta["tokenizer"] == "gpt2" else None
+
+    for k in range(cfg["num_samples"]):
+        # stream: decode the tokens so far and print what is new. Decoding the whole list
+        # (not token by token) keeps multi-byte characters that BPE splits across tokens intact.
+        new_ids, printed = [], 0
+
+        def on_token(tok):
+            nonlocal printed
+            new_ids.append(tok.item())
+            text = decode(new_ids)
+            if not text.endswith("\ufffd"):  # wait while a character is incomplete
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+
+        sys.stdout.write(start)
+        with autocast:
+            # stop at <|endoftext|> for BPE models: what follows would be a new, unrelated document
+            model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
+                           top_p=cfg["top_p"], on_token=on_token, stop_token=eot)
+        sys.stdout.write(decode(new_ids)[printed:] + "\n")
+        if k < cfg["num_samples"] - 1:
+            sys.stdout.write("---------------\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

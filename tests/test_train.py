@@ -1,0 +1,145 @@
+"""train.py end to end, in subprocesses, on a tiny character-level dataset."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+
+TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=2", "--eval_interval=5",
+        "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2", "--min_lr=1e-3"]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A folder with data/tiny/: a character-level dataset of a few thousand characters."""
+    import random
+    rnd = random.Random(0)
+    words = ["the", "king", "shall", "speak", "to", "thee", "my", "lord", "and", "good", "night"]
+    text = "\n".join(" ".join(rnd.choice(words) for _ in range(8)) for _ in range(600))
+    (tmp_path / "input.txt").write_text(text)
+    run_script([os.path.join(ROOT, "prepare_shakespeare.py"), "--input=input.txt", "--out_dir=data/tiny"], cwd=tmp_path)
+    return tmp_path
+
+
+def train(workdir, *args, check=True):
+    return run_script([os.path.join(ROOT, "train.py")] + TINY + list(args), cwd=workdir, check=check)
+
+
+def read_log(path, stream):
+    out = {}
+    for line in open(path):
+        step, name, value = line.split()
+        if name == stream:
+            out[int(step)] = float(value)
+    return out
+
+
+def test_end_to_end_then_sample(workdir):
+    train(workdir, "--max_iters=30", "--out_dir=out")
+    log = read_log(workdir / "out" / "log.txt", "train")
+    val = read_log(workdir / "out" / "log.txt", "val")
+    assert sorted(log) == list(range(30))
+    assert sum(list(log.values())[-5:]) / 5 < list(log.values())[0] - 0.5  # it learns
+    assert val[30] < val[0]
+    ckpt = torch.load(workdir / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["meta"]["tokenizer"] == "char"
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    # sample.py finds the newest out*/ckpt.pt by itself
+    p = run_script([os.path.join(ROOT, "sample.py"), "--start=the king", "--num_samples=1",
+                    "--max_new_tokens=40", "--device=cpu"], cwd=workdir)
+    assert p.stdout.startswith("the king") and len(p.stdout) >= len("the king") + 40
+    assert "out/ckpt.pt" in p.stderr
+    # a character the vocabulary lacks: one line, exit 2
+    p = run_script([os.path.join(ROOT, "sample.py"), "--start=Zebra", "--device=cpu"], cwd=workdir, check=False)
+    assert p.returncode == 2 and "lacks" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_exact_resume(workdir):
+    # 20 steps in one go...
+    train(workdir, "--max_iters=20", "--out_dir=out_full", "--dropout=0.1")
+    # ...equal 10 steps of the same schedule, a stop, and a resume for 10 more (dropout on, so
+    # the RNG state has to come back too, and the data loader's position)
+    train(workdir, "--max_iters=10", "--lr_decay_iters=20", "--out_dir=out_stop", "--dropout=0.1")
+    train(workdir, "--max_iters=20", "--lr_decay_iters=20", "--out_dir=out_stop", "--dropout=0.1",
+          "--init_from=resume")
+    full = read_log(workdir / "out_full" / "log.txt", "train")
+    resumed = read_log(workdir / "out_stop" / "log.txt", "train")
+    assert sorted(resumed) == list(range(20))
+    assert [resumed[i] for i in range(20)] == [full[i] for i in range(20)]  # identical, CPU fp32
+    assert read_log(workdir / "out_stop" / "log.txt", "val")[20] == read_log(workdir / "out_full" / "log.txt", "val")[20]
+
+
+def test_sigint_saves_and_resume_continues_exactly(workdir):
+    args = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + [
+        "--max_iters=100000", "--lr_decay_iters=1000", "--out_dir=out_sig", "--eval_interval=0",
+        "--checkpoint_interval=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = workdir / "out_sig" / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(read_log(log, "train")) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "saving" in out and "--init_from=resume" in out
+    stopped = torch.load(workdir / "out_sig" / "ckpt.pt", weights_only=True)["step"]
+    assert stopped >= 5 and stopped == len(read_log(log, "train"))
+    # resume for 3 more steps; compare with an uninterrupted run of the same length
+    end = stopped + 3
+    common = ["--lr_decay_iters=1000", "--eval_interval=0", f"--max_iters={end}"]
+    train(workdir, *common, "--out_dir=out_sig", "--init_from=resume")
+    train(workdir, *common, "--out_dir=out_ref")
+    assert read_log(log, "train") == read_log(workdir / "out_ref" / "log.txt", "train")
+
+
+def test_nan_loss_stops_without_touching_checkpoint(workdir):
+    train(workdir, "--max_iters=5", "--out_dir=out_nan")
+    path = workdir / "out_nan" / "ckpt.pt"
+    before = path.read_bytes()
+    p = train(workdir, "--max_iters=50", "--out_dir=out_nan", "--init_from=resume", "--learning_rate=1e12",
+              "--grad_clip=0.0", "--warmup_iters=0", "--log_interval=10", check=False)
+    assert p.returncode != 0
+    assert "not finite" in p.stderr and "Traceback" not in p.stderr
+    assert path.read_bytes() == before
+    # saving every step: whatever was saved before the stop holds only finite weights
+    p = train(workdir, "--max_iters=50", "--out_dir=out_nan", "--init_from=resume", "--learning_rate=1e12",
+              "--grad_clip=0.0", "--warmup_iters=0", "--checkpoint_interval=1", check=False)
+    assert p.returncode != 0 and "not finite" in p.stderr
+    ckpt = torch.load(path, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(workdir):
+    common = ["--max_iters=6", "--total_batch_size=256", "--eval_interval=3"]  # 256 = 4 x 32 x 2
+    # one process, 2 accumulation steps; twice the val batches, to see what the 2 ranks see
+    train(workdir, *common, "--out_dir=out_single", "--eval_iters=4")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py")] + TINY + common + ["--out_dir=out_ddp"]
+    p = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "2 rank(s)" in p.stdout and "x 1 accumulation" in p.stdout
+    single = read_log(workdir / "out_single" / "log.txt", "train")
+    ddp = read_log(workdir / "out_ddp" / "log.txt", "train")
+    assert sorted(single) == sorted(ddp) == list(range(6))
+    for step in single:
+        assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
+    v1, v2 = read_log(workdir / "out_single" / "log.txt", "val"), read_log(workdir / "out_ddp" / "log.txt", "val")
+    assert abs(v1[6] - v2[6]) < 1e-5  # the ranks' val losses are averaged
+
+
+def test_bad_settings_are_one_line(workdir):
+    p = train(workdir, "--max_iters=2", "--total_batch_size=100", check=False)
+    assert p.returncode == 2 and "not a multiple" in p.stderr and "Traceback" not in p.stderr
+    p = train(workdir, "--max_iters=2", "--dataset=missing", check=False)
+    assert p.returncode == 2 and "data/missing" in p.stderr and "Traceback" not in p.stderr
+    p = train(workdir, "--init_from=resume", "--out_dir=nowhere", check=False)
+    assert p.returncode == 2 and "no checkpoint" in p.stderr
