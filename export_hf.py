@@ -135,14 +135,14 @@ def hf_state_dict(model, dtype):
     used.add("transformer.wte.weight")
     out["transformer.wpe.weight"] = take("transformer.wpe.weight", (cfg.block_size, C))
     # Conv1D weights are (in, out): the transpose of our Linear's (out, in)
-    shapes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C, "x"), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    shapes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
         for ln in ("ln_1", "ln_2"):
             out[p + ln + ".weight"] = take(p + ln + ".weight", (C,))
             out[p + ln + ".bias"] = take(p + ln + ".bias", (C,))
-        for name, (n_in, n_out, *m) in shapes.items():
-            out[p + name + ".weight"] = take(p + name + ".weight", (n_in, n_out), transpose=not m)
+        for name, (n_in, n_out) in shapes.items():
+            out[p + name + ".weight"] = take(p + name + ".weight", (n_in, n_out), transpose=True)
             out[p + name + ".bias"] = take(p + name + ".bias", (n_out,))
     out["transformer.ln_f.weight"] = take("transformer.ln_f.weight", (C,))
     out["transformer.ln_f.bias"] = take("transformer.ln_f.bias", (C,))
@@ -258,7 +258,7 @@ def export(model, enc, hf_dir, dtype="float32"):
         write_model(tmp, model, dtype)
         write_tokenizer(tmp, enc, model.config.block_size)
         if os.path.isdir(hf_dir):
-            os.rmdir(hf_dir)  # main() allows only an empty one; rename cannot replace a folder
+            os.rmdir(hf_dir)  # main() lets only an empty one through; Windows cannot rename onto it
         os.rename(tmp, hf_dir)
     except BaseException:  # also Ctrl-C: leave nothing half-written
         shutil.rmtree(tmp, ignore_errors=True)
