@@ -251,7 +251,7 @@ def main():
         for docs in results:
             before = total
             for tokens in docs:
-                used = start_skip if doc == start_doc else 0  # the resumed document's first tokens are written
+                used = start_skip if doc == start_doc else 0  # skip what the kept shards already hold
                 while used < len(tokens):
                     take = min(len(tokens) - used, shard_size - fill)
                     if max_tokens:
@@ -285,6 +285,12 @@ def main():
         if pool:
             pool.terminate()
     write_meta(out_dir, {"tokenizer": "gpt2"})
+    # a shorter rerun (a smaller --max_tokens) leaves a longer run's later shards behind
+    stale = sorted(set(map(os.path.basename, glob.glob(os.path.join(out_dir, "fineweb_*.bin"))))
+                   - {s["file"] for s in progress["shards"]})
+    if stale:
+        print(f"warning: {out_dir} also holds {len(stale)} shards of an earlier, longer run ({stale[0]} ...): "
+              "delete them, or rerun without --max_tokens")
 
     dt = time.time() - t0
     n = len(progress["shards"])
