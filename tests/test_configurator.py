@@ -1,0 +1,58 @@
+"""configurator.py: config files, --key=value overrides, and the one-line errors."""
+
+import pytest
+
+from configurator import configure
+
+DEFAULTS = dict(batch_size=12, learning_rate=6e-4, compile=True, device="auto", out_dir="out", top_k=None)
+
+
+def test_config_file_then_overrides(tmp_path):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("import math\nbatch_size = 32\n_helper = 3\nlearning_rate = 1e-3 * _helper\n")
+    cfg = configure(DEFAULTS, [str(recipe), "--batch_size=64", "--device=cuda", "--compile=False",
+                               "--learning_rate", "1", "--top_k=50"])
+    assert cfg == dict(batch_size=64, learning_rate=1.0, compile=False, device="cuda", out_dir="out", top_k=50)
+    assert isinstance(cfg["learning_rate"], float)  # an int is accepted for a float, as a float
+
+
+def test_later_config_file_sees_earlier_values(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("batch_size = 20\n")
+    b.write_text("batch_size = batch_size * 2\n")
+    assert configure(DEFAULTS, [str(a), str(b)])["batch_size"] == 40
+
+
+def test_strings_stay_strings():
+    assert configure(DEFAULTS, ["--out_dir=123"])["out_dir"] == "123"
+    assert configure(DEFAULTS, ["--out_dir='my run'"])["out_dir"] == "my run"
+
+
+def expect_exit(capsys, argv, *words):
+    with pytest.raises(SystemExit) as e:
+        configure(DEFAULTS, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for w in words:
+        assert w in err
+
+
+def test_errors(capsys, tmp_path):
+    expect_exit(capsys, ["--batch_sise=3"], "batch_sise", "batch_size")  # names the valid keys
+    expect_exit(capsys, ["--batch_size=1.5"], "batch_size", "int")
+    expect_exit(capsys, ["--compile=1"], "compile", "bool")
+    expect_exit(capsys, ["config/nope.py"], "config/nope.py", "not found")
+    expect_exit(capsys, ["--batch_size"], "needs a value")
+    bad = tmp_path / "typo.py"
+    bad.write_text("learnin_rate = 1.0\n")
+    expect_exit(capsys, [str(bad)], "learnin_rate")
+    broken = tmp_path / "broken.py"
+    broken.write_text("batch_size = (\n")
+    expect_exit(capsys, [str(broken)], "broken.py", "SyntaxError")
+
+
+def test_no_code_runs_from_overrides():
+    # literal_eval refuses calls: the text stays a string instead of being executed
+    cfg = configure(DEFAULTS, ["--out_dir=__import__('os').getcwd()"])
+    assert cfg["out_dir"] == "__import__('os').getcwd()"

@@ -1,0 +1,118 @@
+"""dataloader.py: the token-file format, tokenizers, and the batch loader's guarantees."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_gpt2_bpe
+from dataloader import (DataError, DataLoader, MAGIC, get_tokenizer, list_shards, read_tokens, write_meta,
+                        write_tokens)
+
+
+def test_round_trip_and_header(tmp_path):
+    tokens = np.array([0, 1, 50256, 65535, 7], dtype=np.int64)
+    path = str(tmp_path / "x_train.bin")
+    write_tokens(path, tokens)
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[0] == MAGIC and header[1] == 1 and header[2] == 5 and not header[3:].any()
+    assert (tmp_path / "x_train.bin").stat().st_size == 1024 + 2 * 5
+    assert read_tokens(path).tolist() == tokens.tolist()
+
+
+def test_bad_files_are_named(tmp_path):
+    path = str(tmp_path / "train.bin")
+    write_tokens(path, np.arange(100))
+    raw = bytearray(open(path, "rb").read())
+    open(path, "wb").write(raw[:-10])  # truncated
+    with pytest.raises(DataError, match="train.bin.*truncated"):
+        read_tokens(path)
+    raw[0:4] = np.int32(123).tobytes()
+    open(path, "wb").write(raw)
+    with pytest.raises(DataError, match="train.bin.*magic"):
+        read_tokens(path)
+    with pytest.raises(DataError, match="uint16"):
+        write_tokens(path, [70000])
+
+
+def make_dataset(tmp_path, n_shards=3, n_tokens=2000):
+    d = tmp_path / "ds"
+    for i in range(n_shards):
+        # token value = its position in the whole corpus (mod 60000): every row is traceable
+        write_tokens(str(d / f"ds_train_{i:06d}.bin"), (np.arange(n_tokens) + i * n_tokens) % 60000)
+    write_tokens(str(d / "ds_val_000000.bin"), np.arange(n_tokens) + 50000)
+    write_meta(str(d), {"tokenizer": "gpt2"})
+    return str(d)
+
+
+def test_shards_are_listed_by_split(tmp_path):
+    d = make_dataset(tmp_path)
+    assert [f.rsplit("/", 1)[1] for f in list_shards(d, "train")] == [f"ds_train_{i:06d}.bin" for i in range(3)]
+    assert len(list_shards(d, "val")) == 1
+
+
+def test_targets_are_inputs_shifted(tmp_path):
+    loader = DataLoader(make_dataset(tmp_path), "train", 4, 16)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(y[:, -1], x[:, -1] + 1)  # consecutive corpus positions
+
+
+def test_ranks_are_disjoint_and_cover_the_single_process_batches(tmp_path):
+    d = make_dataset(tmp_path)
+    single = DataLoader(d, "train", 4, 16, grad_accum=2)
+    ranks = [DataLoader(d, "train", 4, 16, rank=r, world_size=2) for r in range(2)]
+    for _ in range(40):  # several epochs' worth of shard changes
+        a0, _ = single.next_batch()
+        a1, _ = single.next_batch()
+        b0, _ = ranks[0].next_batch()
+        b1, _ = ranks[1].next_batch()
+        assert torch.equal(a0, b0) and torch.equal(a1, b1)
+        assert not set(b0[:, 0].tolist()) & set(b1[:, 0].tolist())
+
+
+def test_epochs_reshuffle_and_state_restores_exactly(tmp_path):
+    d = make_dataset(tmp_path)
+    loader = DataLoader(d, "train", 4, 16, seed=7)
+    n_per_epoch = 3 * ((2000 - 16) // 16 // 4)  # about: batches per epoch
+    first_epoch = [loader.next_batch()[0] for _ in range(n_per_epoch)]
+    assert loader.epoch >= 1 or loader.shard_pos == 2
+    while loader.epoch < 1:
+        loader.next_batch()
+    second_epoch_first = loader.next_batch()[0]
+    assert not any(torch.equal(second_epoch_first, b) for b in first_epoch)  # a new order each epoch
+    state = loader.state_dict()
+    expected = [loader.next_batch()[0] for _ in range(20)]
+    fresh = DataLoader(d, "train", 4, 16, seed=7)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, fresh.next_batch()[0]) for a in expected)
+    other_seed = DataLoader(d, "train", 4, 16, seed=8)
+    assert not torch.equal(other_seed.next_batch()[0], DataLoader(d, "train", 4, 16, seed=7).next_batch()[0])
+
+
+def test_val_loader_is_repeatable(tmp_path):
+    loader = DataLoader(make_dataset(tmp_path), "val", 4, 16, shuffle=False)
+    a = [loader.next_batch()[0] for _ in range(3)]
+    loader.reset()
+    b = [loader.next_batch()[0] for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[0][0, 0].item() == 50000  # from the start, in order
+
+
+def test_too_small_data_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="fewer than one step"):
+        DataLoader(make_dataset(tmp_path), "train", 64, 64)
+
+
+def test_char_tokenizer_round_trip_and_unknown_chars():
+    encode, decode = get_tokenizer({"tokenizer": "char", "chars": list("\n abc")})
+    assert decode(encode("abc cab\n")) == "abc cab\n"
+    with pytest.raises(DataError, match="'z'"):
+        encode("abz")
+
+
+@needs_gpt2_bpe
+def test_gpt2_tokenizer_knows_endoftext():
+    encode, decode = get_tokenizer({"tokenizer": "gpt2"})
+    ids = encode("Hello<|endoftext|>")
+    assert ids[-1] == 50256 and decode(ids) == "Hello<|endoftext|>"
