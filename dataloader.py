@@ -84,6 +84,11 @@ def write_meta(data_dir, meta):
 
 def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path) and glob.glob(os.path.join(data_dir, "*.bin")):
+        # shards written by llm.c's or modded-nanogpt's scripts come without a meta.json; they
+        # are always GPT-2 BPE
+        print(f"note: {path} not found; taking the token files there as GPT-2 BPE")
+        return {"tokenizer": "gpt2"}
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: prepare the dataset first (e.g. python prepare_shakespeare.py)")
     with open(path) as f:
