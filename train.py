@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import lora
 from checkpoint import clean_state_dict, load_checkpoint, load_model, save_checkpoint
 from configurator import configure, die, print_config
 from dataloader import DataError, DataLoader, read_meta
@@ -260,7 +261,6 @@ def build_model(cfg, meta, device, say):
     if cfg["lora_rank"] > 0 and init_from != "resume":
         if init_from == "scratch":
             raise DataError("LoRA adapts a trained model: set init_from to gpt2* or another run's out_dir")
-        import lora
         lora.apply_lora(model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
                         targets=cfg["lora_targets"])
     return model.to(device), base, ckpt
@@ -378,9 +378,8 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
             "rng": rngs,
             "val_loss": val_loss,
         }
-        lora_mod = sys.modules.get("lora")
-        if lora_mod is not None and lora_mod.has_lora(raw_model):
-            ckpt["lora"], ckpt["base"] = lora_mod.lora_state_dict(raw_model), base  # small: adapters only
+        if lora.has_lora(raw_model):
+            ckpt["lora"], ckpt["base"] = lora.lora_state_dict(raw_model), base  # small: adapters only
         else:
             ckpt["model"] = clean_state_dict(raw_model.state_dict())
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
