@@ -204,6 +204,17 @@ def describe(model, cfg, dtype):
             f"V{c.vocab_size}{' rope' if c.rope else ''} | {str(dtype).replace('torch.', '')}")
 
 
+def cores_used(device_type, wall, cpu):
+    """On a CPU run: the process's CPU time over the wall time, i.e. how many cores it really
+    had. Well below torch.get_num_threads() means a busy machine: the timing is then slower
+    than this CPU can do. None on a GPU (waiting for the GPU spins the host, so it says nothing)."""
+    return cpu / wall if device_type == "cpu" else None
+
+
+def load_text(cores):
+    return "" if cores is None else f" | used {cores:.2f} of {torch.get_num_threads()} threads"
+
+
 def gib(n):
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -279,23 +290,24 @@ def bench_train(cfg):
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # count the steady state, not compilation
     # no synchronisation inside the loop: the host queues step after step, the GPU never idles
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(cfg["steps"]):
         loss = step()
     synchronize(device_type)
-    dt = (time.perf_counter() - t0) / cfg["steps"]  # seconds per step
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    dt = wall / cfg["steps"]  # seconds per step
     mem, mem_what = peak_memory(device, device_type)
 
     tokens = B * T * accum  # tokens per optimizer step
     peak = peak_flops_for(cfg, device, device_type, dtype)
     mfu = None if peak is None else raw_model.estimate_mfu(tokens, dt, peak, seq_len=T)
     r = dict(ms_per_step=dt * 1000, tokens_per_s=tokens / dt, mfu=mfu, peak_flops=peak,
-             peak_mem_bytes=mem, loss=loss.item())
+             peak_mem_bytes=mem, loss=loss.item(), cores_used=cores_used(device_type, wall, cpu))
     mfu_text = "MFU n/a (give --peak_flops)" if mfu is None else f"MFU {100 * mfu:.1f}% of {peak / 1e12:.1f} TFLOP/s"
     r["summary"] = (f"bench train | {device_name(device, device_type)} | torch {torch.__version__} | "
                     f"{describe(raw_model, cfg, dtype)} compile={cfg['compile']} | B={B} T={T} accum={accum} | "
                     f"{r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tok/s | {mfu_text} | "
-                    f"{mem_what} {gib(mem)}")
+                    f"{mem_what} {gib(mem)}{load_text(r['cores_used'])}")
     print(r["summary"])
     if cfg["profile"]:
         profile(step, device_type, repeats=3)
@@ -323,26 +335,28 @@ def bench_sample(cfg):
         with autocast:
             return model.generate(prompt, n, temperature=0.0, use_cache=use_cache)
 
-    r, parts = {}, []
+    r, parts, wall, cpu = {}, [], 0.0, 0.0
     for b in sorted({1, cfg["sample_batch"]}):
         prompt = torch.randint(cfg["vocab_size"], (b, P), generator=gen).to(device)  # (b, P)
         for use_cache in (True, False):
             generate(prompt, 2, use_cache)  # warm-up: first-call allocations and kernel choices
             synchronize(device_type)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             generate(prompt, N, use_cache)
             synchronize(device_type)
-            tok_s = b * N / (time.perf_counter() - t0)  # new tokens per second, whole batch
+            dt = time.perf_counter() - t0
+            wall, cpu = wall + dt, cpu + time.process_time() - c0
+            tok_s = b * N / dt  # new tokens per second, whole batch
             r[f"{'cache' if use_cache else 'recompute'}_tok_s_b{b}"] = tok_s
             print(f"batch {b}, {'KV cache ' if use_cache else 'recompute'}: {tok_s:,.1f} tok/s")
         r[f"ratio_b{b}"] = r[f"cache_tok_s_b{b}"] / r[f"recompute_tok_s_b{b}"]
         parts.append(f"B={b}: cache {r[f'cache_tok_s_b{b}']:,.1f} tok/s, recompute "
                      f"{r[f'recompute_tok_s_b{b}']:,.1f} tok/s, {r[f'ratio_b{b}']:.1f}x")
     mem, mem_what = peak_memory(device, device_type)
-    r["peak_mem_bytes"] = mem
+    r["peak_mem_bytes"], r["cores_used"] = mem, cores_used(device_type, wall, cpu)
     r["summary"] = (f"bench sample | {device_name(device, device_type)} | torch {torch.__version__} | "
                     f"{describe(model, cfg, dtype)} | prompt {P} + {N} new, greedy | "
-                    + " | ".join(parts) + f" | {mem_what} {gib(mem)}")
+                    + " | ".join(parts) + f" | {mem_what} {gib(mem)}{load_text(r['cores_used'])}")
     print(r["summary"])
     if cfg["profile"]:
         prompt = torch.randint(cfg["vocab_size"], (1, P), generator=gen).to(device)

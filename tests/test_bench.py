@@ -27,7 +27,7 @@ def test_train_numbers_and_summary(capsys):
     cfg = configure(bench.defaults, TINY + ["--mode=train", "--batch_size=2", "--block_size=16",
                                             "--grad_accum=2", "--warmup=1", "--steps=2", "--peak_flops=1e12"])
     r = bench.bench_train(cfg)
-    for key in ("ms_per_step", "tokens_per_s", "mfu", "loss"):
+    for key in ("ms_per_step", "tokens_per_s", "mfu", "loss", "cores_used"):
         assert positive_finite(r[key]), (key, r[key])
     assert r["peak_mem_bytes"] > 0
     # tokens/s is the tokens of one optimizer step (B * T * accum) over its time
@@ -67,6 +67,7 @@ def test_sample_numbers_and_summary(capsys):
         for key in (f"cache_tok_s_b{b}", f"recompute_tok_s_b{b}", f"ratio_b{b}"):
             assert positive_finite(r[key]), (key, r[key])
         assert r[f"ratio_b{b}"] == pytest.approx(r[f"cache_tok_s_b{b}"] / r[f"recompute_tok_s_b{b}"])
+    assert positive_finite(r["cores_used"]) and r["peak_mem_bytes"] > 0
     out = capsys.readouterr().out
     assert summary_printed(out, r["summary"])
     assert "B=1:" in r["summary"] and "B=3:" in r["summary"]
