@@ -213,3 +213,22 @@ def test_bad_settings_are_one_line_errors():
         lora.load_lora(model, {**lora.lora_state_dict(model), "rank": 2})
     with pytest.raises(ValueError, match="no LoRA"):
         lora.lora_state_dict(tiny_gpt())
+
+
+def test_checkpoint_load_model_applies_the_adapter(tmp_path):
+    """The contract with checkpoint.load_model: a LoRA run's ckpt.pt holds the adapters and
+    the base's out_dir; loading it gives the adapted model."""
+    from checkpoint import load_model, save_checkpoint
+    base = tiny_gpt()
+    base_dir, run_dir = tmp_path / "base", tmp_path / "lora_run"
+    save_checkpoint({"model": base.state_dict(), "model_args": vars(base.config).copy(),
+                     "meta": {"tokenizer": "gpt2"}}, str(base_dir / "ckpt.pt"))
+    lora.apply_lora(base, rank=2, alpha=4, targets="q,k,v")
+    randomize_adapters(base)
+    idx, _ = batch()
+    expected = logits_of(base, idx)
+    save_checkpoint({"lora": lora.lora_state_dict(base), "base": str(base_dir),
+                     "model_args": vars(base.config).copy(), "meta": {"tokenizer": "gpt2"}}, str(run_dir / "ckpt.pt"))
+    model, _ = load_model(out_dir=str(run_dir))
+    assert lora.has_lora(model)
+    assert torch.equal(logits_of(model, idx), expected)
