@@ -254,6 +254,8 @@ def build_model(cfg, meta, device, say):
             raise DataError(f"{init_from} was trained with the {init_meta.get('tokenizer')} tokenizer but "
                             f"data/{cfg['dataset']} uses {meta['tokenizer']}; use a dataset of the same tokenizer")
         base = init_from
+        if lora.has_lora(model):  # fine-tuning a LoRA run: start from its merged weights
+            lora.merge_lora(model)
         if cfg["block_size"] < model.config.block_size:
             model.crop_block_size(cfg["block_size"])
         if cfg["block_size"] > model.config.block_size:
