@@ -133,9 +133,9 @@ def has_lora(model):
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def apply_lora(model, rank, alpha, dropout=0.0, targets=DEFAULT_TARGETS):
+def apply_lora(model, rank, alpha, dropout=0.0, targets=DEFAULT_TARGETS, verbose=True):
     """Add LoRA adapters to the target Linears of every Block, freeze every other parameter,
-    and print how many are left to train. Returns the model (changed in place)."""
+    and (verbose) print how many are left to train. Returns the model (changed in place)."""
     model = _unwrap(model)
     names = _parse_targets(targets)
     if not isinstance(rank, int) or rank <= 0:
@@ -155,8 +155,9 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=DEFAULT_TARGETS):
                 setattr(parent, attr, LoRALinear(getattr(parent, attr), parts, chosen, rank, alpha, dropout))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"LoRA rank {rank}, alpha {alpha}, dropout {dropout}, targets {','.join(names)}: "
-          f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    if verbose:
+        print(f"LoRA rank {rank}, alpha {alpha}, dropout {dropout}, targets {','.join(names)}: "
+              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     return model
 
 
@@ -217,7 +218,7 @@ def load_lora(model, state):
     model = _unwrap(model)
     settings = {k: state[k] for k in ("rank", "alpha", "dropout", "targets")}
     if not has_lora(model):
-        apply_lora(model, **settings)
+        apply_lora(model, **settings, verbose=False)  # loading, not training: no counts to print
     elif _settings(model) != settings:
         raise ValueError(f"the model's LoRA settings {_settings(model)} differ from the saved ones {settings}")
     own = dict(_adapters(model))

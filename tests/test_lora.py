@@ -232,3 +232,82 @@ def test_checkpoint_load_model_applies_the_adapter(tmp_path):
     model, _ = load_model(out_dir=str(run_dir))
     assert lora.has_lora(model)
     assert torch.equal(logits_of(model, idx), expected)
+
+
+# -----------------------------------------------------------------------------
+# end to end through the scripts: base run -> LoRA run -> resume -> sample -> HellaSwag
+
+from conftest import ROOT, needs_gpt2_bpe, run_script  # noqa: E402
+
+TINY_BPE = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--device=cpu",
+            "--compile=False", "--dtype=float32", "--eval_iters=2", "--eval_interval=5", "--warmup_iters=1",
+            "--dataset=bpe"]
+
+
+def _bpe_workdir(tmp_path):
+    import json
+    import numpy as np
+    from dataloader import write_meta, write_tokens
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 50257, size=40)  # a small "language": 40 token ids in random order
+    d = tmp_path / "data" / "bpe"
+    write_tokens(str(d / "train.bin"), words[rng.integers(0, 40, size=6000)])
+    write_tokens(str(d / "val.bin"), words[rng.integers(0, 40, size=1000)])
+    write_meta(str(d), {"tokenizer": "gpt2"})
+    example = {"ind": 0, "activity_label": "Cooking", "ctx_a": "A man cuts an onion.", "ctx_b": "he",
+               "ctx": "A man cuts an onion. he", "split": "val", "split_type": "indomain", "label": 1,
+               "endings": ["flies away.", "puts it in a pan.", "sings loudly to the moon.", "is a cat."],
+               "source_id": "x"}
+    with open(tmp_path / "hs.jsonl", "w") as f:
+        for i in range(3):
+            f.write(json.dumps(dict(example, ind=i, label=i)) + "\n")
+    return tmp_path
+
+
+def _train_log(path):
+    out = {}
+    for line in open(path):
+        step, stream, value = line.split()
+        if stream == "train":
+            out[int(step)] = float(value)
+    return out
+
+
+@needs_gpt2_bpe
+def test_lora_run_end_to_end(tmp_path):
+    import os
+    w = _bpe_workdir(tmp_path)
+    train_py = os.path.join(ROOT, "train.py")
+    run_script([train_py] + TINY_BPE + ["--max_iters=8", "--out_dir=out_base", "--learning_rate=3e-3"], cwd=w)
+    lora_args = TINY_BPE + ["--init_from=out_base", "--lora_rank=4", "--lora_alpha=8.0", "--lora_dropout=0.1",
+                            "--lora_targets=q,v,mlp_fc", "--learning_rate=1e-2", "--lr_decay_iters=8"]
+    # uninterrupted LoRA run, and the same run stopped at 4 and resumed
+    run_script([train_py] + lora_args + ["--max_iters=8", "--out_dir=out_lora"], cwd=w)
+    run_script([train_py] + lora_args + ["--max_iters=4", "--out_dir=out_lora2"], cwd=w)
+    run_script([train_py] + lora_args + ["--max_iters=8", "--out_dir=out_lora2", "--init_from=resume"], cwd=w)
+    full, resumed = _train_log(w / "out_lora" / "log.txt"), _train_log(w / "out_lora2" / "log.txt")
+    assert full == resumed and len(full) == 8
+
+    ckpt = torch.load(w / "out_lora" / "ckpt.pt", weights_only=True)
+    base_ckpt = torch.load(w / "out_base" / "ckpt.pt", weights_only=True)
+    assert "model" not in ckpt and ckpt["base"] == "out_base" and ckpt["lora"]["rank"] == 4
+    assert os.path.getsize(w / "out_lora" / "ckpt.pt") < os.path.getsize(w / "out_base" / "ckpt.pt") / 3
+    # the base weights the LoRA run trained against are the base run's, untouched
+    from checkpoint import load_model
+    cwd = os.getcwd()
+    os.chdir(w)  # the checkpoint names its base relative to where it was trained
+    try:
+        model, meta = load_model(out_dir="out_lora")
+    finally:
+        os.chdir(cwd)
+    sd = model.state_dict()
+    for k, v in base_ckpt["model"].items():
+        assert torch.equal(sd[k], v), k
+    assert any(torch.count_nonzero(t) for k, t in ckpt["lora"]["tensors"].items() if "lora_B" in k)
+
+    p = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=out_lora", "--start=Hello", "--num_samples=1",
+                    "--max_new_tokens=10", "--device=cpu"], cwd=w)
+    assert p.stdout.startswith("Hello")
+    p = run_script([os.path.join(ROOT, "hellaswag.py"), "--out_dir=out_lora", "--data_file=hs.jsonl",
+                    "--device=cpu"], cwd=w)
+    assert "acc_norm" in p.stdout and "over 3 examples" in p.stdout
