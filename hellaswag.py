@@ -251,12 +251,12 @@ def pick_device(name):
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        die(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device={name} but torch sees no CUDA GPU: use --device=cpu (or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
         die("--device=mps but MPS is not available here: use --device=cpu (or auto)")
-    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        die(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
     return name
 
 
@@ -283,7 +283,6 @@ def main():
     ctx = autocast_for(device, cfg["dtype"])
     if cfg["batch_size"] < 1:
         die(f"--batch_size must be at least 1, got {cfg['batch_size']}")
-    torch.manual_seed(0)  # nothing here is random; this just makes sure of it
 
     try:
         try:
@@ -293,6 +292,8 @@ def main():
                 model, meta = load_model(init_from=cfg["init_from"], device=device)
         except (OSError, RuntimeError, ValueError, ImportError) as e:
             die(str(e).splitlines()[0])
+        except KeyError as e:  # a torch file, but not one of our checkpoints
+            die(f"{cfg['out_dir']}/ckpt.pt has no {e} entry: not a checkpoint of this project")
         source = cfg["out_dir"] or cfg["init_from"]
         if cfg["compile"]:
             model = torch.compile(model)
@@ -314,6 +315,8 @@ def main():
         if meta.get("tokenizer") != "gpt2":
             die(f"{source} uses the {meta.get('tokenizer')!r} tokenizer; HellaSwag needs a GPT-2 BPE model "
                 f"(for a char-level run, try --val_dataset=NAME for a val loss)")
+        if _raw(model).config.vocab_size < 50257:
+            die(f"{source} has a vocabulary of {_raw(model).config.vocab_size} tokens, fewer than GPT-2 BPE's 50257")
         examples = load_examples(cfg["split"], cfg["data_file"] or None, cfg["limit"] or None)
         t0 = time.time()
         result = evaluate(model, examples, device, cfg["batch_size"], ctx, progress=True)

@@ -149,6 +149,7 @@ class FixedLogits(torch.nn.Module):
         self.config = GPTConfig(block_size=64)
 
     def forward(self, idx):
+        self.ran_in_training_mode = self.training
         return self.logp.expand(*idx.shape, -1), None
 
 
@@ -170,10 +171,11 @@ def test_acc_and_acc_norm_disagree_where_they_should(tmp_path):
             f.write(json.dumps(dict(ctx="A man walks.", label=label,
                                     endings=["cat", "the the the the the the", "xylophone", "quorum"])) + "\n")
     exs = hellaswag.load_examples(data_file=str(path))
-    model = FixedLogits(logp)
+    model = FixedLogits(logp).train()
     # summed loss picks the short ending (3 < 6), mean loss the long one (1 < 3)
     assert hellaswag.evaluate(model, exs[:1], "cpu", 2) == dict(acc=1.0, acc_norm=0.0, n=1)
     assert hellaswag.evaluate(model, exs[1:], "cpu", 2) == dict(acc=0.0, acc_norm=1.0, n=1)
+    assert not model.ran_in_training_mode and model.training  # eval mode inside, the caller's after
     s, c = hellaswag.ending_losses(model, exs, "cpu")
     torch.testing.assert_close(s[0, :2], torch.tensor([3.0, 6.0]), atol=1e-3, rtol=0)
     assert c[0, :2].tolist() == [1.0, 6.0]  # the context's tokens are not scored
