@@ -22,6 +22,7 @@ count, not the ones a kernel wastes, so it compares implementations fairly.
 
 import math
 import platform
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -110,11 +111,13 @@ def setup(cfg):
     device = cfg["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = device.split(":")[0]
-    if device_type not in ("cuda", "mps", "cpu"):
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
         die(f"--device must be auto, cpu, cuda, cuda:N or mps, not {device!r}")
+    device_type = device.split(":")[0]
     if device_type == "cuda" and not torch.cuda.is_available():
         die(f"--device={device} but torch sees no CUDA GPU: use --device=cpu (or auto)")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        die(f"--device={device} but there are only {torch.cuda.device_count()} GPUs (cuda:0 ...)")
     if device_type == "mps" and not torch.backends.mps.is_available():
         die("--device=mps but MPS is not available here: use --device=cpu (or auto)")
 
@@ -129,7 +132,8 @@ def setup(cfg):
         die(f"--dtype must be auto, float32, bfloat16 or float16, not {cfg['dtype']!r}")
 
     if device_type == "cuda":
-        torch.cuda.set_device(device)  # so the memory statistics below are this GPU's
+        if ":" in device:
+            torch.cuda.set_device(device)  # cuda:N: allocate and count memory on that GPU
         # fp32 matmuls and convolutions on TF32 tensor cores: 10-bit mantissa inputs, fp32
         # accumulation; several times faster, and what every GPU training run uses
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -213,6 +217,11 @@ def cores_used(device_type, wall, cpu):
 
 def load_text(cores):
     return "" if cores is None else f" | used {cores:.2f} of {torch.get_num_threads()} threads"
+
+
+def rate(x):
+    """Tokens/s for the summary: whole numbers when large, three digits when small (0.594)."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def gib(n):
@@ -306,7 +315,7 @@ def bench_train(cfg):
     mfu_text = "MFU n/a (give --peak_flops)" if mfu is None else f"MFU {100 * mfu:.1f}% of {peak / 1e12:.1f} TFLOP/s"
     r["summary"] = (f"bench train | {device_name(device, device_type)} | torch {torch.__version__} | "
                     f"{describe(raw_model, cfg, dtype)} compile={cfg['compile']} | B={B} T={T} accum={accum} | "
-                    f"{r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tok/s | {mfu_text} | "
+                    f"{r['ms_per_step']:.1f} ms/step | {rate(r['tokens_per_s'])} tok/s | {mfu_text} | "
                     f"{mem_what} {gib(mem)}{load_text(r['cores_used'])}")
     print(r["summary"])
     if cfg["profile"]:
@@ -348,10 +357,10 @@ def bench_sample(cfg):
             wall, cpu = wall + dt, cpu + time.process_time() - c0
             tok_s = b * N / dt  # new tokens per second, whole batch
             r[f"{'cache' if use_cache else 'recompute'}_tok_s_b{b}"] = tok_s
-            print(f"batch {b}, {'KV cache ' if use_cache else 'recompute'}: {tok_s:,.1f} tok/s")
+            print(f"batch {b}, {'KV cache ' if use_cache else 'recompute'}: {rate(tok_s)} tok/s")
         r[f"ratio_b{b}"] = r[f"cache_tok_s_b{b}"] / r[f"recompute_tok_s_b{b}"]
-        parts.append(f"B={b}: cache {r[f'cache_tok_s_b{b}']:,.1f} tok/s, recompute "
-                     f"{r[f'recompute_tok_s_b{b}']:,.1f} tok/s, {r[f'ratio_b{b}']:.1f}x")
+        parts.append(f"B={b}: cache {rate(r[f'cache_tok_s_b{b}'])} tok/s, recompute "
+                     f"{rate(r[f'recompute_tok_s_b{b}'])} tok/s, {r[f'ratio_b{b}']:.1f}x")
     mem, mem_what = peak_memory(device, device_type)
     r["peak_mem_bytes"], r["cores_used"] = mem, cores_used(device_type, wall, cpu)
     r["summary"] = (f"bench sample | {device_name(device, device_type)} | torch {torch.__version__} | "
@@ -367,10 +376,15 @@ def bench_sample(cfg):
 def main():
     cfg = configure(defaults)
     print_config(cfg)
-    if cfg["mode"] == "sample":
-        bench_sample(cfg)
-    else:
-        bench_train(cfg)
+    try:
+        if cfg["mode"] == "sample":
+            bench_sample(cfg)
+        else:
+            bench_train(cfg)
+    except torch.OutOfMemoryError:
+        # the usual way to find the largest micro-batch that fits: try, and step down on this
+        die(f"out of memory at --batch_size={cfg['batch_size']} (--mode={cfg['mode']}): try a smaller "
+            "--batch_size (train mode: --grad_accum keeps the tokens per step) or a shorter --block_size")
 
 
 if __name__ == "__main__":
