@@ -69,6 +69,7 @@ defaults = dict(
 # whose peak on these chips is half the bf16 one. Any other device: pass --peak_flops.
 PEAK_FLOPS = {
     "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989.5e12,
     "H200": 989.5e12,
     "A100": 312e12,
