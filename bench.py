@@ -64,7 +64,7 @@ defaults = dict(
 )
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets, matched in this order
-# against torch.cuda.get_device_name() (so "H100 PCIe" is tried before "H100", the SXM part,
+# against torch.cuda.get_device_name() (so "H100 PCIe" and "H100 NVL" come before "H100", the SXM part,
 # whose name reads "NVIDIA H100 80GB HBM3"). In fp32, matmuls run on TF32 tensor cores,
 # whose peak on these chips is half the bf16 one. Any other device: pass --peak_flops.
 PEAK_FLOPS = {
