@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, needs_gpt2_bpe, run_script
 
 TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=2", "--eval_interval=5",
@@ -143,3 +143,32 @@ def test_bad_settings_are_one_line(workdir):
     assert p.returncode == 2 and "data/missing" in p.stderr and "Traceback" not in p.stderr
     p = train(workdir, "--init_from=resume", "--out_dir=nowhere", check=False)
     assert p.returncode == 2 and "no checkpoint" in p.stderr
+
+
+@needs_gpt2_bpe
+def test_hellaswag_inside_ddp_training_equals_one_process(tmp_path):
+    import json
+    import numpy as np
+    from dataloader import write_meta, write_tokens
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data" / "bpe"
+    write_tokens(str(d / "train.bin"), rng.integers(0, 50257, size=5000))
+    write_tokens(str(d / "val.bin"), rng.integers(0, 50257, size=2000))
+    write_meta(str(d), {"tokenizer": "gpt2"})
+    with open(tmp_path / "hs.jsonl", "w") as f:
+        for i in range(7):
+            ending = ["a dog runs", "the cat sleeps on the mat", "rain", "it is over now, said he"]
+            f.write(json.dumps({"ind": i, "activity_label": "x", "ctx_a": f"Scene {i}.", "ctx_b": "then",
+                                "ctx": f"Scene {i}. then", "split": "val", "split_type": "indomain",
+                                "label": i % 4, "endings": ending[i % 4:] + ending[:i % 4], "source_id": "s"}) + "\n")
+    args = TINY + ["--dataset=bpe", "--max_iters=2", "--eval_interval=0", "--total_batch_size=256",
+                   "--hellaswag_interval=1", "--hellaswag_limit=5", "--hellaswag_file=hs.jsonl"]
+    run_script([os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_one"], cwd=tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_two"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    one, two = read_log(tmp_path / "out_one" / "log.txt", "hella"), read_log(tmp_path / "out_two" / "log.txt", "hella")
+    assert sorted(one) == [0, 1, 2] and one == two
+    assert "n=5" in p.stdout  # the counts of both ranks, summed
