@@ -116,3 +116,25 @@ def test_gpt2_tokenizer_knows_endoftext():
     encode, decode = get_tokenizer({"tokenizer": "gpt2"})
     ids = encode("Hello<|endoftext|>")
     assert ids[-1] == 50256 and decode(ids) == "Hello<|endoftext|>"
+
+
+def test_llmc_and_modded_nanogpt_folders_without_meta(tmp_path):
+    """Their FineWeb scripts write fineweb_val_000000.bin, fineweb_train_000001.bin, ... with the
+    header [20240520, 1, n_tokens] and no meta.json: such a folder is read as GPT-2 BPE."""
+    from dataloader import read_meta
+    d = tmp_path / "fineweb10B"
+    d.mkdir()
+    for name, start in (("fineweb_val_000000.bin", 0), ("fineweb_train_000001.bin", 1000),
+                        ("fineweb_train_000002.bin", 2000)):
+        header = np.zeros(256, dtype=np.int32)
+        header[:3] = [20240520, 1, 1000]  # the published layout, written here by hand
+        with open(d / name, "wb") as f:
+            f.write(header.tobytes())
+            f.write((np.arange(1000) + start).astype(np.uint16).tobytes())
+    assert read_meta(str(d)) == {"tokenizer": "gpt2"}
+    loader = DataLoader(str(d), "train", 2, 100, shuffle=False)
+    seen = set()
+    for _ in range(9):  # 9 sequences of 100 per shard fit (999 targets), 4 full steps of 2 rows
+        x, _ = loader.next_batch()
+        seen.update(x[:, 0].tolist())
+    assert min(seen) >= 1000 and any(s >= 2000 for s in seen)  # both train shards, never val
