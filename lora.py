@@ -233,3 +233,42 @@ def load_lora(model, state):
                 raise ValueError(f"LoRA tensor {name} has shape {tuple(tensors[name].shape)}, the model needs {tuple(p.shape)}")
             p.copy_(tensors[name])
     return model
+
+
+# -----------------------------------------------------------------------------
+# python lora.py --out_dir=RUN --merged_dir=DIR: a LoRA run as an ordinary checkpoint
+
+def main():
+    """Fold a LoRA run's adapters into its base and write DIR/ckpt.pt as any other run's:
+    a full model that sample.py, hellaswag.py, export_hf.py and train.py's init_from=DIR read
+    with no LoRA involved. (Not a resumable training state: it has no optimizer.)"""
+    import os
+
+    import lora  # run as a script this file is __main__; checkpoint.py builds adapters from "lora"
+    from checkpoint import load_checkpoint, load_model, save_checkpoint
+    from configurator import configure, die
+    from dataloader import DataError
+
+    cfg = configure(dict(
+        out_dir="",  # the LoRA run to merge
+        merged_dir="",  # where to write the merged ckpt.pt
+    ))
+    if not cfg["out_dir"] or not cfg["merged_dir"]:
+        die("give both --out_dir=LORA_RUN and --merged_dir=WHERE_TO_WRITE")
+    try:
+        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        if "lora" not in ckpt:
+            die(f"{cfg['out_dir']} is not a LoRA run: its ckpt.pt already holds the whole model")
+        model, meta = load_model(out_dir=cfg["out_dir"])
+    except DataError as e:
+        die(str(e))
+    lora.merge_lora(model)
+    merged = {"model": model.state_dict(), "model_args": vars(model.config).copy(), "meta": meta,
+              "step": ckpt["step"], "config": ckpt["config"], "merged_from": cfg["out_dir"]}
+    path = os.path.join(cfg["merged_dir"], "ckpt.pt")
+    save_checkpoint(merged, path)
+    print(f"wrote {path}: {cfg['out_dir']}'s adapters merged into its base {ckpt['base']!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -311,3 +311,28 @@ def test_lora_run_end_to_end(tmp_path):
     p = run_script([os.path.join(ROOT, "hellaswag.py"), "--out_dir=out_lora", "--data_file=hs.jsonl",
                     "--device=cpu"], cwd=w)
     assert "acc_norm" in p.stdout and "over 3 examples" in p.stdout
+
+
+@needs_gpt2_bpe
+def test_merged_checkpoint_is_an_ordinary_run(tmp_path):
+    import os
+    w = _bpe_workdir(tmp_path)
+    train_py = os.path.join(ROOT, "train.py")
+    run_script([train_py] + TINY_BPE + ["--max_iters=3", "--out_dir=out_base"], cwd=w)
+    run_script([train_py] + TINY_BPE + ["--max_iters=3", "--out_dir=out_lora", "--init_from=out_base",
+                                        "--lora_rank=2", "--learning_rate=1e-2"], cwd=w)
+    run_script([os.path.join(ROOT, "lora.py"), "--out_dir=out_lora", "--merged_dir=out_merged"], cwd=w)
+    from checkpoint import load_model
+    cwd = os.getcwd()
+    os.chdir(w)
+    try:
+        adapted, _ = load_model(out_dir="out_lora")
+        merged, meta = load_model(out_dir="out_merged")
+    finally:
+        os.chdir(cwd)
+    assert not lora.has_lora(merged) and meta == {"tokenizer": "gpt2"}
+    x = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(adapted.eval()(x)[0], merged.eval()(x)[0], atol=1e-5)
+    p = run_script([os.path.join(ROOT, "lora.py"), "--out_dir=out_base", "--merged_dir=x"], cwd=w, check=False)
+    assert p.returncode == 2 and "not a LoRA run" in p.stderr
