@@ -22,15 +22,13 @@ count, not the ones a kernel wastes, so it compares implementations fairly.
 
 import math
 import platform
-import re
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from configurator import configure, die, print_config
-from model import GPT, PRESETS, preset
+from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
+from model import GPT, PRESETS, peak_flops, preset
 
 # -----------------------------------------------------------------------------
 # settings: python bench.py [config/FILE.py] [--key=value ...]
@@ -58,24 +56,10 @@ defaults = dict(
     device="auto",  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     dtype="auto",  # auto (bf16 on a GPU that has it, else fp16; fp32 on cpu/mps), float32, bfloat16, float16
     compile=True,  # torch.compile the model (train mode only: generation changes shape every step)
-    peak_flops=0.0,  # the device's peak FLOP/s for MFU; 0: look the GPU up in PEAK_FLOPS
+    peak_flops=0.0,  # the device's peak FLOP/s for MFU; 0: look the GPU up in model.PEAK_FLOPS
     profile=False,  # also run torch.profiler and print the most expensive ops
     seed=1337,  # for the random tokens and weights
 )
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets, matched in this order
-# against torch.cuda.get_device_name() (so "H100 PCIe" and "H100 NVL" come before "H100", the SXM part,
-# whose name reads "NVIDIA H100 80GB HBM3"). In fp32, matmuls run on TF32 tensor cores,
-# whose peak on these chips is half the bf16 one. Any other device: pass --peak_flops.
-PEAK_FLOPS = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989.5e12,
-    "H200": 989.5e12,
-    "A100": 312e12,
-}
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # the optimizer settings of train.py's defaults; they do not change the speed, only the numbers
 WEIGHT_DECAY, LEARNING_RATE, BETAS, GRAD_CLIP = 0.1, 6e-4, (0.9, 0.95), 1.0
@@ -109,36 +93,16 @@ def setup(cfg):
         die(f"prompt_len + new_tokens = {cfg['prompt_len'] + cfg['new_tokens']} exceeds "
             f"--block_size={cfg['block_size']}: raise --block_size or shorten the generation")
 
-    device = cfg["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
-        die(f"--device must be auto, cpu, cuda, cuda:N or mps, not {device!r}")
+    device = resolve_device(cfg["device"])
     device_type = device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        die(f"--device={device} but torch sees no CUDA GPU: use --device=cpu (or auto)")
-    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
-        die(f"--device={device} but there are only {torch.cuda.device_count()} GPUs (cuda:0 ...)")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        die("--device=mps but MPS is not available here: use --device=cpu (or auto)")
-
-    if cfg["dtype"] == "auto":
-        if device_type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32
-    elif cfg["dtype"] in DTYPES:
-        dtype = DTYPES[cfg["dtype"]]
-    else:
-        die(f"--dtype must be auto, float32, bfloat16 or float16, not {cfg['dtype']!r}")
+    dtype = resolve_dtype(cfg["dtype"], device_type)
 
     if device_type == "cuda":
         if ":" in device:
             torch.cuda.set_device(device)  # cuda:N: allocate and count memory on that GPU
         # fp32 matmuls and convolutions on TF32 tensor cores: 10-bit mantissa inputs, fp32
         # accumulation; several times faster, and what every GPU training run uses
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     torch.manual_seed(cfg["seed"])
     return device, device_type, dtype
 
@@ -167,11 +131,10 @@ def peak_flops_for(cfg, device, device_type, dtype):
         return cfg["peak_flops"]
     if device_type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS.items():
-        if key in name:
-            return flops / 2 if dtype == torch.float32 else flops  # fp32 -> TF32 peak
-    return None
+    flops = peak_flops(torch.cuda.get_device_name(device))  # model.PEAK_FLOPS: bf16 peaks
+    if flops is not None and dtype == torch.float32:
+        flops /= 2  # fp32 matmuls run on TF32 tensor cores, at half the bf16 rate
+    return flops
 
 
 def peak_memory(device, device_type):
@@ -267,7 +230,7 @@ def bench_train(cfg):
     # Disabled (every call a no-op) for bf16 and fp32.
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    autocast = autocast_context(device_type, dtype)
 
     # Synthetic batches: random tokens, made once on the host. train.py's loader hands over
     # host tensors; in page-locked (pinned) memory the copy to the GPU runs asynchronously
@@ -335,7 +298,7 @@ def bench_sample(cfg):
     device, device_type, dtype = setup(cfg)
     P, N = cfg["prompt_len"], cfg["new_tokens"]
     model = build_model(cfg, device).eval()
-    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    autocast = autocast_context(device_type, dtype)
     gen = torch.Generator().manual_seed(cfg["seed"])
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -111,3 +111,54 @@ def print_config(config, file=None):
     width = max(len(k) for k in config)
     for k, v in config.items():
         print(f"  {k:<{width}} = {v!r}", file=file)
+
+
+# -----------------------------------------------------------------------------
+# device and dtype: the two settings every script that runs a model resolves the same way
+# (torch is imported inside, so the prepare scripts start without it)
+
+
+def resolve_device(name):
+    """auto -> cuda, then mps, then cpu; otherwise check that the asked device exists."""
+    import torch
+
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        die(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        die(f"--device={name} but torch sees no CUDA GPU; use --device=cpu (or auto)")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        die(f"--device={name} but there are only {torch.cuda.device_count()} GPUs (cuda:0 ...)")
+    if kind == "mps" and not has_mps:
+        die("--device=mps but MPS is not available here; use --device=cpu (or auto)")
+    return name
+
+
+def resolve_dtype(name, device_type):
+    """auto: bf16 on GPUs that have it, else fp16 (trained with a GradScaler); fp32 on CPU and
+    MPS (CPUs without bf16 units run it slower than fp32)."""
+    import torch
+
+    if name == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        die(f"unknown --dtype={name}; choose auto, float32, bfloat16 or float16")
+    return choices[name]
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision for the forward pass: matmuls in dtype, reductions kept in fp32.
+    fp32 needs no autocast at all."""
+    import contextlib
+
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoint import load_model
-from configurator import configure, die, print_config
+from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
 from dataloader import EOT, DataError, DataLoader, get_gpt2_encoding, read_meta
 
 # -----------------------------------------------------------------------------
@@ -246,41 +246,13 @@ def _raw(model):
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        die(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device={name} but torch sees no CUDA GPU: use --device=cpu (or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        die("--device=mps but MPS is not available here: use --device=cpu (or auto)")
-    return name
-
-
-def autocast_for(device, dtype):
-    """The autocast context for a device and a dtype name."""
-    device_type = device.split(":")[0]
-    if dtype == "auto":
-        if device_type != "cuda":
-            return nullcontext()  # fp32: the CPU's bf16 is slow, MPS autocast is young
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    choices = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in choices:
-        die(f"unknown --dtype={dtype}; choose auto, float32, bfloat16 or float16")
-    if choices[dtype] is None:
-        return nullcontext()
-    # evaluation has no backward pass, so fp16 needs no GradScaler here
-    return torch.autocast(device_type=device_type, dtype=choices[dtype])
-
-
 def main():
     cfg = configure(defaults)
     print_config(cfg)
-    device = pick_device(cfg["device"])
-    ctx = autocast_for(device, cfg["dtype"])
+    device = resolve_device(cfg["device"])
+    device_type = device.split(":")[0]
+    # evaluation has no backward pass, so fp16 needs no GradScaler here
+    ctx = autocast_context(device_type, resolve_dtype(cfg["dtype"], device_type))
     if cfg["batch_size"] < 1:
         die(f"--batch_size must be at least 1, got {cfg['batch_size']}")
 

@@ -394,11 +394,13 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. Matched
-# against torch.cuda.get_device_name(); anything else needs an explicit peak.
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. The first key
+# found in torch.cuda.get_device_name() wins, so the more specific names come first.
 PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989.5e12,  # SXM ("NVIDIA H100 80GB HBM3")
     "H200": 989.5e12,
-    "H100": 989.5e12,  # SXM; the PCIe card is 756e12
     "A100": 312e12,
     "A10G": 125e12,
     "L4": 121e12,
@@ -409,10 +411,7 @@ PEAK_FLOPS = {
 
 def peak_flops(device_name):
     """The bf16 peak of a GPU by name, or None if unknown (then MFU is not reported)."""
-    for key, flops in PEAK_FLOPS.items():
-        if key in device_name:
-            return 756e12 if key == "H100" and "PCIe" in device_name else flops
-    return None
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in device_name), None)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
