@@ -79,7 +79,7 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
                 model, _ = load_model(init_from=base, dropout=dropout)
             if lora.has_lora(model):  # the base is itself a LoRA run: fold its adapters in first
                 lora.merge_lora(model)
-            block_size = ckpt["model_args"]["block_size"]
+            block_size = ckpt.get("model_args", {}).get("block_size", model.config.block_size)
             if block_size < model.config.block_size:  # the run cropped GPT-2's context
                 model.crop_block_size(block_size)
             lora.load_lora(model, ckpt["lora"])
