@@ -233,3 +233,138 @@ class DataLoader:
         rows = np.stack([self._tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)
         buf = torch.from_numpy(rows)
         return buf[:, :-1], buf[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# instruction (SFT) datasets
+#
+# The same token files, the examples back to back: prompt, response, <|endoftext|>. Beside
+# each split's token file, SPLIT_index.npy holds one row per example, (start, prompt_len,
+# length): where the example begins in SPLIT.bin, how many of its tokens are prompt, and how
+# many it has in all (the rest, after the prompt, is the response with its <|endoftext|>).
+# meta.json adds "format": "sft" and the template's name. prepare_alpaca.py writes them.
+
+
+def write_sft(data_dir, split, examples):
+    """Write one split of an instruction dataset: SPLIT.bin and SPLIT_index.npy.
+    examples: a list of (prompt_ids, response_ids), each response ending with <|endoftext|>."""
+    prompt_lens = np.array([len(p) for p, _ in examples], dtype=np.int64)
+    lengths = np.array([len(p) + len(r) for p, r in examples], dtype=np.int64)
+    if (prompt_lens < 1).any() or (lengths <= prompt_lens).any():
+        raise DataError(f"{split}: every example needs a prompt and a response of at least one token")
+    starts = np.cumsum(lengths) - lengths  # each example begins where the one before ended
+    index = np.stack([starts, prompt_lens, lengths], axis=1)  # (n, 3)
+    write_tokens(os.path.join(data_dir, f"{split}.bin"), [t for p, r in examples for t in (*p, *r)])
+    path = os.path.join(data_dir, f"{split}_index.npy")
+    with open(path + ".tmp", "wb") as f:  # atomic, like write_tokens
+        np.save(f, index, allow_pickle=False)
+    os.replace(path + ".tmp", path)
+
+
+def read_sft(data_dir, split):
+    """Return (tokens, index) of one split: the uint16 memmap of SPLIT.bin and the (n, 3) int64
+    array of (start, prompt_len, length), checked against each other."""
+    path = os.path.join(data_dir, f"{split}_index.npy")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: an instruction dataset needs it; re-run prepare_alpaca.py")
+    tokens = read_tokens(os.path.join(data_dir, f"{split}.bin"))
+    try:
+        index = np.load(path, allow_pickle=False)  # plain numbers only: loading runs no code
+    except ValueError as e:
+        raise DataError(f"{path} could not be read ({e}); re-run prepare_alpaca.py") from None
+    if index.ndim != 2 or index.shape[1] != 3 or index.shape[0] == 0 or index.dtype.kind not in "iu":
+        raise DataError(f"{path}: expected a non-empty (n, 3) integer array, got {index.shape} {index.dtype}")
+    index = index.astype(np.int64)
+    start, prompt_len, length = index.T
+    bad = (start < 0) | (prompt_len < 1) | (length <= prompt_len) | (start + length > len(tokens))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: example {i} {tuple(index[i])} does not fit {split}.bin ({len(tokens):,} tokens); "
+                        "the two files come from different runs: re-run prepare_alpaca.py")
+    return tokens, index
+
+
+class SFTLoader:
+    """Batches of whole instruction examples: (x, y), each (B, L) int64, L = the longest
+    example of the batch minus one (at most block_size: "dynamic padding").
+
+    Row i is one example: x its tokens but the last, y its tokens but the first (the next
+    token at every position), both padded on the right up to L. y is -1 on the prompt and on
+    the padding, so the loss falls on the response and its <|endoftext|> only. Padding cannot
+    change the real tokens' outputs: attention is causal, so no token sees the padding after
+    it, and each row holds one example, so no example attends to another. Examples are never
+    cut; an example longer than block_size + 1 tokens is an error here (prepare_alpaca.py
+    drops them with --max_len).
+
+    The order of the examples is a seeded permutation, a new one each epoch (shuffle=False:
+    file order, for validation). An optimizer step takes the next B * world_size * grad_accum
+    examples of the order, dealt the way DataLoader deals rows: micro-step m of rank r gets
+    examples [(m * world_size + r) * B, ... + B), so 2 ranks x 1 micro-step see exactly what
+    1 rank x 2 micro-steps see. The last examples of an epoch too few for a whole step are
+    skipped in that epoch (others, after the reshuffle, in the next). `epoch` is the number of
+    the pass in progress, from 0; the whole position is three integers (state_dict), so a
+    resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
+                 shuffle=True, grad_accum=1):
+        self.tokens, self.index = read_sft(data_dir, split)
+        self.B, self.T = batch_size, block_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.seed, self.shuffle = seed, shuffle
+        too_long = int((self.index[:, 2] - 1 > block_size).sum())
+        if too_long:
+            raise DataError(f"{data_dir}: {too_long} {split} examples are longer than block_size+1 = {block_size + 1} "
+                            f"tokens (the longest has {self.index[:, 2].max()}); re-run prepare_alpaca.py with "
+                            f"--max_len={block_size}, or raise block_size")
+        need = self.B * self.world_size * self.grad_accum
+        if len(self.index) < need:
+            raise DataError(f"{data_dir}: {len(self.index)} {split} examples, fewer than one step needs ({need} = "
+                            "batch_size*world_size*grad_accum); use a smaller batch_size or total_batch_size")
+        self.reset()
+
+    def reset(self):
+        self.epoch, self.pos, self.micro = 0, 0, 0
+        self._order = None  # the permutation of the current epoch, computed when first needed
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos, "micro": self.micro}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self.micro = state["epoch"], state["pos"], state["micro"]
+        self._order = None
+
+    def _batch(self):
+        """(x, y, n): the next micro-batch of this rank and its real (non-padding) tokens."""
+        step_rows = self.B * self.world_size * self.grad_accum
+        if self.micro == 0 and self.pos + step_rows > len(self.index):
+            self.epoch, self.pos, self._order = self.epoch + 1, 0, None  # the next epoch
+        if self._order is None:
+            n = len(self.index)
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
+        first = self.pos + self.rank * self.B
+        rows = self.index[self._order[first:first + self.B]]  # (B, 3): start, prompt_len, length
+        self.pos += self.B * self.world_size
+        self.micro = (self.micro + 1) % self.grad_accum
+        L = int(rows[:, 2].max()) - 1
+        x = torch.zeros(self.B, L, dtype=torch.long)  # padding: token 0, seen by nothing, never a target
+        y = torch.full((self.B, L), -1, dtype=torch.long)
+        for i, (start, p, n) in enumerate(rows.tolist()):
+            tok = torch.from_numpy(self.tokens[start:start + n].astype(np.int64))  # (n,)
+            x[i, :n - 1] = tok[:-1]
+            y[i, p - 1:n - 1] = tok[p:]  # position j predicts token j+1: the first target is the response's first token
+        return x, y, int(rows[:, 2].sum()) - self.B
+
+    def next_batch(self):
+        """Return (x, y): (B, L) int64 CPU tensors, L <= block_size."""
+        x, y, _ = self._batch()
+        return x, y
+
+    def next_step(self):
+        """This rank's grad_accum micro-batches of the next optimizer step, and the real tokens
+        in them: ([(x, y), ...], n_tokens). Knowing all of a step's targets before the first
+        forward lets train.py average the loss over the whole step's response tokens."""
+        assert self.micro == 0, "next_step() must start at a step boundary"
+        batches = [self._batch() for _ in range(self.grad_accum)]
+        return [(x, y) for x, y, _ in batches], sum(n for _, _, n in batches)

@@ -1,0 +1,196 @@
+"""
+Prepare an instruction data set for supervised fine-tuning (SFT): Stanford Alpaca's 52K
+examples, or your own.
+
+    python prepare_alpaca.py                        # download alpaca_data.json -> data/alpaca/
+    python prepare_alpaca.py --input=mine.jsonl --out_dir=data/mine    # your own examples
+
+An example is a record {"instruction": ..., "input": ..., "output": ...} ("input" may be empty
+or missing); --input takes a JSON list of them or a JSONL file, one a line. Each is rendered
+with the Alpaca prompt template (render_prompt) and becomes
+
+    prompt tokens  |  response tokens  <|endoftext|>
+    (no loss)      |  (the loss is here)
+
+The <|endoftext|> teaches the model to stop: sample.py --instruct ends the answer there.
+The prompt and the response are tokenized separately (GPT-2 BPE), so the boundary between them
+is a token boundary, and a prompt is tokenized exactly as sample.py tokenizes a question.
+
+A seeded random --val_fraction of the examples is val, the rest train. Written to --out_dir:
+train.bin and val.bin (token files, the examples back to back), train_index.npy and
+val_index.npy ((start, prompt_len, length) per example) and meta.json (format "sft",
+template "alpaca"); see dataloader.py. train.py recognises the format and batches whole
+examples, with the loss on the responses only.
+
+Examples longer than --max_len + 1 tokens are DROPPED, not truncated: cutting the prompt would
+cut the template or the question the response answers, cutting the response would teach the
+model to stop mid-sentence without its <|endoftext|>. Set --max_len to the block_size you will
+train with (an example's last token, the <|endoftext|>, is only a target, hence the + 1).
+"""
+
+import json
+import os
+
+import numpy as np
+import requests
+from tqdm import tqdm
+
+from configurator import configure, die
+from dataloader import EOT, DataError, get_gpt2_encoding, write_meta, write_sft
+
+DEFAULTS = dict(
+    input="",  # a local JSON list or JSONL of {"instruction", "input", "output"}; empty = download Alpaca
+    out_dir="data/alpaca",  # where the token files, indexes and meta.json go
+    url="https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",  # Alpaca's 52K
+    val_fraction=0.05,  # this share of the examples, drawn at random, is the val split
+    max_len=512,  # the block_size you will train with: longer examples are dropped (see above)
+    seed=1337,  # the train/val split is drawn with this seed
+)
+
+# The Alpaca prompt template, word for word as in the stanford_alpaca repository (train.py's
+# PROMPT_DICT): one form for examples with an input, one for those without. Both end at
+# "### Response:"; we add a newline after it, as the Alpaca README lays it out (and alpaca-lora
+# and torchtune render it): LLaMA's tokenizer starts the response with a space of its own,
+# GPT-2's BPE would glue the first word to the colon.
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def render_prompt(instruction, input=""):
+    """The prompt the model sees before its response: the template with or without input."""
+    if input:
+        return PROMPT_INPUT.format(instruction=instruction, input=input) + "\n"
+    return PROMPT_NO_INPUT.format(instruction=instruction) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# reading the records
+
+
+def load_records(path):
+    """A JSON list or a JSONL file -> [(instruction, input, output), ...]. A bad record is an
+    error naming its line (JSONL) or index (JSON list) and what is wrong with it."""
+    if not os.path.isfile(path):
+        die(f"--input file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one JSON list
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            die(f"{path}: not valid JSON at line {e.lineno}: {e.msg}")
+        where = [f"{path}: record {i} (counting from 0)" for i in range(len(items))]
+    else:  # JSONL: one record a line, blank lines skipped
+        items, where = [], []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                die(f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one record a line")
+            where.append(f"{path}: line {lineno}")
+    records = []
+    for item, loc in zip(items, where):
+        if not isinstance(item, dict):
+            die(f"{loc}: expected an object with instruction, input and output, got {type(item).__name__}")
+        instruction, inp, output = item.get("instruction"), item.get("input", ""), item.get("output")
+        if not isinstance(instruction, str) or not instruction.strip():
+            die(f"{loc}: 'instruction' is missing or not a non-empty string")
+        if not isinstance(inp, str):
+            die(f"{loc}: 'input' must be a string (or left out), got {type(inp).__name__}")
+        if not isinstance(output, str):
+            die(f"{loc}: 'output' is missing or not a string")
+        records.append((instruction, inp, output))
+    if not records:
+        die(f"{path} holds no records")
+    return records
+
+
+def download(url):
+    """Alpaca's alpaca_data.json, fetched once into data/ and read from there afterwards."""
+    cache = os.path.join("data", "alpaca_data.json")
+    if not os.path.isfile(cache):
+        print(f"downloading {url}")
+        try:
+            r = requests.get(url, timeout=60)
+            r.raise_for_status()
+        except requests.RequestException as e:
+            die(f"download failed ({type(e).__name__}); give a local copy with --input=PATH")
+        os.makedirs("data", exist_ok=True)
+        with open(cache + ".tmp", "wb") as f:  # a temp name: an interrupted download is never "cached"
+            f.write(r.content)
+        os.replace(cache + ".tmp", cache)
+    return cache
+
+
+# -----------------------------------------------------------------------------
+
+
+def prepare(cfg):
+    if not 0 < cfg["val_fraction"] < 1:
+        die(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+    records = load_records(cfg["input"] or download(cfg["url"]))
+    enc = get_gpt2_encoding()
+
+    # a seeded split of the records (not of the tokens): whole examples go to train or val
+    n_val = max(1, round(len(records) * cfg["val_fraction"]))
+    if len(records) - n_val < 1:
+        die(f"{len(records)} examples are too few to split into train and val; give more")
+    order = np.random.default_rng(cfg["seed"]).permutation(len(records))
+    splits = {"train": order[n_val:], "val": order[:n_val]}
+
+    out_dir, max_len = cfg["out_dir"], cfg["max_len"]
+    stats = {}
+    for split, ids in splits.items():
+        examples, dropped = [], 0
+        for i in tqdm(sorted(ids.tolist()), desc=split, unit="ex"):  # file order within a split
+            instruction, inp, output = records[i]
+            # encode_ordinary: a literal "<|endoftext|>" in the data stays text, not the marker
+            prompt = enc.encode_ordinary(render_prompt(instruction, inp))
+            response = enc.encode_ordinary(output) + [EOT]
+            if len(prompt) + len(response) > max_len + 1:
+                dropped += 1
+                continue
+            examples.append((prompt, response))
+        if not examples:
+            die(f"every {split} example is longer than --max_len={max_len} tokens; raise it")
+        write_sft(out_dir, split, examples)
+        stats[split] = (examples, dropped)
+    write_meta(out_dir, {"tokenizer": "gpt2", "format": "sft", "template": "alpaca"})
+
+    for split, (examples, dropped) in stats.items():
+        n_prompt = sum(len(p) for p, _ in examples)
+        n_response = sum(len(r) for _, r in examples)
+        longest = max(len(p) + len(r) for p, r in examples)
+        print(f"{split}: {len(examples):,} examples, {n_prompt + n_response:,} tokens ({n_prompt:,} prompt, "
+              f"{n_response:,} response incl. <|endoftext|>), mean {(n_prompt + n_response) / len(examples):.0f} "
+              f"and longest {longest} tokens; {dropped:,} longer than max_len+1 = {max_len + 1} dropped")
+    all_dropped = sum(d for _, d in stats.values())
+    if all_dropped > 0.05 * len(records):
+        print(f"note: {all_dropped / len(records):.0%} of the examples were dropped; a larger --max_len "
+              "(and block_size) keeps them")
+    prompt, response = stats["train"][0][0]
+    print(f"the first train example, as the model sees it:\n{enc.decode(prompt)}{enc.decode(response)}")
+    print(f"-> {out_dir}/")
+    return out_dir
+
+
+def main():
+    cfg = configure(DEFAULTS)
+    try:
+        prepare(cfg)
+    except DataError as e:
+        die(str(e))
+
+
+if __name__ == "__main__":
+    main()
