@@ -305,7 +305,11 @@ def test_end_to_end_learns_an_instruction_task(tmp_path):
     from checkpoint import load_model
     from dataloader import get_gpt2_encoding
     # "repeat this letter", asked by different people: every letter and every name is seen in
-    # training, 48 of the 208 (name, letter) pairs only at test time
+    # training, 48 of the 208 (name, letter) pairs only at test time. Copying needs attention from
+    # the answer back over the template to the letter, which a 1-layer model from scratch finds
+    # after ~150-200 steps (held-out accuracy 0.02 at step 50, 0.19 at 150, 0.98 at 200, 1.0 at
+    # 300). Most of the time goes into the 50K-way lm_head at every position, prompts included:
+    # this is the slowest test of the file (~1-2 min on 2 busy cores).
     pairs = [(n, c) for c in LETTERS for n in NAMES]
     np.random.default_rng(0).shuffle(pairs)
     train_pairs, test_pairs = pairs[:160], pairs[160:]
@@ -325,7 +329,7 @@ def test_end_to_end_learns_an_instruction_task(tmp_path):
     assert meta["format"] == "sft"
     untrained = GPT(GPTConfig(**vars(trained.config)))
     acc, acc0 = held_out_accuracy(trained, test, enc), held_out_accuracy(untrained, test, enc)
-    assert acc >= 0.6 and acc0 <= 0.05, (acc, acc0)  # 1.0 and 0.0 here; guessing a letter: 0.04
+    assert acc >= 0.6 and acc0 <= 0.05, (acc, acc0)  # 0.94 and 0.0 here; guessing a letter: 0.04
 
     # sample.py: instruct mode by itself for an SFT run; prints the answer alone, and stops there
     n, c = next(pair for pair in test_pairs if held_out_accuracy(trained, [task(*pair)], enc) == 1)
