@@ -5,20 +5,22 @@ Generate text from a trained model, printing it as it comes.
     python sample.py --out_dir=out-shakespeare-char --num_samples=3 --max_new_tokens=500
     python sample.py --init_from=gpt2 --start "The meaning of life is" --top_p=0.9
     python sample.py --start=FILE:prompt.txt               # the prompt from a file
+    python sample.py --out_dir=out-alpaca --start "Name three primary colors."   # ask an SFT run
 
 A LoRA run's out_dir works as any other: its base is loaded and the adapter applied.
+--instruct wraps --start in the Alpaca template as the instruction (prepare_alpaca.py), prints
+only the response and ends it at <|endoftext|>; it is on by itself for a run fine-tuned on an
+instruction (SFT) dataset (--instruct=False to give the raw prompt).
 """
 
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from checkpoint import load_model, newest_checkpoint
-from configurator import configure, die, print_config
+from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
 from dataloader import DataError, get_tokenizer
-from train import resolve_device, resolve_dtype
 
 DEFAULTS = dict(
     out_dir="",  # a training run's folder; empty = the newest out*/ckpt.pt here
@@ -29,7 +31,7 @@ DEFAULTS = dict(
     temperature=0.8,  # < 1 sharper, > 1 more random, 0 = always the likeliest token
     top_k=200,  # sample only among the k likeliest tokens (0 = no limit)
     top_p=1.0,  # nucleus sampling: the smallest set of tokens with this much probability (1 = off)
-    instruct=False,  # wrap --start in the Alpaca prompt template (for instruction-tuned runs)
+    instruct=None,  # True: --start is an instruction, wrapped in the Alpaca template; None = True for SFT runs
     seed=1337,
     device="auto",  # auto | cpu | cuda | cuda:N | mps
     dtype="auto",  # auto | float32 | bfloat16 | float16
@@ -64,7 +66,12 @@ def main():
                 die(f"prompt file {path} not found")
             with open(path, encoding="utf-8") as f:
                 start = f.read()
-        if cfg["instruct"]:
+        instruct = cfg["instruct"]
+        if instruct not in (None, True, False):
+            die(f"--instruct must be True or False (or left out), got {instruct!r}")
+        if instruct is None:  # on when the checkpoint was fine-tuned on an instruction dataset
+            instruct = meta.get("format") == "sft"
+        if instruct:
             import prepare_alpaca
             start = prepare_alpaca.render_prompt(start, "")
         start_ids = encode(start)
@@ -80,7 +87,7 @@ def main():
     if cfg["compile"]:
         model = torch.compile(model)
     torch.manual_seed(cfg["seed"])
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    autocast = autocast_context(device_type, ptdtype)
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
     eot = 50256 if meta["tokenizer"] == "gpt2" else None
 
@@ -91,6 +98,8 @@ def main():
 
         def on_token(tok):
             nonlocal printed
+            if tok.item() == eot:  # the end marker: not text
+                return
             new_ids.append(tok.item())
             text = decode(new_ids)
             if not text.endswith("\ufffd"):  # wait while a character is incomplete
@@ -98,7 +107,8 @@ def main():
                 sys.stdout.flush()
                 printed = len(text)
 
-        sys.stdout.write(start)
+        if not instruct:  # an answer is printed alone, a continuation after its prompt
+            sys.stdout.write(start)
         with autocast:
             # stop at <|endoftext|> for BPE models: what follows would be a new, unrelated document
             model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"] or None,

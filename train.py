@@ -15,6 +15,13 @@ What one optimizer step does:
 Around it: validation every eval_interval steps, HellaSwag every hellaswag_interval, a checkpoint
 every checkpoint_interval and at the end, one line of log per log_interval.
 
+Instruction fine-tuning (an SFT dataset, made by prepare_alpaca.py; its meta.json says
+"format": "sft"): the batches are whole examples, one a row, padded to the longest of the
+micro-batch (dataloader.SFTLoader), so batch_size and total_batch_size count EXAMPLES there,
+not tokens. The loss is on the response tokens only, averaged over all of them in the whole
+optimizer step (every micro-step, every rank), so accumulation and DDP give the gradient of
+one big batch; tok/s counts the real tokens, not the padding.
+
 Exact resume: the checkpoint holds the model, the optimizer, the step, the data loader's
 position and every rank's RNG state, so `--init_from=resume` continues as if never stopped.
 Ctrl-C or SIGTERM finishes the current step, saves and exits 0 (twice: exits at once).
@@ -33,8 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
 from checkpoint import clean_state_dict, load_checkpoint, load_model, save_checkpoint
-from configurator import configure, die, print_config
-from dataloader import DataError, DataLoader, read_meta
+from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
+from dataloader import DataError, DataLoader, SFTLoader, read_meta
 from model import GPT, GPTConfig, peak_flops
 
 # -----------------------------------------------------------------------------
@@ -56,9 +63,10 @@ DEFAULTS = dict(
     wandb_project="gpt2",
     wandb_run_name="run",
     # data
-    batch_size=12,  # micro-batch: sequences per forward/backward on each rank
+    batch_size=12,  # micro-batch: sequences per forward/backward on each rank (SFT: examples)
     block_size=1024,  # tokens per sequence
     total_batch_size=0,  # tokens per optimizer step over all ranks; 0 = batch_size * block_size * ranks
+    # (SFT data: examples per optimizer step; 0 = batch_size * ranks)
     # model (ignored when the weights come from a checkpoint or GPT-2)
     n_layer=12,
     n_head=12,
@@ -105,34 +113,6 @@ def get_lr(step, cfg):
     progress = (step - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])  # 0 -> 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
-
-
-def resolve_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device={name} but CUDA is not available here; use --device=cpu (or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        die("--device=mps but MPS is not available here; use --device=cpu (or auto)")
-    if name != "cpu" and name != "mps" and not name.startswith("cuda"):
-        die(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
-    return name
-
-
-def resolve_dtype(name, device_type):
-    """auto: bf16 on GPUs that have it, else fp16 (with a GradScaler); fp32 on CPU and MPS."""
-    if name == "auto":
-        if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in choices:
-        die(f"unknown --dtype={name}; choose auto, float32, bfloat16 or float16")
-    return choices[name]
 
 
 def rng_state():
@@ -198,23 +178,42 @@ def main():
     # TF32 for fp32 matmuls on Ampere and newer: 10-bit mantissa inputs, fp32 accumulation
     torch.set_float32_matmul_precision("high")
 
+    try:
+        meta = read_meta(os.path.join("data", cfg["dataset"]))
+    except DataError as e:
+        die(str(e))
+    sft = meta.get("format") == "sft"  # an instruction dataset: whole examples, loss on responses
+
     # --- batch arithmetic ------------------------------------------------------------
     B, T = cfg["batch_size"], cfg["block_size"]
-    tokens_per_micro = B * T * world_size
-    total = cfg["total_batch_size"] or tokens_per_micro
-    if total % tokens_per_micro != 0:
-        die(f"total_batch_size={total:,} is not a multiple of batch_size*block_size*ranks = "
-            f"{B}*{T}*{world_size} = {tokens_per_micro:,}; change one of them")
-    grad_accum = total // tokens_per_micro
+    if sft:  # examples differ in length: here the batch sizes count examples, not tokens
+        per_micro = B * world_size
+        total = cfg["total_batch_size"] or per_micro
+        if total % per_micro != 0:
+            die(f"total_batch_size={total:,} (examples, for this SFT dataset) is not a multiple of "
+                f"batch_size*ranks = {B}*{world_size} = {per_micro:,}; change one of them")
+        grad_accum = total // per_micro
+    else:
+        tokens_per_micro = B * T * world_size
+        total = cfg["total_batch_size"] or tokens_per_micro
+        if total % tokens_per_micro != 0:
+            die(f"total_batch_size={total:,} is not a multiple of batch_size*block_size*ranks = "
+                f"{B}*{T}*{world_size} = {tokens_per_micro:,}; change one of them")
+        grad_accum = total // tokens_per_micro
 
     if master:
         print("config:")
         print_config(cfg)
-        print(f"device {device}, dtype {str(ptdtype).replace('torch.', '')}, {world_size} rank(s), "
-              f"{total:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum} accumulation steps")
+        if sft:
+            print(f"device {device}, dtype {str(ptdtype).replace('torch.', '')}, {world_size} rank(s), "
+                  f"{total:,} examples per step = {B} x {world_size} ranks x {grad_accum} accumulation steps, "
+                  f"each micro-batch padded to its longest example (at most {T} tokens)")
+        else:
+            print(f"device {device}, dtype {str(ptdtype).replace('torch.', '')}, {world_size} rank(s), "
+                  f"{total:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum} accumulation steps")
 
     try:
-        run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype, grad_accum, say)
+        run(cfg, meta, rank, local_rank, world_size, master, device, device_type, ptdtype, grad_accum, say)
     except DataError as e:  # expected failures (bad data, missing checkpoint, NaN loss): one line
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -264,18 +263,19 @@ def build_model(cfg, meta, device, say):
         if init_from == "scratch":
             raise DataError("LoRA adapts a trained model: set init_from to gpt2* or another run's out_dir")
         lora.apply_lora(model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
-                        targets=cfg["lora_targets"])
+                        targets=cfg["lora_targets"], verbose=say is print)
     return model.to(device), base, ckpt
 
 
-def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype, grad_accum, say):
+def run(cfg, meta, rank, local_rank, world_size, master, device, device_type, ptdtype, grad_accum, say):
     ddp = world_size > 1 or dist.is_initialized()
     data_dir = os.path.join("data", cfg["dataset"])
-    meta = read_meta(data_dir)
+    sft = meta.get("format") == "sft"
     B, T = cfg["batch_size"], cfg["block_size"]
-    train_loader = DataLoader(data_dir, "train", B, T, rank, world_size, seed=cfg["seed"], shuffle=True,
-                              grad_accum=grad_accum)
-    val_loader = DataLoader(data_dir, "val", B, T, rank, world_size, shuffle=False)
+    Loader = SFTLoader if sft else DataLoader  # SFTLoader: whole examples, targets -1 but on responses
+    train_loader = Loader(data_dir, "train", B, T, rank, world_size, seed=cfg["seed"], shuffle=True,
+                          grad_accum=grad_accum)
+    val_loader = Loader(data_dir, "val", B, T, rank, world_size, shuffle=False)
 
     # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's)
     torch.manual_seed(cfg["seed"])
@@ -309,7 +309,7 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    autocast = autocast_context(device_type, ptdtype)
 
     hella_examples = None
     if cfg["hellaswag_interval"] > 0:
@@ -342,19 +342,31 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
             wandb.log(values, step=step)
 
     def evaluate():
-        """Mean validation loss over eval_iters batches per rank, averaged across ranks.
-        The val loader restarts each time, so every evaluation sees the same tokens."""
+        """Mean validation loss over eval_iters batches per rank, averaged across ranks (SFT:
+        over every response token of them). The val loader restarts each time, so every
+        evaluation sees the same tokens."""
         model.eval()
         val_loader.reset()
         total_loss = torch.zeros((), device=device)
+        n_targets = torch.zeros((), device=device)  # SFT: response tokens seen
         with torch.no_grad():
             for _ in range(cfg["eval_iters"]):
                 x, y = val_loader.next_batch()
                 x, y = x.to(device), y.to(device)
                 with autocast:
                     _, loss = model(x, y)
-                total_loss += loss.float()
+                if sft:  # the mean over every response token, not over batches of unequal counts
+                    n = (y != -1).sum()
+                    total_loss += loss.float() * n
+                    n_targets += n
+                else:
+                    total_loss += loss.float()
         model.train()
+        if sft:
+            if ddp:
+                dist.all_reduce(total_loss)  # sums over ranks
+                dist.all_reduce(n_targets)
+            return (total_loss / n_targets).item()
         mean = total_loss / cfg["eval_iters"]
         if ddp:
             dist.all_reduce(mean, op=dist.ReduceOp.AVG)
@@ -400,6 +412,7 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
     val_loss = ckpt.get("val_loss") if ckpt else None
     t_last, steps_since_log, run_start = time.time(), 0, time.time()
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
+    real_tokens = torch.zeros((), device=device)  # SFT: non-padding tokens trained on since the last log
 
     while True:
         last = step >= max_iters
@@ -429,8 +442,20 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_accum = torch.zeros((), device=device)
+        if sft:
+            # count the response tokens of the whole step (every micro-step, every rank) before
+            # the first forward, so that the step's loss is the mean over all of them however the
+            # step is split (a mean of the micro-batches' means would weigh a token more in a
+            # micro-batch of short responses)
+            batches, n_real = train_loader.next_step()
+            n_micro = [int((y != -1).sum()) for _, y in batches]  # response tokens per micro-batch
+            counts = torch.tensor([sum(n_micro), n_real], dtype=torch.float32, device=device)
+            if ddp:
+                dist.all_reduce(counts)  # sums over ranks
+            n_targets = counts[0]
+            real_tokens += counts[1]
         for micro in range(grad_accum):
-            x, y = train_loader.next_batch()
+            x, y = batches[micro] if sft else train_loader.next_batch()
             if pin:
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -438,8 +463,14 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
             sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
             with sync:
                 with autocast:
-                    _, loss = model(x, y)
-                    loss = loss / grad_accum  # the sum over micro-steps is then the batch mean
+                    _, loss = model(x, y)  # SFT: the mean over this micro-batch's response tokens
+                    if sft:
+                        # weighted by the micro-batch's share of the step's response tokens, the
+                        # sum over micro-steps and ranks is the mean over all of them; x world_size
+                        # because DDP averages the ranks' gradients instead of adding them
+                        loss = loss * (n_micro[micro] / n_targets * world_size)
+                    else:
+                        loss = loss / grad_accum  # the sum over micro-steps is then the batch mean
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -464,17 +495,25 @@ def run(cfg, rank, local_rank, world_size, master, device, device_type, ptdtype,
                 raise_nonfinite(cfg, step - 1)
             t_now = time.time()
             dt = (t_now - t_last) / steps_since_log
+            step_tokens = tokens_per_step
+            if sft:  # the real tokens of these steps, all ranks: padding is not counted
+                step_tokens = real_tokens.item() / steps_since_log
+                real_tokens.zero_()
             t_last, steps_since_log = t_now, 0
-            tok_per_s = tokens_per_step / dt
+            tok_per_s = step_tokens / dt
             values = dict(train=loss_val, lr=lr, norm=norm.item(), dt_ms=dt * 1000, tok_per_s=tok_per_s)
             mfu_text = ""
             if peak is not None:
-                values["mfu"] = raw_model.estimate_mfu(tokens_per_step, dt, peak, seq_len=T)
+                values["mfu"] = raw_model.estimate_mfu(step_tokens, dt, peak, seq_len=T)
                 mfu_text = f" | mfu {values['mfu'] * 100:.1f}%"
+            epoch_text = ""
+            if sft:  # the pass over the training examples this step was in, from 0
+                values["epoch"] = train_loader.epoch
+                epoch_text = f" | epoch {train_loader.epoch}"
             log(step - 1, **values)
             left = (max_iters - step) * (t_now - run_start) / max(1, step - start_step)
             say(f"step {step - 1:5d}/{max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | norm {values['norm']:.4f} | "
-                f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s{mfu_text} | {format_time(left)} left", flush=True)
+                f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s{mfu_text}{epoch_text} | {format_time(left)} left", flush=True)
         if stopping:
             save(step, val_loss)
             say(f"stopped at step {step}; continue with --init_from=resume")
