@@ -165,13 +165,15 @@ def ending_losses(model, examples, device, autocast_ctx=nullcontext()):
         idx[r, :len(x)] = torch.tensor(x)
         targets[r, first:len(y)] = torch.tensor(y[first:])
     idx, targets = idx.to(device), targets.to(device)
+    scored = targets != -1  # (4n, T): the endings' tokens, about a third of the positions
+    gpt = _raw(model)
     with torch.no_grad(), autocast_ctx:
-        logits = model(idx)[0]  # (4n, T, V)
-    # the loss of the scored positions only: their logits go to fp32 for an exact log-softmax,
-    # the (many more) context and padding positions never get copied
-    scored = targets != -1  # (4n, T)
+        h = gpt.hidden_states(idx)  # (4n, T, C)
+        # lm_head on the scored positions only: the context and padding positions would cost
+        # as much and be thrown away (on a CPU this made the whole evaluation ~2x faster)
+        logits = gpt.lm_head(h[scored])  # (n_scored, V)
     losses = torch.zeros(targets.shape, device=logits.device)  # (4n, T) fp32
-    losses[scored] = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+    losses[scored] = F.cross_entropy(logits.float(), targets[scored], reduction="none")
     sum_loss = losses.sum(dim=1).view(-1, 4).cpu()  # (n, 4)
     n_tokens = scored.sum(dim=1).view(-1, 4).float().cpu()  # (n, 4)
     return sum_loss, n_tokens
@@ -267,8 +269,10 @@ def main():
         except KeyError as e:  # a torch file, but not one of our checkpoints
             die(f"{cfg['out_dir']}/ckpt.pt has no {e} entry: not a checkpoint of this project")
         source = cfg["out_dir"] or cfg["init_from"]
-        if cfg["compile"]:
+        if cfg["compile"] and cfg["val_dataset"]:
             model = torch.compile(model)
+        elif cfg["compile"]:  # HellaSwag runs the model up to lm_head (see ending_losses): compile that
+            model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
 
         if cfg["val_dataset"]:
             data_dir = os.path.join("data", cfg["val_dataset"])

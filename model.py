@@ -212,12 +212,11 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=0):
-        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
-
-        targets (B, T): the next token at every position; -1 marks a position to ignore
-        (padding, or a prompt in instruction tuning). kv_cache / pos: see generate().
-        """
+    def hidden_states(self, idx, kv_cache=None, pos=0):
+        """idx (B, T) token ids -> the final hidden states (B, T, C): the whole model but lm_head.
+        A caller that wants the logits of a few positions only applies lm_head to those
+        (hellaswag.py: the context and padding positions are never scored, and lm_head is
+        the largest matmul of a small model)."""
         B, T = idx.size()
         assert pos + T <= self.config.block_size, f"cannot run {pos + T} positions, block_size is {self.config.block_size}"
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -230,8 +229,15 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, None if kv_cache is None else kv_cache[i], pos)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        targets (B, T): the next token at every position; -1 marks a position to ignore
+        (padding, or a prompt in instruction tuning). kv_cache / pos: see generate().
+        """
+        logits = self.lm_head(self.hidden_states(idx, kv_cache, pos))  # (B, T, V)
         loss = None
         if targets is not None:
             # cross_entropy upcasts bf16 logits to fp32 under autocast
