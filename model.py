@@ -273,18 +273,20 @@ class GPT(nn.Module):
             cache, cached = None, 0  # cached: how many tokens of idx the cache holds
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1): rows that stopped
             for _ in range(max_new_tokens):
+                # hidden states, not logits: only the last position predicts, so lm_head (the
+                # largest matmul of a small model) runs on that one position
                 if not use_cache:
-                    logits, _ = self(idx[:, -block_size:])
+                    h = self.hidden_states(idx[:, -block_size:])
                 elif idx.size(1) <= block_size and cache is not None:
-                    logits, _ = self(idx[:, cached:], kv_cache=cache, pos=cached)  # the new token(s) only
+                    h = self.hidden_states(idx[:, cached:], kv_cache=cache, pos=cached)  # the new token(s) only
                     cached = idx.size(1)
                 else:
                     # the first step, or past block_size: (re)fill a fresh cache
                     cache = [{"size": block_size} for _ in self.transformer.h]
                     context = idx[:, -block_size:]
-                    logits, _ = self(context, kv_cache=cache, pos=0)
+                    h = self.hidden_states(context, kv_cache=cache, pos=0)
                     cached = context.size(1)
-                logits = logits[:, -1, :].float()  # (B, V): only the last position predicts
+                logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
                 idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 if stop_token is not None:  # finished rows are padded with stop_token
                     idx_next = idx_next.masked_fill(done, stop_token)
