@@ -9,7 +9,8 @@ numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run
     model_args   the GPTConfig fields, to rebuild the model
     lora         LoRA runs only: the adapter tensors and settings (lora.lora_state_dict)
     base         LoRA runs only: where the frozen base weights come from (init_from of the
-                 run: "gpt2"..., or the out_dir of another run)
+                 run: "gpt2"..., or the absolute path of another run's out_dir or
+                 of a Hugging Face folder, so any working directory finds it)
     optimizer    the optimizer's state dict          scaler  the fp16 GradScaler's, or None
     step         optimizer steps done                config  the run's settings
     meta         the tokenizer (a dataset's meta.json)
@@ -73,6 +74,9 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
             import lora
             # the base: OpenAI's weights by name, or another run's checkpoint
             base = ckpt["base"]
+            if not os.path.exists(base) and (os.path.isabs(base) or os.sep in base):
+                raise DataError(f"{out_dir} is a LoRA run whose base {base} is not there: the adapters "
+                                f"need those weights, so put the base run back at that path")
             if os.path.isfile(os.path.join(base, "ckpt.pt")):
                 model, _ = load_model(out_dir=base, dropout=dropout)
             else:

@@ -202,7 +202,10 @@ class DataLoader:
         n_tok = len(self._tokens)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, self._file_idx])
-            offset = int(rng.integers(0, self.T))  # a new cut of the text each epoch
+            # a new cut of the text each epoch; in a shard barely larger than one step, a smaller
+            # offset, so that the step still fits (else that epoch would find no batch in it)
+            step_rows = self.B * self.world_size * self.grad_accum
+            offset = int(rng.integers(0, max(1, min(self.T, n_tok - step_rows * self.T))))
             n_seq = (n_tok - 1 - offset) // self.T
             self._order = offset + rng.permutation(n_seq) * self.T
         else:

@@ -118,7 +118,7 @@ def _unwrap(model):
     return model
 
 
-def _parse_targets(targets):
+def parse_targets(targets):
     """Target names from "q, v" or ["q", "v"], in the canonical order; unknown ones are an error."""
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     names = [t for t in names if t]
@@ -137,7 +137,7 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=DEFAULT_TARGETS, verbose
     """Add LoRA adapters to the target Linears of every Block, freeze every other parameter,
     and (verbose) print how many are left to train. Returns the model (changed in place)."""
     model = _unwrap(model)
-    names = _parse_targets(targets)
+    names = parse_targets(targets)
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive int, got {rank!r} (lora_rank=0 means no LoRA)")
     if has_lora(model):
@@ -246,13 +246,14 @@ def main():
 
     import lora  # run as a script this file is __main__; checkpoint.py builds adapters from "lora"
     from checkpoint import load_checkpoint, load_model, save_checkpoint
-    from configurator import configure, die
+    from configurator import configure, die, print_config
     from dataloader import DataError
 
     cfg = configure(dict(
         out_dir="",  # the LoRA run to merge
         merged_dir="",  # where to write the merged ckpt.pt
     ))
+    print_config(cfg)
     if not cfg["out_dir"] or not cfg["merged_dir"]:
         die("give both --out_dir=LORA_RUN and --merged_dir=WHERE_TO_WRITE")
     try:

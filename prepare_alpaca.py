@@ -35,7 +35,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from configurator import configure, die
+from configurator import configure, die, print_config
 from dataloader import EOT, DataError, get_gpt2_encoding, write_meta, write_sft
 
 DEFAULTS = dict(
@@ -186,6 +186,7 @@ def prepare(cfg):
 
 def main():
     cfg = configure(DEFAULTS)
+    print_config(cfg)
     try:
         prepare(cfg)
     except DataError as e:

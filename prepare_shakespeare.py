@@ -15,7 +15,7 @@ import os
 
 import requests
 
-from configurator import configure, die
+from configurator import configure, die, print_config
 from dataloader import DataError, get_gpt2_encoding, write_meta, write_tokens
 
 DEFAULTS = dict(
@@ -43,8 +43,9 @@ def get_text(cfg):
         except requests.RequestException as e:
             die(f"download failed ({type(e).__name__}); give a local copy with --input=PATH")
         os.makedirs("data", exist_ok=True)
-        with open(cache, "w", encoding="utf-8") as f:
+        with open(cache + ".tmp", "w", encoding="utf-8") as f:  # renamed when whole: never half a cache
             f.write(r.text)
+        os.replace(cache + ".tmp", cache)
     with open(cache, encoding="utf-8") as f:
         return f.read()
 
@@ -79,6 +80,7 @@ def prepare(cfg):
 
 def main():
     cfg = configure(DEFAULTS)
+    print_config(cfg)
     try:
         prepare(cfg)
     except DataError as e:

@@ -154,8 +154,23 @@ def format_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def check_settings(cfg):
+    """Settings that parse but cannot work: one line now, not a traceback minutes later."""
+    for key in ("batch_size", "block_size", "max_iters", "log_interval", "eval_iters", "n_layer", "n_head"):
+        if cfg[key] < 1:
+            die(f"--{key} must be at least 1, got {cfg[key]}")
+    if cfg["n_embd"] % cfg["n_head"] != 0:
+        die(f"n_embd={cfg['n_embd']} must be a multiple of n_head={cfg['n_head']} (each head gets n_embd / n_head)")
+    if cfg["lora_rank"] > 0:
+        try:
+            lora.parse_targets(cfg["lora_targets"])
+        except ValueError as e:
+            die(str(e))
+
+
 def main():
     cfg = configure(DEFAULTS)
+    check_settings(cfg)
 
     # --- processes and devices ---------------------------------------------------------
     # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` has none
@@ -252,7 +267,9 @@ def build_model(cfg, meta, device, say):
         if init_meta.get("tokenizer") != meta["tokenizer"] or init_meta.get("chars") != meta.get("chars"):
             raise DataError(f"{init_from} was trained with the {init_meta.get('tokenizer')} tokenizer but "
                             f"data/{cfg['dataset']} uses {meta['tokenizer']}; use a dataset of the same tokenizer")
-        base = init_from
+        # a LoRA checkpoint names its base; a folder by its absolute path, so sample.py and
+        # hellaswag.py find it from any working directory
+        base = os.path.abspath(init_from) if os.path.isdir(init_from) else init_from
         if lora.has_lora(model):  # fine-tuning a LoRA run: start from its merged weights
             lora.merge_lora(model)
         if cfg["block_size"] < model.config.block_size:
@@ -482,12 +499,13 @@ def run(cfg, meta, rank, local_rank, world_size, master, device, device_type, pt
         step += 1
         steps_since_log += 1
 
-        # with DDP the ranks agree on stopping at log steps (a signal may reach them a step apart)
-        stopping = stop.requested
-        if step % cfg["log_interval"] == 0 or step == max_iters or (stopping and not ddp):
+        # A signal may reach the ranks a step apart, and saving is collective: under DDP no rank
+        # acts on its own, they agree at the next log step (one all-reduce there).
+        stopping = stop.requested and not ddp
+        if step % cfg["log_interval"] == 0 or step == max_iters or stopping:
             if ddp:  # the loss of the whole global batch, and agreement on stopping
                 dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
-                flag = torch.tensor([float(stopping)], device=device)
+                flag = torch.tensor([float(stop.requested)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
             loss_val = loss_accum.item()  # waits for the GPU: the timing below is real

@@ -104,6 +104,20 @@ def test_too_small_data_is_a_clear_error(tmp_path):
         DataLoader(make_dataset(tmp_path), "train", 64, 64)
 
 
+def test_a_shard_barely_larger_than_a_step_gives_one_step_every_epoch(tmp_path):
+    # 40 tokens, steps of 2 x 16 (+1): the random offset must stay below 8, or an epoch would
+    # find no whole step in the file and be skipped without a word
+    write_tokens(str(tmp_path / "train.bin"), np.arange(40))
+    write_meta(tmp_path, {"tokenizer": "gpt2"})
+    loader = DataLoader(str(tmp_path), "train", 2, 16)
+    epochs = []
+    for _ in range(20):
+        x, y = loader.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1]) and x.max() < 40
+        epochs.append(loader.epoch)
+    assert epochs == list(range(20))
+
+
 def test_char_tokenizer_round_trip_and_unknown_chars():
     encode, decode = get_tokenizer({"tokenizer": "char", "chars": list("\n abc")})
     assert decode(encode("abc cab\n")) == "abc cab\n"

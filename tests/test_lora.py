@@ -290,16 +290,13 @@ def test_lora_run_end_to_end(tmp_path):
 
     ckpt = torch.load(w / "out_lora" / "ckpt.pt", weights_only=True)
     base_ckpt = torch.load(w / "out_base" / "ckpt.pt", weights_only=True)
-    assert "model" not in ckpt and ckpt["base"] == "out_base" and ckpt["lora"]["rank"] == 4
+    # the base by its absolute path, so the run loads from any working directory
+    assert os.path.isabs(ckpt["base"]) and os.path.samefile(ckpt["base"], w / "out_base")
+    assert "model" not in ckpt and ckpt["lora"]["rank"] == 4
     assert os.path.getsize(w / "out_lora" / "ckpt.pt") < os.path.getsize(w / "out_base" / "ckpt.pt") / 3
     # the base weights the LoRA run trained against are the base run's, untouched
     from checkpoint import load_model
-    cwd = os.getcwd()
-    os.chdir(w)  # the checkpoint names its base relative to where it was trained
-    try:
-        model, meta = load_model(out_dir="out_lora")
-    finally:
-        os.chdir(cwd)
+    model, meta = load_model(out_dir=str(w / "out_lora"))  # from this test's cwd, not w
     sd = model.state_dict()
     for k, v in base_ckpt["model"].items():
         assert torch.equal(sd[k], v), k
@@ -336,3 +333,13 @@ def test_merged_checkpoint_is_an_ordinary_run(tmp_path):
         assert torch.allclose(adapted.eval()(x)[0], merged.eval()(x)[0], atol=1e-5)
     p = run_script([os.path.join(ROOT, "lora.py"), "--out_dir=out_base", "--merged_dir=x"], cwd=w, check=False)
     assert p.returncode == 2 and "not a LoRA run" in p.stderr
+    # a bad target is one line before any work, not a traceback after loading the base
+    p = run_script([train_py] + TINY_BPE + ["--out_dir=out_bad", "--init_from=out_base", "--lora_rank=2",
+                                            "--lora_targets=q,query"], cwd=w, check=False)
+    assert p.returncode == 2 and "query" in p.stderr and "Traceback" not in p.stderr
+    assert not (w / "out_bad").exists()
+    # the base moved away: the LoRA run says which path it needs
+    os.rename(w / "out_base", w / "moved")
+    from dataloader import DataError
+    with pytest.raises(DataError, match="base .*out_base is not there"):
+        load_model(out_dir=str(w / "out_lora"))

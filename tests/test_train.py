@@ -136,6 +136,53 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(workdir):
     assert abs(v1[6] - v2[6]) < 1e-5  # the ranks' val losses are averaged
 
 
+def _children(pid):
+    """The PIDs whose parent is pid (from /proc: no psutil needed)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # "pid (name) state ppid ...": the name may hold spaces, so split after ")"
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_sigint_to_one_ddp_rank_stops_all_at_a_log_step(workdir):
+    # a preemption signal may reach one rank only (or the ranks a step apart); saving is
+    # collective, so the ranks must agree on the step to stop at, or the run hangs
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py")] + TINY + ["--max_iters=100000", "--lr_decay_iters=1000",
+                                                     "--out_dir=out_ddp_sig", "--eval_interval=0",
+                                                     "--checkpoint_interval=0", "--log_interval=50"]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log = workdir / "out_ddp_sig" / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(read_log(log, "train")) >= 1):
+        time.sleep(0.2)
+    # the signal lands a few steps after step 49: 49 in 50 times between log steps, where one
+    # rank acting alone would hang the run
+    workers = [k for k in _children(proc.pid) if "train.py" in open(f"/proc/{k}/cmdline").read()]
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGINT)  # one rank only
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in workers:  # torchrun puts its workers in sessions of their own
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the ranks did not agree on stopping: the run hung")
+    assert proc.returncode == 0, out[-3000:]
+    step = torch.load(workdir / "out_ddp_sig" / "ckpt.pt", weights_only=True)["step"]
+    assert step % 50 == 0 and f"stopped at step {step}" in out
+
+
 def test_bad_settings_are_one_line(workdir):
     p = train(workdir, "--max_iters=2", "--total_batch_size=100", check=False)
     assert p.returncode == 2 and "not a multiple" in p.stderr and "Traceback" not in p.stderr
@@ -143,6 +190,11 @@ def test_bad_settings_are_one_line(workdir):
     assert p.returncode == 2 and "data/missing" in p.stderr and "Traceback" not in p.stderr
     p = train(workdir, "--init_from=resume", "--out_dir=nowhere", check=False)
     assert p.returncode == 2 and "no checkpoint" in p.stderr
+    # values that parse but cannot work: refused before any work, not a ZeroDivisionError later
+    p = train(workdir, "--log_interval=0", check=False)
+    assert p.returncode == 2 and "--log_interval must be at least 1" in p.stderr and "Traceback" not in p.stderr
+    p = train(workdir, "--n_embd=100", "--n_head=3", check=False)
+    assert p.returncode == 2 and "multiple of n_head" in p.stderr and "Traceback" not in p.stderr
 
 
 @needs_gpt2_bpe
