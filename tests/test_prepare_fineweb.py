@@ -151,6 +151,36 @@ def test_resume_gives_identical_files(corpus, tmp_path, monkeypatch):
 
 
 @needs_gpt2_bpe
+def test_killed_for_real_then_rerun_gives_identical_files(tmp_path):
+    # SIGKILL (an OOM kill, a lost node): no handler runs, whatever was half-written stays
+    import signal
+    import subprocess
+    import time
+    rng = np.random.default_rng(1)
+    words = np.array("the a model learns to predict next token from web pages about science".split())
+    write_jsonl(tmp_path / "big.jsonl", [" ".join(rng.choice(words, size=1000)) for _ in range(4000)])
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepare_fineweb.py")
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf_cache"), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, script, "--data_files=big.jsonl", "--shard_size=100000", "--num_proc=1"]
+    proc = subprocess.Popen(cmd + ["--out_dir=killed"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    third = tmp_path / "killed" / "fineweb_train_000003.bin"
+    deadline = time.time() + 120
+    while not third.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"  # ~40 shards in all
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = len(shard_files(tmp_path / "killed"))
+    subprocess.run(cmd + ["--out_dir=killed"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run(cmd + ["--out_dir=whole"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    got, want = folder_bytes(tmp_path / "killed"), folder_bytes(tmp_path / "whole")
+    assert left < len(shard_files(tmp_path / "whole")) and got.keys() == want.keys()
+    for name in want:
+        assert got[name] == want[name], name
+
+
+@needs_gpt2_bpe
 def test_parquet_and_txt_give_the_same_tokens(corpus, tmp_path, monkeypatch):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")
