@@ -304,14 +304,22 @@ class SFTLoader:
     examples of the order, dealt the way DataLoader deals rows: micro-step m of rank r gets
     examples [(m * world_size + r) * B, ... + B), so 2 ranks x 1 micro-step see exactly what
     1 rank x 2 micro-steps see. The last examples of an epoch too few for a whole step are
-    skipped in that epoch (others, after the reshuffle, in the next). `epoch` is the number of
+    skipped in that epoch (others, after the reshuffle, in the next).
+
+    group_by_length=True: every micro-batch is padded to its longest example, so a batch of one
+    long and seven short examples is mostly padding. Grouping draws the same random examples,
+    then, in windows of 50 optimizer steps, sorts them by length, cuts the window into steps
+    and shuffles the steps' order: each step holds examples of similar length, and the long
+    steps are not all at the start. Every step is still B * world_size * grad_accum examples
+    dealt as above (DDP = accumulation holds). `epoch` is the number of
     the pass in progress, from 0; the whole position is three integers (state_dict), so a
     resumed run sees exactly the batches an uninterrupted one would.
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
-                 shuffle=True, grad_accum=1):
+                 shuffle=True, grad_accum=1, group_by_length=False):
         self.tokens, self.index = read_sft(data_dir, split)
+        self.group_by_length = group_by_length and shuffle
         self.B, self.T = batch_size, block_size
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.seed, self.shuffle = seed, shuffle
@@ -343,9 +351,7 @@ class SFTLoader:
         if self.micro == 0 and self.pos + step_rows > len(self.index):
             self.epoch, self.pos, self._order = self.epoch + 1, 0, None  # the next epoch
         if self._order is None:
-            n = len(self.index)
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
+            self._order = self._epoch_order(step_rows)
         first = self.pos + self.rank * self.B
         rows = self.index[self._order[first:first + self.B]]  # (B, 3): start, prompt_len, length
         self.pos += self.B * self.world_size
@@ -358,6 +364,27 @@ class SFTLoader:
             x[i, :n - 1] = tok[:-1]
             y[i, p - 1:n - 1] = tok[p:]  # position j predicts token j+1: the first target is the response's first token
         return x, y, int(rows[:, 2].sum()) - self.B
+
+    def _epoch_order(self, step_rows):
+        """The order in which this epoch visits the examples (indices into self.index)."""
+        n = len(self.index)
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        if not self.group_by_length:
+            return order
+        # the examples that fill whole steps are grouped; the rest, a random few, stay at the
+        # end, where the epoch skips them
+        whole = n - n % step_rows
+        window = 50 * step_rows
+        grouped = []
+        for w in range(0, whole, window):
+            chunk = order[w:min(w + window, whole)]
+            chunk = chunk[np.argsort(self.index[chunk, 2], kind="stable")]  # by length
+            steps = chunk.reshape(-1, step_rows)  # (steps in the window, step_rows)
+            grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
+        return np.concatenate(grouped + [order[whole:]])
 
     def next_batch(self):
         """Return (x, y): (B, L) int64 CPU tensors, L <= block_size."""

@@ -67,6 +67,7 @@ DEFAULTS = dict(
     block_size=1024,  # tokens per sequence
     total_batch_size=0,  # tokens per optimizer step over all ranks; 0 = batch_size * block_size * ranks
     # (SFT data: examples per optimizer step; 0 = batch_size * ranks)
+    group_by_length=False,  # SFT data: fill each step with examples of similar length (far less padding)
     # model (ignored when the weights come from a checkpoint or GPT-2)
     n_layer=12,
     n_head=12,
@@ -290,8 +291,9 @@ def run(cfg, meta, rank, local_rank, world_size, master, device, device_type, pt
     sft = meta.get("format") == "sft"
     B, T = cfg["batch_size"], cfg["block_size"]
     Loader = SFTLoader if sft else DataLoader  # SFTLoader: whole examples, targets -1 but on responses
+    extra = dict(group_by_length=cfg["group_by_length"]) if sft else {}
     train_loader = Loader(data_dir, "train", B, T, rank, world_size, seed=cfg["seed"], shuffle=True,
-                          grad_accum=grad_accum)
+                          grad_accum=grad_accum, **extra)
     val_loader = Loader(data_dir, "val", B, T, rank, world_size, shuffle=False)
 
     # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's)

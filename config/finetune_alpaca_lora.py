@@ -19,6 +19,7 @@ dropout = 0.0  # the frozen base runs exactly as pretrained
 block_size = 512  # prepare_alpaca.py's default --max_len
 batch_size = 16
 total_batch_size = 64
+group_by_length = True  # steps of similar-length examples: ~2x fewer padding positions (see finetune_alpaca.py)
 max_iters = 2300  # ~3 epochs, the same data and steps as the full fine-tune, to compare them
 
 # adapters start at zero (B = 0) and Adam moves each entry by about the learning rate per step:

@@ -123,11 +123,12 @@ def test_loader_batches_whole_examples_with_response_targets(tmp_path):
         SFTLoader(d, "train", 4, 8)  # some examples are longer than block_size + 1
 
 
-def test_loader_ranks_epochs_and_resume(tmp_path):
+@pytest.mark.parametrize("group", [False, True])
+def test_loader_ranks_epochs_and_resume(tmp_path, group):
     d = str(tmp_path / "d")
     make_sft(d, n_train=26)
-    single = SFTLoader(d, "train", 3, 32, seed=5, grad_accum=2)
-    ranks = [SFTLoader(d, "train", 3, 32, rank=r, world_size=2, seed=5) for r in range(2)]
+    single = SFTLoader(d, "train", 3, 32, seed=5, grad_accum=2, group_by_length=group)
+    ranks = [SFTLoader(d, "train", 3, 32, rank=r, world_size=2, seed=5, group_by_length=group) for r in range(2)]
     epochs = defaultdict(list)
     for _ in range(12):  # 26 // 6 = 4 steps per epoch (2 examples left over each time): 3 epochs
         batches, n_real = single.next_step()
@@ -144,9 +145,28 @@ def test_loader_ranks_epochs_and_resume(tmp_path):
     assert epochs[0] != epochs[1]  # reshuffled
     state = single.state_dict()
     expected = [single.next_batch()[0] for _ in range(5)]
-    fresh = SFTLoader(d, "train", 3, 32, seed=5, grad_accum=2)
+    fresh = SFTLoader(d, "train", 3, 32, seed=5, grad_accum=2, group_by_length=group)
     fresh.load_state_dict(state)
     assert all(torch.equal(a, fresh.next_batch()[0]) for a in expected)
+
+
+def test_group_by_length_cuts_padding(tmp_path):
+    d = str(tmp_path / "d")
+    make_sft(d, n_train=400)
+    seen = {}
+    for group in (False, True):
+        loader = SFTLoader(d, "train", 8, 32, seed=1, group_by_length=group)
+        computed, real, examples = 0, 0, []
+        for _ in range(400 // 8):  # one epoch
+            [(x, y)], n_real = loader.next_step()
+            computed, real = computed + x.numel(), real + n_real
+            last = [int((row != -1).nonzero().max()) + 1 for row in y]  # each example's length - 1
+            examples += [tuple(row[:n].tolist()) for row, n in zip(x, last)]
+        assert loader.epoch == 0
+        seen[group] = (computed, real, sorted(examples))
+    # the same examples in the epoch, and far fewer padding positions computed
+    assert seen[False][1:] == seen[True][1:]
+    assert seen[True][0] < 0.8 * seen[False][0], (seen[True][0], seen[False][0])
 
 
 # -----------------------------------------------------------------------------
