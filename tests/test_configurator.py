@@ -56,3 +56,22 @@ def test_no_code_runs_from_overrides():
     # literal_eval refuses calls: the text stays a string instead of being executed
     cfg = configure(DEFAULTS, ["--out_dir=__import__('os').getcwd()"])
     assert cfg["out_dir"] == "__import__('os').getcwd()"
+
+
+def test_every_recipe_in_config_is_valid_for_train_py():
+    # a recipe with a misspelt key or a wrong type would stop a user's run at its first line
+    import glob
+    import os
+
+    import train
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipes = sorted(glob.glob(os.path.join(root, "config", "*.py")))
+    assert len(recipes) >= 9
+    for path in recipes:
+        cfg = configure(train.DEFAULTS, [path])
+        # batch arithmetic that train.py checks at start: a whole number of accumulation steps
+        # on 1 and on 8 GPUs (tokens per step for pretraining; SFT steps count examples)
+        per_gpu = cfg["batch_size"] * (1 if "alpaca" in path else cfg["block_size"])
+        for gpus in (1, 8) if cfg["total_batch_size"] >= 8 * per_gpu else (1,):
+            assert cfg["total_batch_size"] % (per_gpu * gpus) == 0 or cfg["total_batch_size"] == 0, (path, gpus)
+        assert cfg["n_embd"] % cfg["n_head"] == 0, path
