@@ -74,7 +74,7 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
             import lora
             # the base: OpenAI's weights by name, or another run's checkpoint
             base = ckpt["base"]
-            if not os.path.exists(base) and (os.path.isabs(base) or os.sep in base):
+            if not os.path.exists(base) and base not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
                 raise DataError(f"{out_dir} is a LoRA run whose base {base} is not there: the adapters "
                                 f"need those weights, so put the base run back at that path")
             if os.path.isfile(os.path.join(base, "ckpt.pt")):

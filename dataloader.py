@@ -312,7 +312,7 @@ class SFTLoader:
     and shuffles the steps' order: each step holds examples of similar length, and the long
     steps are not all at the start. Every step is still B * world_size * grad_accum examples
     dealt as above (DDP = accumulation holds). `epoch` is the number of
-    the pass in progress, from 0; the whole position is three integers (state_dict), so a
+    the pass in progress, from 0; the whole position is three integers and the grouping flag (state_dict), so a
     resumed run sees exactly the batches an uninterrupted one would.
     """
 
@@ -339,10 +339,13 @@ class SFTLoader:
         self._order = None  # the permutation of the current epoch, computed when first needed
 
     def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos, "micro": self.micro}
+        return {"epoch": self.epoch, "pos": self.pos, "micro": self.micro, "group_by_length": self.group_by_length}
 
     def load_state_dict(self, state):
         self.epoch, self.pos, self.micro = state["epoch"], state["pos"], state["micro"]
+        # the order is part of the position: a resumed run keeps the grouping it began with
+        # (checkpoints from before the option existed were made without it)
+        self.group_by_length = state.get("group_by_length", False)
         self._order = None
 
     def _batch(self):

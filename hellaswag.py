@@ -183,7 +183,9 @@ def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), ra
              progress=False):
     """HellaSwag accuracy: dict(acc, acc_norm, n). With DDP, rank r scores
     examples[r::world_size] and the counts are summed over ranks, so all ranks return the
-    numbers of the whole set. The model may be compiled and/or wrapped in DDP."""
+    numbers of the whole set. The model may be wrapped in DDP and/or torch.compile; either way
+    the scoring runs the plain model's hidden_states (compile that method itself for speed, as
+    main() does)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # DDP broadcasts buffers (e.g. RoPE's tables) in every forward pass, a collective: ranks

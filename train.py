@@ -144,8 +144,9 @@ class StopFlag:
             print("\nsecond signal: exiting now", flush=True)
             sys.exit(130)
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving and exiting "
-              "(again to exit at once)", flush=True)
+        # (under DDP the ranks agree at the next log step, so that all of them stop at the same one)
+        print(f"\n{signal.Signals(signum).name}: finishing this step (with several GPUs: the next "
+              "log step), then saving and exiting (again to exit at once)", flush=True)
 
 
 def format_time(seconds):
@@ -157,9 +158,12 @@ def format_time(seconds):
 
 def check_settings(cfg):
     """Settings that parse but cannot work: one line now, not a traceback minutes later."""
-    for key in ("batch_size", "block_size", "max_iters", "log_interval", "eval_iters", "n_layer", "n_head"):
+    for key in ("batch_size", "block_size", "log_interval", "eval_iters", "n_layer", "n_head"):
         if cfg[key] < 1:
             die(f"--{key} must be at least 1, got {cfg[key]}")
+    for key in ("max_iters", "total_batch_size", "eval_interval", "checkpoint_interval", "warmup_iters"):
+        if cfg[key] < 0:  # max_iters=0: evaluate the starting model and stop
+            die(f"--{key} must not be negative, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"] != 0:
         die(f"n_embd={cfg['n_embd']} must be a multiple of n_head={cfg['n_head']} (each head gets n_embd / n_head)")
     if cfg["lora_rank"] > 0:
@@ -257,6 +261,8 @@ def build_model(cfg, meta, device, say):
         ckpt = load_checkpoint(path)
         model, _ = load_model(out_dir=cfg["out_dir"], dropout=cfg["dropout"])
         base = ckpt.get("base")
+        if base is not None and os.path.isdir(base):  # (older runs stored a relative path)
+            base = os.path.abspath(base)
     else:
         # fine-tuning: another run of ours, or OpenAI's GPT-2 (by name or a local HF folder)
         ours = os.path.isfile(os.path.join(init_from, "ckpt.pt"))
@@ -315,6 +321,9 @@ def run(cfg, meta, rank, local_rank, world_size, master, device, device_type, pt
             scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         train_loader.load_state_dict(ckpt["loader"])
+        if sft and train_loader.group_by_length != cfg["group_by_length"]:
+            say(f"note: group_by_length={train_loader.group_by_length} as in the checkpoint: a run keeps "
+                "the data order it began with")
         rngs = ckpt.get("rng", [])
         if len(rngs) == world_size:
             set_rng_state(rngs[rank])
@@ -449,7 +458,10 @@ def run(cfg, meta, rank, local_rank, world_size, master, device, device_type, pt
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0
         if (due or last) and step > start_step:
             # never overwrite the last good checkpoint with a diverged model
-            if bad_loss.item() or not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            bad = (bad_loss | ~torch.stack([torch.isfinite(p).all() for p in params]).all()).float()
+            if ddp:  # every rank stops, or none: one rank alone leaving would hang the others
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
                 raise_nonfinite(cfg)
             save(step, val_loss)
         if last:
@@ -505,11 +517,11 @@ def run(cfg, meta, rank, local_rank, world_size, master, device, device_type, pt
         # acts on its own, they agree at the next log step (one all-reduce there).
         stopping = stop.requested and not ddp
         if step % cfg["log_interval"] == 0 or step == max_iters or stopping:
-            if ddp:  # the loss of the whole global batch, and agreement on stopping
+            if ddp:  # the loss of the whole global batch, and agreement on stopping (and on NaNs)
                 dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
-                flag = torch.tensor([float(stop.requested)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
+                flags = torch.stack([torch.tensor(float(stop.requested), device=device), bad_loss.float()])
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stopping, bad_loss = bool(flags[0].item()), flags[1] > 0
             loss_val = loss_accum.item()  # waits for the GPU: the timing below is real
             if bad_loss.item() or not math.isfinite(loss_val):
                 raise_nonfinite(cfg, step - 1)
