@@ -195,6 +195,11 @@ def test_bad_settings_are_one_line(workdir):
     assert p.returncode == 2 and "--log_interval must be at least 1" in p.stderr and "Traceback" not in p.stderr
     p = train(workdir, "--n_embd=100", "--n_head=3", check=False)
     assert p.returncode == 2 and "multiple of n_head" in p.stderr and "Traceback" not in p.stderr
+    p = train(workdir, "--total_batch_size=-128", check=False)  # would divide, and run no micro-steps
+    assert p.returncode == 2 and "must not be negative" in p.stderr
+    # max_iters=0: evaluate the starting model, write nothing
+    p = train(workdir, "--max_iters=0", "--out_dir=out_eval")
+    assert "step 0: val loss" in p.stdout and not (workdir / "out_eval" / "ckpt.pt").exists()
 
 
 @needs_gpt2_bpe
