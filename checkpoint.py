@@ -24,7 +24,7 @@ import os
 import torch
 
 from dataloader import DataError
-from model import GPT, GPTConfig
+from model import GPT, OPENAI_MODELS, GPTConfig
 
 
 def save_checkpoint(ckpt, path):
@@ -74,7 +74,7 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
             import lora
             # the base: OpenAI's weights by name, or another run's checkpoint
             base = ckpt["base"]
-            if not os.path.exists(base) and base not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+            if not os.path.exists(base) and base not in OPENAI_MODELS:
                 raise DataError(f"{out_dir} is a LoRA run whose base {base} is not there: the adapters "
                                 f"need those weights, so put the base run back at that path")
             if os.path.isfile(os.path.join(base, "ckpt.pt")):

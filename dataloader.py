@@ -311,9 +311,11 @@ class SFTLoader:
     then, in windows of 50 optimizer steps, sorts them by length, cuts the window into steps
     and shuffles the steps' order: each step holds examples of similar length, and the long
     steps are not all at the start. Every step is still B * world_size * grad_accum examples
-    dealt as above (DDP = accumulation holds). `epoch` is the number of
-    the pass in progress, from 0; the whole position is three integers and the grouping flag (state_dict), so a
-    resumed run sees exactly the batches an uninterrupted one would.
+    dealt as above (DDP = accumulation holds).
+
+    `epoch` is the number of the pass in progress, from 0. The whole position is three integers
+    and the grouping flag (state_dict), so a resumed run sees exactly the batches an
+    uninterrupted one would.
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,

@@ -48,6 +48,7 @@ PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "gpt2-1.3b": dict(n_layer=24, n_head=16, n_embd=2048),  # 1.3B
 }
+OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # from_pretrained's names (no 1.3B)
 
 
 def preset(name, **overrides):
@@ -354,9 +355,9 @@ class GPT(nn.Module):
         if set(override_args) - {"dropout", "block_size"}:
             raise ValueError(f"from_pretrained can override only dropout and block_size, not {sorted(override_args)}")
         local = os.path.isdir(name_or_path)
-        if not local and name_or_path not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        if not local and name_or_path not in OPENAI_MODELS:
             raise OSError(f"{name_or_path!r} is neither a local Hugging Face model folder nor one of "
-                          "gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+                          f"{', '.join(OPENAI_MODELS)}")
         try:
             from transformers import GPT2LMHeadModel
         except ImportError:

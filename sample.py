@@ -20,7 +20,7 @@ import torch
 
 from checkpoint import load_model, newest_checkpoint
 from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
-from dataloader import DataError, get_tokenizer
+from dataloader import EOT, DataError, get_tokenizer
 
 DEFAULTS = dict(
     out_dir="",  # a training run's folder; empty = the newest out*/ckpt.pt here
@@ -91,7 +91,7 @@ def main():
     torch.manual_seed(cfg["seed"])
     autocast = autocast_context(device_type, ptdtype)
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
-    eot = 50256 if meta["tokenizer"] == "gpt2" else None
+    eot = EOT if meta["tokenizer"] == "gpt2" else None
 
     for k in range(cfg["num_samples"]):
         # stream: decode the tokens so far and print what is new. Decoding the whole list
@@ -100,9 +100,10 @@ def main():
 
         def on_token(tok):
             nonlocal printed
-            if tok.item() == eot:  # the end marker: not text
+            tok = tok.item()
+            if tok == eot:  # the end marker: not text
                 return
-            new_ids.append(tok.item())
+            new_ids.append(tok)
             text = decode(new_ids)
             if not text.endswith("\ufffd"):  # wait while a character is incomplete
                 sys.stdout.write(text[printed:])
