@@ -20,7 +20,6 @@ MFU (model FLOPs utilisation) = the FLOPs the model needs per second (model.flop
 count, not the ones a kernel wastes, so it compares implementations fairly.
 """
 
-import math
 import platform
 import sys
 import time
@@ -33,7 +32,7 @@ from model import GPT, PRESETS, peak_flops, preset
 # -----------------------------------------------------------------------------
 # settings: python bench.py [config/FILE.py] [--key=value ...]
 
-defaults = dict(
+DEFAULTS = dict(
     mode="train",  # train: time optimizer steps; sample: time generation, KV cache vs recompute
     # the model (random weights: speed does not depend on them)
     model="gpt2",  # a preset of model.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-1.3b
@@ -93,8 +92,7 @@ def setup(cfg):
         die(f"prompt_len + new_tokens = {cfg['prompt_len'] + cfg['new_tokens']} exceeds "
             f"--block_size={cfg['block_size']}: raise --block_size or shorten the generation")
 
-    device = resolve_device(cfg["device"])
-    device_type = device.split(":")[0]
+    device, device_type = resolve_device(cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device_type)
 
     if device_type == "cuda":
@@ -338,7 +336,7 @@ def bench_sample(cfg):
 
 
 def main():
-    cfg = configure(defaults)
+    cfg = configure(DEFAULTS)
     print_config(cfg)
     try:
         if cfg["mode"] == "sample":

@@ -1,21 +1,24 @@
 """
-Checkpoints: writing them safely and loading a model from one.
+Checkpoints: the format in one place, written safely, and a model loaded from any run.
 
-out_dir/ckpt.pt is a plain dict that torch.load(path, weights_only=True) can read (tensors,
+    python checkpoint.py --out_dir=RUN --merged_dir=DIR   # a LoRA run as an ordinary checkpoint
+
+out_dir/ckpt.pt is a plain dict that torch.load(path, weights_only=True) reads (tensors,
 numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run code):
 
     model        the model's state dict, without torch.compile's "_orig_mod." or DDP's
                  "module." prefixes (absent in a LoRA run)
     model_args   the GPTConfig fields, to rebuild the model
     lora         LoRA runs only: the adapter tensors and settings (lora.lora_state_dict)
-    base         LoRA runs only: where the frozen base weights come from (init_from of the
-                 run: "gpt2"..., or the absolute path of another run's out_dir or
-                 of a Hugging Face folder, so any working directory finds it)
-    optimizer    the optimizer's state dict          scaler  the fp16 GradScaler's, or None
-    step         optimizer steps done                config  the run's settings
-    meta         the tokenizer (a dataset's meta.json)
-    loader       the training loader's position     rng     the RNG states
+    base         LoRA runs only: where the frozen base weights come from ("gpt2"..., or the
+                 absolute path of another run's out_dir or of a Hugging Face folder)
+    meta         the tokenizer (the dataset's meta.json)
+    config       the run's settings                  step      optimizer steps done
+    optimizer    the optimizer's state dict          scaler    the fp16 GradScaler's, or None
+    loader       the training loader's position      rng       every rank's RNG states
     val_loss     the last validation loss, or None
+The last six make a training state that --init_from=resume continues exactly; a merged
+checkpoint has none of them.
 """
 
 import glob
@@ -23,38 +26,42 @@ import os
 
 import torch
 
-from dataloader import DataError
-from model import GPT, OPENAI_MODELS, GPTConfig
+import lora
+from configurator import UserError, atomic_write, configure, die, print_config
+from model import GPT, OPENAI_MODELS, GPTConfig, unwrap
+
+
+def make_checkpoint(model, meta, config, **training_state):
+    """The checkpoint dict of `model` (bare or wrapped): its weights, or a LoRA run's
+    adapters only, plus whatever training state is given (step, optimizer, ..., base)."""
+    model = unwrap(model)
+    ckpt = {"model_args": vars(model.config).copy(), "meta": meta, "config": config, **training_state}
+    if lora.has_lora(model):
+        ckpt["lora"] = lora.lora_state_dict(model)  # small: the base is named by ckpt["base"]
+    else:
+        ckpt["model"] = model.state_dict()
+    return ckpt
 
 
 def save_checkpoint(ckpt, path):
-    """Write atomically: to a temp file in the same folder, then os.replace. A crash or a
-    Ctrl-C during the write leaves the previous checkpoint as it was."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    """Write atomically: a crash or a Ctrl-C during the write leaves the previous file as it was."""
+    with atomic_write(path) as f:
+        torch.save(ckpt, f)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, mmap=False):
+    """The checkpoint dict at path, loaded with weights_only=True and checked to be one of
+    ours; any problem is a UserError naming the file."""
     if not os.path.isfile(path):
-        raise DataError(f"no checkpoint at {path}: train one first, or check --out_dir")
+        raise UserError(f"no checkpoint at {path}: train one first, or check --out_dir")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise DataError(f"{path} could not be read ({type(e).__name__}); it is not a checkpoint of this project, "
-                           "or it is corrupt") from None
-
-
-def clean_state_dict(state_dict):
-    """Strip the prefixes that torch.compile (_orig_mod.) and DDP (module.) add to names."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+        raise UserError(f"{path} could not be read ({type(e).__name__}); it is not a checkpoint of this project, "
+                        "or it is corrupt") from None
+    if not isinstance(ckpt, dict) or not {"model_args", "meta"} <= ckpt.keys() or not ({"model", "lora"} & ckpt.keys()):
+        raise UserError(f"{path} is not a checkpoint of this project (it needs model_args, meta and model or lora)")
+    return ckpt
 
 
 def newest_checkpoint(pattern="out*/ckpt.pt"):
@@ -64,37 +71,70 @@ def newest_checkpoint(pattern="out*/ckpt.pt"):
 
 
 def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
-    """Return (model, meta): from out_dir/ckpt.pt of a run of ours (a
-    LoRA run's base is loaded and its adapter applied), or OpenAI's weights when init_from is
-    a GPT-2 name or a local Hugging Face folder. meta names the tokenizer."""
-    if out_dir is not None:
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        meta = ckpt.get("meta") or {"tokenizer": "gpt2"}
-        if "lora" in ckpt:
-            import lora
-            # the base: OpenAI's weights by name, or another run's checkpoint
-            base = ckpt["base"]
-            if not os.path.exists(base) and base not in OPENAI_MODELS:
-                raise DataError(f"{out_dir} is a LoRA run whose base {base} is not there: the adapters "
-                                f"need those weights, so put the base run back at that path")
-            if os.path.isfile(os.path.join(base, "ckpt.pt")):
-                model, _ = load_model(out_dir=base, dropout=dropout)
-            else:
-                model, _ = load_model(init_from=base, dropout=dropout)
-            if lora.has_lora(model):  # the base is itself a LoRA run: fold its adapters in first
-                lora.merge_lora(model)
-            block_size = ckpt.get("model_args", {}).get("block_size", model.config.block_size)
-            if block_size < model.config.block_size:  # the run cropped GPT-2's context
-                model.crop_block_size(block_size)
-            lora.load_lora(model, ckpt["lora"])
-        else:
-            args = dict(ckpt["model_args"], dropout=dropout)
-            model = GPT(GPTConfig(**args))
-            model.load_state_dict(clean_state_dict(ckpt["model"]))
-    else:
+    """Return (model, meta): from out_dir/ckpt.pt of a run of ours (a LoRA run's base is
+    loaded and its adapters applied), or OpenAI's weights when init_from is a GPT-2 name or a
+    local Hugging Face folder. meta names the tokenizer."""
+    if out_dir is None:
         try:
             model = GPT.from_pretrained(init_from, {"dropout": dropout})
         except (OSError, ValueError, ImportError) as e:  # offline, unknown name, odd config
-            raise DataError(str(e)) from None
-        meta = {"tokenizer": "gpt2"}
-    return model.to(device), meta
+            raise UserError(str(e)) from None
+        return model.to(device), {"tokenizer": "gpt2"}
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    try:
+        if "lora" in ckpt:
+            base = ckpt["base"]  # OpenAI's weights by name, or another run's checkpoint
+            if not os.path.exists(base) and base not in OPENAI_MODELS:
+                raise UserError(f"{out_dir} is a LoRA run whose base {base} is not there: the adapters "
+                                "need those weights, so put the base run back at that path")
+            from_run = os.path.isfile(os.path.join(base, "ckpt.pt"))
+            model, _ = load_model(out_dir=base, dropout=dropout) if from_run else load_model(init_from=base, dropout=dropout)
+            if lora.has_lora(model):  # the base is itself a LoRA run: fold its adapters in first
+                lora.merge_lora(model)
+            if ckpt["model_args"]["block_size"] < model.config.block_size:  # the run cropped GPT-2's context
+                model.crop_block_size(ckpt["model_args"]["block_size"])
+            lora.load_lora(model, ckpt["lora"])
+        else:
+            model = GPT(GPTConfig(**dict(ckpt["model_args"], dropout=dropout)))
+            model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as e:  # wrong args, shapes, names
+        raise UserError(f"{path} does not fit this project's GPT ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    return model.to(device), ckpt["meta"]
+
+
+# -----------------------------------------------------------------------------
+# python checkpoint.py --out_dir=RUN --merged_dir=DIR
+
+DEFAULTS = dict(
+    out_dir="",  # the LoRA run to merge
+    merged_dir="",  # where to write the merged ckpt.pt
+)
+
+
+def main():
+    """Fold a LoRA run's adapters into its base and write DIR/ckpt.pt as any other run's: a
+    full model that sample.py, hellaswag.py, export_hf.py and init_from=DIR read with no LoRA
+    involved (not a resumable training state: it has no optimizer)."""
+    cfg = configure(DEFAULTS)
+    print_config(cfg)
+    if not cfg["out_dir"] or not cfg["merged_dir"]:
+        die("give both --out_dir=LORA_RUN and --merged_dir=WHERE_TO_WRITE")
+    if os.path.exists(cfg["merged_dir"]) and not os.path.isdir(cfg["merged_dir"]):
+        die(f"--merged_dir={cfg['merged_dir']} is a file; give a folder")
+    try:
+        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        if "lora" not in ckpt:
+            die(f"{cfg['out_dir']} is not a LoRA run: its ckpt.pt already holds the whole model")
+        model, meta = load_model(out_dir=cfg["out_dir"])
+    except UserError as e:
+        die(str(e))
+    lora.merge_lora(model)
+    path = os.path.join(cfg["merged_dir"], "ckpt.pt")
+    save_checkpoint(make_checkpoint(model, meta, ckpt["config"], step=ckpt["step"], merged_from=cfg["out_dir"]), path)
+    print(f"wrote {path}: {cfg['out_dir']}'s adapters merged into its base {ckpt['base']!r}")
+
+
+if __name__ == "__main__":
+    main()

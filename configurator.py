@@ -1,37 +1,71 @@
 """
-The configurator: how every script in this project takes its settings.
+The configurator: how every script here takes its settings, plus the few small things that
+all of them share (the one-line error, atomic writes, the device and dtype).
 
     python train.py config/shakespeare_char_cpu.py --batch_size=32 --compile=False
+    python train.py -h                                     # every setting, with its comment
 
-A script defines its defaults as plain variables at the top, each with a comment, then calls
-`configure(defaults)`. The arguments are read left to right:
+A script defines its settings as a dict of defaults at its top, each with a comment, and
+calls `configure(DEFAULTS)`. The arguments are read left to right:
 
   - a path ending in .py is a config file: plain Python, exec'd into a namespace that starts
-    from the script's defaults (so a recipe can read and build on them). Config files are code
-    by design: only run recipes you trust.
-  - `--key=value` (or `--key value`) overrides one default. The value goes through
+    from the current settings (so a recipe can build on them). Config files are code by
+    design: only run recipes you trust.
+  - `--key=value` or `--key value` overrides one setting. The value goes through
     `ast.literal_eval`, never eval, so it cannot run code; a bare word that is not a Python
     literal stays a string (`--device=cuda`, `--init_from=gpt2`).
+  - `--key` alone, for a True/False setting, means True (`--compile`); `--key=False` turns
+    one off.
 
-Every key must already exist among the defaults and keep its type (an int is accepted where a
-float is expected). Anything wrong ends the run before any work, with one line and exit code 2.
+Every key must exist among the defaults and keep its type (an int is fine for a float).
+Anything wrong ends the run before any work: one line on stderr, exit code 2.
 """
 
 import ast
+import glob
 import os
 import sys
+import tokenize
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """Something the user can fix: bad data, a missing checkpoint, a setting that cannot work.
+    Scripts print it as one line with die(), never as a traceback."""
 
 
 def die(msg):
-    """One line to stderr, exit code 2: the convention for every bad-input error here."""
+    """One line to stderr, exit code 2: how every script here reports a UserError."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextmanager
+def atomic_write(path, mode="wb", **open_kwargs):
+    """Open a temp file beside `path` for writing; when the block ends without error it
+    replaces `path` in one step (os.replace), else it is deleted. A reader (or a resumed run)
+    sees the old file or the new one, never half of one; the temp name holds the process id,
+    so two writers never share one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:  # also Ctrl-C and sys.exit
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# settings
 
 
 def _check_type(key, value, default):
     """Return `value` converted to the default's type, or end the run with a clear line."""
     if default is None or value is None:
-        return value  # None-defaults (optional paths, etc.) accept anything
+        return value  # None-defaults (optional paths, "auto" switches) accept anything
     if isinstance(default, bool):  # bool before int: bool is a subclass of int
         if isinstance(value, bool):
             return value
@@ -53,30 +87,30 @@ def _parse_value(text):
         return text  # a bare word such as cuda or gpt2-medium stays a string
 
 
-def configure(defaults, argv=None):
-    """Apply config files and --key=value overrides from `argv` to the dict `defaults`.
-
-    Returns a new dict holding only the keys of `defaults` (helper names a config file
-    defines, such as imports, are dropped).
-    """
+def configure(defaults, argv=None, source=None):
+    """Apply config files and --key=value overrides from `argv` (default: sys.argv[1:]) to
+    `defaults`; return the new dict (only the keys of `defaults`). -h/--help prints the
+    settings as commented in `source` (default: the running script) and exits 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(defaults, source or getattr(sys.modules["__main__"], "__file__", None))
+        sys.exit(0)
     config = dict(defaults)
     valid = ", ".join(sorted(defaults))
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
-        if not arg.startswith("--"):
-            # a config file
+        if not arg.startswith("--"):  # a config file
             if not arg.endswith(".py"):
                 die(f"unexpected argument {arg!r}: give config files (config/NAME.py) and --key=value")
             if not os.path.isfile(arg):
                 die(f"config file {arg} not found (the recipes are in config/)")
             namespace = dict(config)
-            with open(arg) as f:
-                source = f.read()
+            with open(arg, encoding="utf-8") as f:
+                source_text = f.read()
             try:
-                exec(compile(source, arg, "exec"), namespace)
+                exec(compile(source_text, arg, "exec"), namespace)
             except Exception as e:  # a broken recipe: say where, not a traceback
                 die(f"config file {arg} failed: {type(e).__name__}: {e}")
             for key, value in namespace.items():
@@ -85,24 +119,28 @@ def configure(defaults, argv=None):
                 if key not in defaults:  # most likely a typo of a real key: worth stopping for
                     die(f"config file {arg} sets unknown key {key!r} (prefix helper names with _); valid keys: {valid}")
                 config[key] = _check_type(key, value, defaults[key])
-        else:
-            # --key=value or --key value
-            body = arg[2:]
-            if "=" in body:
-                key, text = body.split("=", 1)
-            else:
-                key = body
-                if i >= len(argv):
-                    die(f"--{key} needs a value: --{key}=VALUE")
-                text = argv[i]
-                i += 1
-            key = key.replace("-", "_")
-            if key not in defaults:
-                die(f"unknown key --{key}; valid keys: {valid}")
-            value = _parse_value(text)
-            if isinstance(defaults[key], str) and not isinstance(value, str):
-                value = text  # --start=123 for a string setting means the text "123"
-            config[key] = _check_type(key, value, defaults[key])
+            continue
+        key, has_value, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in defaults:
+            die(f"unknown key --{key}; valid keys: {valid}")
+        if not has_value:
+            nxt = argv[i] if i < len(argv) else None
+            if isinstance(defaults[key], bool):
+                bare = nxt not in ("True", "False")  # --compile config/x.py, --compile --rope, --compile at the end
+            else:  # None: an optional setting (sample.py's instruct) may be a switch too
+                bare = defaults[key] is None and (nxt is None or nxt.startswith("--"))
+            if bare:
+                config[key] = True
+                continue
+            if nxt is None:
+                die(f"--{key} needs a value: --{key}=VALUE")
+            text = nxt
+            i += 1
+        value = _parse_value(text)
+        if isinstance(defaults[key], str) and not isinstance(value, str):
+            value = text  # --start=123 for a string setting means the text "123"
+        config[key] = _check_type(key, value, defaults[key])
     return config
 
 
@@ -113,18 +151,70 @@ def print_config(config, file=None):
         print(f"  {k:<{width}} = {v!r}", file=file)
 
 
+def setting_comments(defaults, source):
+    """{key: comment} and {key: section heading above it}, read from the `dict(...)` in
+    `source` (a .py path) that defines `defaults`: the comments are the documentation."""
+    with open(source, encoding="utf-8") as f:
+        text = f.read()
+    comments = {}  # line number -> the comment on it
+    for tok in tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
+    for node in ast.walk(ast.parse(text)):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict"
+                and {kw.arg for kw in node.keywords} == set(defaults)):
+            break
+    else:
+        return {}, {}
+    said, sections, line_before = {}, {}, node.lineno
+    for kw in node.keywords:
+        end = kw.value.end_lineno
+        said[kw.arg] = comments.get(end, ("", False))[0]
+        # whole-line comments between the previous setting and this one head a group
+        heads = [comments[n][0] for n in range(line_before + 1, kw.value.lineno) if comments.get(n, ("", False))[1]]
+        if heads:
+            sections[kw.arg] = " ".join(heads)
+        line_before = end
+    return said, sections
+
+
+def print_help(defaults, source):
+    """-h: a usage line, the script's docstring (its examples), the recipes in config/, then
+    each setting with its default and its comment."""
+    name = os.path.basename(source) if source else "SCRIPT.py"
+    print(f"usage: python {name} [config/FILE.py ...] [--key=value | --key value | --flag ...]\n")
+    said, sections = {}, {}
+    if source and os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read()))
+        if doc:
+            print(doc.strip() + "\n")
+        said, sections = setting_comments(defaults, source)
+        recipes = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(source)), "config", "*.py")))
+        if recipes:
+            print("config files: " + ", ".join(os.path.join("config", os.path.basename(p)) for p in recipes) + "\n")
+    print("settings (default, then what it does):")
+    width = max(len(k) for k in defaults) + 2
+    for key, value in defaults.items():
+        if key in sections:
+            print(f"  # {sections[key]}")
+        print(f"  --{key:<{width}} {value!r:<14} {said.get(key, '')}".rstrip())
+    print("\n--key alone sets a True/False setting to True; --key=False turns it off.")
+
+
 # -----------------------------------------------------------------------------
 # device and dtype: the two settings every script that runs a model resolves the same way
 # (torch is imported inside, so the prepare scripts start without it)
 
 
 def resolve_device(name):
-    """auto -> cuda, then mps, then cpu; otherwise check that the asked device exists."""
+    """Return (device, device_type): auto -> cuda, then mps, then cpu; a named device is
+    checked to exist. device_type (cuda, mps or cpu) is what torch.autocast takes."""
     import torch
 
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     kind, _, index = name.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
         die(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
@@ -134,7 +224,7 @@ def resolve_device(name):
         die(f"--device={name} but there are only {torch.cuda.device_count()} GPUs (cuda:0 ...)")
     if kind == "mps" and not has_mps:
         die("--device=mps but MPS is not available here; use --device=cpu (or auto)")
-    return name
+    return name, kind
 
 
 def resolve_dtype(name, device_type):

@@ -10,10 +10,10 @@ A dataset is a folder data/<name>/ holding files whose names contain "train" or 
 (train.bin, val.bin, or fineweb_train_000001.bin ...) and a meta.json that names the tokenizer:
 {"tokenizer": "gpt2"} or {"tokenizer": "char", "chars": [...]} (a char's id is its index).
 
-The loader cuts each shard into sequences of block_size + 1 tokens (inputs and targets
-overlap by one), visits them in a seeded random order that changes every epoch, and deals
-each DDP rank its own disjoint rows of every global batch. Its whole position is three
-integers, so a checkpoint can save it and a resumed run sees exactly the batches an
+Two loaders, one interface: DataLoader cuts token streams into (B, T) blocks; SFTLoader
+batches whole instruction examples. Both deal each DDP rank its own rows of every global
+batch, give train.py a whole optimizer step at a time with next_step(), and save their
+position in a few integers (state_dict), so a resumed run sees exactly the batches an
 uninterrupted run would have seen.
 """
 
@@ -24,14 +24,12 @@ import os
 import numpy as np
 import torch
 
+from configurator import UserError, atomic_write
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
 EOT = 50256  # GPT-2's <|endoftext|>, which separates documents
-
-
-class DataError(Exception):
-    """Bad or missing data. Scripts print str(e) as one line and exit, never a traceback."""
 
 
 # -----------------------------------------------------------------------------
@@ -39,46 +37,41 @@ class DataError(Exception):
 
 
 def write_tokens(path, tokens):
-    """Write `tokens` (any int sequence, every id < 65536) as a token file, atomically:
-    into a temp file first, then os.replace, so an interrupted write never leaves a
-    half-written file under the real name."""
+    """Write `tokens` (any int sequence, every id < 65536) as a token file, atomically (an
+    interrupted write never leaves half a file under the real name)."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise DataError(f"{path}: token ids must fit in uint16 (0..65535)")
+        raise UserError(f"{path}: token ids must fit in uint16 (0..65535)")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         f.write(header.tobytes())
         f.write(tokens.astype(np.uint16).tobytes())
-    os.replace(tmp, path)
 
 
 def read_tokens(path):
     """Return the tokens of a token file as a read-only uint16 memmap (nothing is loaded into
     memory until it is indexed). Checks the magic, the version and the length."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such token file")
+        raise UserError(f"{path}: no such token file")
     size = os.path.getsize(path)
     if size < HEADER_INTS * 4:
-        raise DataError(f"{path}: too short for a token-file header ({size} bytes); re-run its prepare script")
+        raise UserError(f"{path}: too short for a token-file header ({size} bytes); re-run its prepare script")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != MAGIC:
-        raise DataError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); not a token file, or a corrupt one")
+        raise UserError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); not a token file, or a corrupt one")
     if header[1] != VERSION:
-        raise DataError(f"{path}: unsupported version {header[1]} (expected {VERSION})")
+        raise UserError(f"{path}: unsupported version {header[1]} (expected {VERSION})")
     n = int(header[2])
     expected = HEADER_INTS * 4 + 2 * n
     if size != expected:
-        raise DataError(f"{path}: header says {n:,} tokens ({expected:,} bytes) but the file has {size:,} bytes; "
+        raise UserError(f"{path}: header says {n:,} tokens ({expected:,} bytes) but the file has {size:,} bytes; "
                         "it is truncated or corrupt: re-run its prepare script")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
 def write_meta(data_dir, meta):
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, "meta.json"), "w") as f:
+    with atomic_write(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
 
 
@@ -90,18 +83,37 @@ def read_meta(data_dir):
         print(f"note: {path} not found; taking the token files there as GPT-2 BPE")
         return {"tokenizer": "gpt2"}
     if not os.path.isfile(path):
-        raise DataError(f"{path} not found: prepare the dataset first (e.g. python prepare_shakespeare.py)")
-    with open(path) as f:
-        return json.load(f)
+        raise UserError(f"{path} not found: prepare the dataset first (e.g. python prepare_shakespeare.py)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); re-run the dataset's prepare script") from None
+    problem = None
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("gpt2", "char"):
+        problem = 'it must be an object with "tokenizer": "gpt2" or "char"'
+    elif meta["tokenizer"] == "char" and not (isinstance(meta.get("chars"), list) and meta["chars"]
+                                              and all(isinstance(c, str) and len(c) == 1 for c in meta["chars"])):
+        problem = 'a char tokenizer needs "chars": a list of single characters'
+    if problem:
+        raise UserError(f"{path}: {problem}; re-run the dataset's prepare script")
+    return meta
+
+
+def vocab_size_of(meta):
+    """The embedding rows a new model needs for this tokenizer."""
+    if meta["tokenizer"] == "char":
+        return len(meta["chars"])
+    return 50304  # GPT-2's 50257, padded to a multiple of 128 for fast matmuls
 
 
 def list_shards(data_dir, split):
     """The token files of one split ("train" or "val"), sorted by name."""
     if not os.path.isdir(data_dir):
-        raise DataError(f"dataset folder {data_dir} not found: prepare it first (e.g. python prepare_shakespeare.py)")
+        raise UserError(f"dataset folder {data_dir} not found: prepare it first (e.g. python prepare_shakespeare.py)")
     files = sorted(f for f in glob.glob(os.path.join(data_dir, "*.bin")) if split in os.path.basename(f))
     if not files:
-        raise DataError(f"no {split} token files (*{split}*.bin) in {data_dir}")
+        raise UserError(f"no {split} token files (*{split}*.bin) in {data_dir}")
     return files
 
 
@@ -117,7 +129,7 @@ def get_gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # no network and no cache: a wall of HTTP errors helps nobody
-        raise DataError(f"cannot load the GPT-2 BPE files ({type(e).__name__}): be online once so tiktoken "
+        raise UserError(f"cannot load the GPT-2 BPE files ({type(e).__name__}): be online once so tiktoken "
                         "caches them, or set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
 
 
@@ -136,11 +148,11 @@ def get_tokenizer(meta):
         def encode(s):
             missing = sorted(set(c for c in s if c not in stoi))
             if missing:
-                raise DataError(f"the text has characters this model's vocabulary lacks: {missing!r}")
+                raise UserError(f"the text has characters this model's vocabulary lacks: {missing!r}")
             return [stoi[c] for c in s]
 
         return encode, lambda ids: "".join(chars[i] for i in ids)
-    raise DataError(f"unknown tokenizer {kind!r} in meta.json (expected 'gpt2' or 'char')")
+    raise UserError(f"unknown tokenizer {kind!r} in meta.json (expected 'gpt2' or 'char')")
 
 
 # -----------------------------------------------------------------------------
@@ -172,7 +184,7 @@ class DataLoader:
         self.lengths = [len(read_tokens(f)) for f in self.files]
         need = self.B * self.world_size * self.grad_accum * self.T + 1
         if max(self.lengths) < need:
-            raise DataError(f"{data_dir}: the largest {split} file has {max(self.lengths):,} tokens, fewer than one "
+            raise UserError(f"{data_dir}: the largest {split} file has {max(self.lengths):,} tokens, fewer than one "
                             f"step needs ({need:,} = batch_size*world_size*grad_accum*block_size+1); "
                             "use a smaller batch_size, block_size or total_batch_size")
         self.reset()
@@ -185,8 +197,7 @@ class DataLoader:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "seq_pos": self.seq_pos, "micro": self.micro}
 
     def load_state_dict(self, state):
-        self.epoch, self.shard_pos, self.seq_pos = state["epoch"], state["shard_pos"], state["seq_pos"]
-        self.micro = state.get("micro", 0)
+        self.epoch, self.shard_pos, self.seq_pos, self.micro = (state[k] for k in ("epoch", "shard_pos", "seq_pos", "micro"))
         self._order = None
 
     def _shard_order(self):
@@ -237,6 +248,13 @@ class DataLoader:
         buf = torch.from_numpy(rows)
         return buf[:, :-1], buf[:, 1:]
 
+    def next_step(self):
+        """This rank's grad_accum micro-batches of the next optimizer step, the loss targets
+        in the whole step (all ranks) and its real tokens: ([(x, y), ...], n_targets, n_tokens).
+        Here every token is a target and nothing is padding."""
+        n = self.B * self.T * self.world_size * self.grad_accum
+        return [self.next_batch() for _ in range(self.grad_accum)], n, n
+
 
 # -----------------------------------------------------------------------------
 # instruction (SFT) datasets
@@ -254,14 +272,12 @@ def write_sft(data_dir, split, examples):
     prompt_lens = np.array([len(p) for p, _ in examples], dtype=np.int64)
     lengths = np.array([len(p) + len(r) for p, r in examples], dtype=np.int64)
     if (prompt_lens < 1).any() or (lengths <= prompt_lens).any():
-        raise DataError(f"{split}: every example needs a prompt and a response of at least one token")
+        raise UserError(f"{split}: every example needs a prompt and a response of at least one token")
     starts = np.cumsum(lengths) - lengths  # each example begins where the one before ended
     index = np.stack([starts, prompt_lens, lengths], axis=1)  # (n, 3)
     write_tokens(os.path.join(data_dir, f"{split}.bin"), [t for p, r in examples for t in (*p, *r)])
-    path = os.path.join(data_dir, f"{split}_index.npy")
-    with open(path + ".tmp", "wb") as f:  # atomic, like write_tokens
+    with atomic_write(os.path.join(data_dir, f"{split}_index.npy")) as f:
         np.save(f, index, allow_pickle=False)
-    os.replace(path + ".tmp", path)
 
 
 def read_sft(data_dir, split):
@@ -269,20 +285,20 @@ def read_sft(data_dir, split):
     array of (start, prompt_len, length), checked against each other."""
     path = os.path.join(data_dir, f"{split}_index.npy")
     if not os.path.isfile(path):
-        raise DataError(f"{path} not found: an instruction dataset needs it; re-run prepare_alpaca.py")
+        raise UserError(f"{path} not found: an instruction dataset needs it; re-run prepare_alpaca.py")
     tokens = read_tokens(os.path.join(data_dir, f"{split}.bin"))
     try:
         index = np.load(path, allow_pickle=False)  # plain numbers only: loading runs no code
     except ValueError as e:
-        raise DataError(f"{path} could not be read ({e}); re-run prepare_alpaca.py") from None
+        raise UserError(f"{path} could not be read ({e}); re-run prepare_alpaca.py") from None
     if index.ndim != 2 or index.shape[1] != 3 or index.shape[0] == 0 or index.dtype.kind not in "iu":
-        raise DataError(f"{path}: expected a non-empty (n, 3) integer array, got {index.shape} {index.dtype}")
+        raise UserError(f"{path}: expected a non-empty (n, 3) integer array, got {index.shape} {index.dtype}")
     index = index.astype(np.int64)
     start, prompt_len, length = index.T
     bad = (start < 0) | (prompt_len < 1) | (length <= prompt_len) | (start + length > len(tokens))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: example {i} {tuple(index[i])} does not fit {split}.bin ({len(tokens):,} tokens); "
+        raise UserError(f"{path}: example {i} {tuple(index[i])} does not fit {split}.bin ({len(tokens):,} tokens); "
                         "the two files come from different runs: re-run prepare_alpaca.py")
     return tokens, index
 
@@ -315,7 +331,7 @@ class SFTLoader:
 
     `epoch` is the number of the pass in progress, from 0. The whole position is three integers
     and the grouping flag (state_dict), so a resumed run sees exactly the batches an
-    uninterrupted one would.
+    uninterrupted one would, and keeps the grouping it began with.
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
@@ -327,12 +343,12 @@ class SFTLoader:
         self.seed, self.shuffle = seed, shuffle
         too_long = int((self.index[:, 2] - 1 > block_size).sum())
         if too_long:
-            raise DataError(f"{data_dir}: {too_long} {split} examples are longer than block_size+1 = {block_size + 1} "
+            raise UserError(f"{data_dir}: {too_long} {split} examples are longer than block_size+1 = {block_size + 1} "
                             f"tokens (the longest has {self.index[:, 2].max()}); re-run prepare_alpaca.py with "
                             f"--max_len={block_size}, or raise block_size")
         need = self.B * self.world_size * self.grad_accum
         if len(self.index) < need:
-            raise DataError(f"{data_dir}: {len(self.index)} {split} examples, fewer than one step needs ({need} = "
+            raise UserError(f"{data_dir}: {len(self.index)} {split} examples, fewer than one step needs ({need} = "
                             "batch_size*world_size*grad_accum); use a smaller batch_size or total_batch_size")
         self.reset()
 
@@ -345,13 +361,11 @@ class SFTLoader:
 
     def load_state_dict(self, state):
         self.epoch, self.pos, self.micro = state["epoch"], state["pos"], state["micro"]
-        # the order is part of the position: a resumed run keeps the grouping it began with
-        # (checkpoints from before the option existed were made without it)
-        self.group_by_length = state.get("group_by_length", False)
+        self.group_by_length = state["group_by_length"]  # the order is part of the position
         self._order = None
 
-    def _batch(self):
-        """(x, y, n): the next micro-batch of this rank and its real (non-padding) tokens."""
+    def next_batch(self):
+        """Return (x, y): this rank's next micro-batch, (B, L) int64 CPU tensors, L <= block_size."""
         step_rows = self.B * self.world_size * self.grad_accum
         if self.micro == 0 and self.pos + step_rows > len(self.index):
             self.epoch, self.pos, self._order = self.epoch + 1, 0, None  # the next epoch
@@ -368,7 +382,7 @@ class SFTLoader:
             tok = torch.from_numpy(self.tokens[start:start + n].astype(np.int64))  # (n,)
             x[i, :n - 1] = tok[:-1]
             y[i, p - 1:n - 1] = tok[p:]  # position j predicts token j+1: the first target is the response's first token
-        return x, y, int(rows[:, 2].sum()) - self.B
+        return x, y
 
     def _epoch_order(self, step_rows):
         """The order in which this epoch visits the examples (indices into self.index)."""
@@ -391,15 +405,15 @@ class SFTLoader:
             grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
         return np.concatenate(grouped + [order[whole:]])
 
-    def next_batch(self):
-        """Return (x, y): (B, L) int64 CPU tensors, L <= block_size."""
-        x, y, _ = self._batch()
-        return x, y
-
     def next_step(self):
-        """This rank's grad_accum micro-batches of the next optimizer step, and the real tokens
-        in them: ([(x, y), ...], n_tokens). Knowing all of a step's targets before the first
-        forward lets train.py average the loss over the whole step's response tokens."""
+        """This rank's grad_accum micro-batches of the next optimizer step, the loss targets
+        in the whole step (all ranks) and its real tokens: ([(x, y), ...], n_targets, n_tokens).
+        Every rank knows the whole step's examples from the index, so train.py can weigh each
+        micro-batch by its share of the step's response tokens without asking the others."""
         assert self.micro == 0, "next_step() must start at a step boundary"
-        batches = [self._batch() for _ in range(self.grad_accum)]
-        return [(x, y) for x, y, _ in batches], sum(n for _, _, n in batches)
+        batches = [self.next_batch() for _ in range(self.grad_accum)]
+        step_rows = self.B * self.world_size * self.grad_accum
+        rows = self.index[self._order[self.pos - step_rows:self.pos]]  # the step's examples, every rank's
+        n_targets = int((rows[:, 2] - rows[:, 1]).sum())  # response tokens (with <|endoftext|>)
+        n_tokens = int((rows[:, 2] - 1).sum())  # input tokens, padding not counted
+        return batches, n_targets, n_tokens

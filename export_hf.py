@@ -34,21 +34,21 @@ import shutil
 
 import torch
 
+import lora
 from checkpoint import load_model
-from configurator import configure, die, print_config
-from dataloader import DataError, get_gpt2_encoding
+from configurator import UserError, configure, die, print_config
+from dataloader import EOT, get_gpt2_encoding
 
 # -----------------------------------------------------------------------------
-# defaults; override with config files or --key=value
+# settings; override with config files or --key=value
 
-defaults = dict(
+DEFAULTS = dict(
     out_dir="out",  # the run to export: its out_dir/ckpt.pt
     hf_dir="",  # the folder to write (must not exist yet, or be empty)
     dtype="float32",  # the weights' type in the folder: float32 or bfloat16 (half the size)
 )
 
 GPT2_VOCAB = 50257  # GPT-2's real vocabulary: 50000 merges + 256 bytes + <|endoftext|>
-EOT = 50256  # <|endoftext|>: GPT-2's only special token, its BOS, EOS and "unknown"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # our nn.GELU(approximate=...) -> transformers' name for the same function
 ACTIVATIONS = {"tanh": "gelu_new", "none": "gelu"}
@@ -266,7 +266,7 @@ def export(model, enc, hf_dir, dtype="float32"):
 
 
 def main():
-    cfg = configure(defaults)
+    cfg = configure(DEFAULTS)
     if not cfg["hf_dir"]:
         die("say where to write the folder: --hf_dir=PATH")
     if cfg["dtype"] not in DTYPES:
@@ -277,21 +277,17 @@ def main():
 
     try:
         model, meta = load_model(out_dir=cfg["out_dir"])  # a LoRA run comes with its adapters applied
-    except (DataError, OSError, RuntimeError, ValueError) as e:  # no or a broken checkpoint, a base that won't load
+    except (UserError, OSError, RuntimeError, ValueError) as e:  # no or a broken checkpoint, a base that won't load
         die(str(e))
     reason = why_not_exportable(model, meta)
     if reason:
         die(reason)
-    try:
-        import lora
-    except ImportError:
-        lora = None  # no lora.py: then no run has adapters either
-    if lora is not None and lora.has_lora(model):
+    if lora.has_lora(model):
         lora.merge_lora(model)  # fold B @ A into the base weights: plain GPT-2 weights again
         print("merged the LoRA adapters into the base weights")
     try:
         enc = get_gpt2_encoding()
-    except DataError as e:
+    except UserError as e:
         die(str(e))
 
     try:

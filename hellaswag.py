@@ -33,13 +33,14 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoint import load_model
-from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
-from dataloader import EOT, DataError, DataLoader, get_gpt2_encoding, read_meta
+from configurator import UserError, atomic_write, autocast_context, configure, die, print_config, resolve_device, resolve_dtype
+from dataloader import EOT, DataLoader, get_gpt2_encoding, read_meta
+from model import unwrap
 
 # -----------------------------------------------------------------------------
 # settings (python hellaswag.py [config/FILE.py] [--key=value ...])
 
-defaults = dict(
+DEFAULTS = dict(
     init_from="gpt2",  # OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF folder; unused with out_dir
     out_dir="",  # a run of ours: load out_dir/ckpt.pt (LoRA runs: base + adapter) instead of init_from
     split="val",  # which HellaSwag split: val (10,042 examples) or train; test has no public labels
@@ -69,20 +70,17 @@ def download(split):
     import requests
 
     url = URL.format(split=split)
-    os.makedirs(DATA_DIR, exist_ok=True)
-    tmp = path + ".tmp"  # written under a temp name, so an interrupted download is never "cached"
-    try:
-        with requests.get(url, stream=True, timeout=30) as r:
+    try:  # atomic: an interrupted download is never taken for the cached file
+        with requests.get(url, stream=True, timeout=30) as r, atomic_write(path) as f:
             r.raise_for_status()
             total = int(r.headers.get("content-length", 0)) or None
-            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 for chunk in r.iter_content(chunk_size=1 << 16):
                     f.write(chunk)
                     bar.update(len(chunk))
     except requests.RequestException as e:
-        raise DataError(f"could not download {url} ({type(e).__name__}): be online once, or pass "
+        raise UserError(f"could not download {url} ({type(e).__name__}): be online once, or pass "
                         f"--data_file=PATH to a local copy") from None
-    os.replace(tmp, path)
     return path
 
 
@@ -95,12 +93,12 @@ def load_examples(split="val", data_file=None, limit=None):
 
     from data_file, or from the split's downloaded file. limit keeps the first N."""
     if split == "test" and not data_file:
-        raise DataError("HellaSwag's test labels are not public, so it cannot be scored here: use split=val")
+        raise UserError("HellaSwag's test labels are not public, so it cannot be scored here: use split=val")
     if split not in ("train", "val", "test"):
-        raise DataError(f"unknown HellaSwag split {split!r}: use val or train")
+        raise UserError(f"unknown HellaSwag split {split!r}: use val or train")
     path = data_file or download(split)
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file (--data_file must be a jsonl in HellaSwag's format)")
+        raise UserError(f"{path}: no such file (--data_file must be a jsonl in HellaSwag's format)")
     enc = get_gpt2_encoding()
     examples = []
     with open(path, encoding="utf-8") as f:
@@ -113,28 +111,28 @@ def load_examples(split="val", data_file=None, limit=None):
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(ex, dict):
-                raise DataError(f"{where}: expected a JSON object with ctx, endings and label")
+                raise UserError(f"{where}: expected a JSON object with ctx, endings and label")
             if "label" not in ex:
-                raise DataError(f"{where}: no label (HellaSwag's test labels are not public: use the val split)")
+                raise UserError(f"{where}: no label (HellaSwag's test labels are not public: use the val split)")
             ctx, endings, label = ex.get("ctx"), ex.get("endings"), ex["label"]
             if not isinstance(ctx, str) or not ctx.strip():
-                raise DataError(f"{where}: ctx must be a non-empty string, got {ctx!r}")
+                raise UserError(f"{where}: ctx must be a non-empty string, got {ctx!r}")
             if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-                raise DataError(f"{where}: endings must be a list of 4 strings, got {endings!r}")
+                raise UserError(f"{where}: endings must be a list of 4 strings, got {endings!r}")
             # the real files store label as an int; exports (e.g. Hugging Face's) as a string
             if isinstance(label, str) and label.strip().isdigit():
                 label = int(label)
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
-                raise DataError(f"{where}: label must be 0, 1, 2 or 3, got {ex['label']!r}")
+                raise UserError(f"{where}: label must be 0, 1, 2 or 3, got {ex['label']!r}")
             # an ending is its own word after the context: " " + ending, so that BPE gives it
             # the space-prefixed tokens it would have in running text
             examples.append(dict(ctx=enc.encode(ctx),
                                  endings=[enc.encode(" " + e) for e in endings],
                                  label=label))
     if not examples:
-        raise DataError(f"{path}: no examples in the file")
+        raise UserError(f"{path}: no examples in the file")
     return examples
 
 
@@ -151,7 +149,8 @@ def ending_losses(model, examples, device, autocast_ctx=nullcontext()):
     no real position and needs no attention mask; the targets of padding (and of the context)
     are -1, so they are not scored. A row longer than the model's block_size loses its oldest
     context tokens."""
-    block_size = _raw(model).config.block_size
+    gpt = unwrap(model)
+    block_size = gpt.config.block_size
     rows = [(ex["ctx"], end) for ex in examples for end in ex["endings"]]  # 4n rows
     T = min(max(len(c) + len(e) for c, e in rows) - 1, block_size)  # inputs drop the last token
     idx = torch.full((len(rows), T), EOT, dtype=torch.long)  # (4n, T) inputs, padded with any real id
@@ -166,7 +165,6 @@ def ending_losses(model, examples, device, autocast_ctx=nullcontext()):
         targets[r, first:len(y)] = torch.tensor(y[first:])
     idx, targets = idx.to(device), targets.to(device)
     scored = targets != -1  # (4n, T): the endings' tokens, about a third of the positions
-    gpt = _raw(model)
     with torch.no_grad(), autocast_ctx:
         h = gpt.hidden_states(idx)  # (4n, T, C)
         # lm_head on the scored positions only: the context and padding positions would cost
@@ -186,13 +184,9 @@ def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), ra
     numbers of the whole set. The model may be wrapped in DDP and/or torch.compile; either way
     the scoring runs the plain model's hidden_states (compile that method itself for speed, as
     main() does)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # DDP broadcasts buffers (e.g. RoPE's tables) in every forward pass, a collective: ranks
-    # holding different numbers of batches would wait on each other forever. The inner module
-    # has the same weights and runs no collectives.
-    if isinstance(model, DDP):
-        model = model.module
+    # not DDP's forward: it broadcasts buffers (RoPE's tables) every call, a collective, and
+    # ranks holding different numbers of batches would wait on each other forever
+    model = unwrap(model)
     mine = examples[rank::world_size]
     was_training = model.training
     model.eval()  # no dropout
@@ -244,32 +238,20 @@ def val_loss(model, data_dir, batch_size, block_size, eval_iters, device, autoca
 # the command line
 
 
-def _raw(model):
-    """The GPT inside DDP and/or torch.compile wrappers (for its config)."""
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 def main():
-    cfg = configure(defaults)
+    cfg = configure(DEFAULTS)
     print_config(cfg)
-    device = resolve_device(cfg["device"])
-    device_type = device.split(":")[0]
+    device, device_type = resolve_device(cfg["device"])
     # evaluation has no backward pass, so fp16 needs no GradScaler here
     ctx = autocast_context(device_type, resolve_dtype(cfg["dtype"], device_type))
     if cfg["batch_size"] < 1:
         die(f"--batch_size must be at least 1, got {cfg['batch_size']}")
 
     try:
-        try:
-            if cfg["out_dir"]:
-                model, meta = load_model(out_dir=cfg["out_dir"], device=device)
-            else:
-                model, meta = load_model(init_from=cfg["init_from"], device=device)
-        except (OSError, RuntimeError, ValueError, ImportError) as e:
-            die(str(e).splitlines()[0])
-        except KeyError as e:  # a torch file, but not one of our checkpoints
-            die(f"{cfg['out_dir']}/ckpt.pt has no {e} entry: not a checkpoint of this project")
+        if cfg["out_dir"]:
+            model, meta = load_model(out_dir=cfg["out_dir"], device=device)
+        else:
+            model, meta = load_model(init_from=cfg["init_from"], device=device)
         source = cfg["out_dir"] or cfg["init_from"]
         if cfg["compile"] and cfg["val_dataset"]:
             model = torch.compile(model)
@@ -283,9 +265,9 @@ def main():
             if (data_meta.get("tokenizer"), data_meta.get("chars")) != (meta.get("tokenizer"), meta.get("chars")):
                 die(f"{data_dir} is tokenized with {data_meta.get('tokenizer')!r}, but {source} was trained "
                     f"with {meta.get('tokenizer')!r} (or other chars): pick a dataset of the same tokenizer")
-            block_size = cfg["block_size"] or _raw(model).config.block_size
-            if block_size > _raw(model).config.block_size:
-                die(f"--block_size={block_size} is longer than the model's {_raw(model).config.block_size}")
+            block_size = cfg["block_size"] or unwrap(model).config.block_size
+            if block_size > unwrap(model).config.block_size:
+                die(f"--block_size={block_size} is longer than the model's {unwrap(model).config.block_size}")
             loss, n_tokens = val_loss(model, data_dir, cfg["batch_size"], block_size, cfg["eval_iters"], device, ctx)
             print(f"val loss {loss:.4f} over {n_tokens:,} tokens ({source} on {data_dir})")
             return
@@ -293,8 +275,8 @@ def main():
         if meta.get("tokenizer") != "gpt2":
             die(f"{source} uses the {meta.get('tokenizer')!r} tokenizer; HellaSwag needs a GPT-2 BPE model "
                 f"(for a char-level run, try --val_dataset=NAME for a val loss)")
-        if _raw(model).config.vocab_size < 50257:
-            die(f"{source} has a vocabulary of {_raw(model).config.vocab_size} tokens, fewer than GPT-2 BPE's 50257")
+        if unwrap(model).config.vocab_size < 50257:
+            die(f"{source} has a vocabulary of {unwrap(model).config.vocab_size} tokens, fewer than GPT-2 BPE's 50257")
         examples = load_examples(cfg["split"], cfg["data_file"] or None, cfg["limit"] or None)
         t0 = time.time()
         result = evaluate(model, examples, device, cfg["batch_size"], ctx, progress=True)
@@ -305,7 +287,7 @@ def main():
         print(f"hellaswag {cfg['split'] if not cfg['data_file'] else cfg['data_file']}: "
               f"acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f} (+-{se:.4f})  over {n:,} examples  "
               f"({n / dt:.1f} examples/s, {source})")
-    except DataError as e:
+    except UserError as e:
         die(str(e))
 
 

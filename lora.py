@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from model import unwrap
+
 # Each Linear of a Block that LoRA can adapt, and the target names of the equal parts its
 # output is split into. The order of all names is the order of the valid targets.
 LINEARS = {
@@ -110,14 +112,6 @@ class LoRALinear(nn.Module):
         return self.scale * torch.cat(rows, dim=0)
 
 
-def _unwrap(model):
-    """The model inside DDP (.module) and torch.compile (._orig_mod) wrappers, whose
-    parameter names carry prefixes."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
-
-
 def parse_targets(targets):
     """Target names from "q, v" or ["q", "v"], in the canonical order; unknown ones are an error."""
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
@@ -136,7 +130,7 @@ def has_lora(model):
 def apply_lora(model, rank, alpha, dropout=0.0, targets=DEFAULT_TARGETS, verbose=True):
     """Add LoRA adapters to the target Linears of every Block, freeze every other parameter,
     and (verbose) print how many are left to train. Returns the model (changed in place)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     names = parse_targets(targets)
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive int, got {rank!r} (lora_rank=0 means no LoRA)")
@@ -174,7 +168,7 @@ def merge_lora(model):
     state dict an ordinary GPT loads. The adapters are folded in even if they are disabled.
     Every parameter is trainable again, as in any GPT (apply_lora froze them). Returns the
     model (changed in place)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     for name, m in list(model.named_modules()):
         if not isinstance(m, LoRALinear):
             continue
@@ -193,11 +187,11 @@ def merge_lora(model):
 
 def _adapters(model):
     """(name, Parameter) of every adapter tensor, names as in the bare model's state dict."""
-    return [(n, p) for n, p in _unwrap(model).named_parameters() if n.split(".")[-2] in ("lora_A", "lora_B")]
+    return [(n, p) for n, p in unwrap(model).named_parameters() if n.split(".")[-2] in ("lora_A", "lora_B")]
 
 
 def _settings(model):
-    layers = [m for m in _unwrap(model).modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in unwrap(model).modules() if isinstance(m, LoRALinear)]
     if not layers:
         raise ValueError("the model has no LoRA adapters (apply_lora or load_lora first)")
     first = layers[0]  # apply_lora gives every layer the same rank, alpha and dropout
@@ -215,7 +209,7 @@ def load_lora(model, state):
     """Load lora_state_dict's output into a model: adapters with the saved settings are added
     first if the model has none. Every adapter must be in `state` and nothing more, with the
     same shape. Returns the model."""
-    model = _unwrap(model)
+    model = unwrap(model)
     settings = {k: state[k] for k in ("rank", "alpha", "dropout", "targets")}
     if not has_lora(model):
         apply_lora(model, **settings, verbose=False)  # loading, not training: no counts to print
@@ -233,43 +227,3 @@ def load_lora(model, state):
                 raise ValueError(f"LoRA tensor {name} has shape {tuple(tensors[name].shape)}, the model needs {tuple(p.shape)}")
             p.copy_(tensors[name])
     return model
-
-
-# -----------------------------------------------------------------------------
-# python lora.py --out_dir=RUN --merged_dir=DIR: a LoRA run as an ordinary checkpoint
-
-def main():
-    """Fold a LoRA run's adapters into its base and write DIR/ckpt.pt as any other run's:
-    a full model that sample.py, hellaswag.py, export_hf.py and train.py's init_from=DIR read
-    with no LoRA involved. (Not a resumable training state: it has no optimizer.)"""
-    import os
-
-    import lora  # run as a script this file is __main__; checkpoint.py builds adapters from "lora"
-    from checkpoint import load_checkpoint, load_model, save_checkpoint
-    from configurator import configure, die, print_config
-    from dataloader import DataError
-
-    cfg = configure(dict(
-        out_dir="",  # the LoRA run to merge
-        merged_dir="",  # where to write the merged ckpt.pt
-    ))
-    print_config(cfg)
-    if not cfg["out_dir"] or not cfg["merged_dir"]:
-        die("give both --out_dir=LORA_RUN and --merged_dir=WHERE_TO_WRITE")
-    try:
-        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        if "lora" not in ckpt:
-            die(f"{cfg['out_dir']} is not a LoRA run: its ckpt.pt already holds the whole model")
-        model, meta = load_model(out_dir=cfg["out_dir"])
-    except DataError as e:
-        die(str(e))
-    lora.merge_lora(model)
-    merged = {"model": model.state_dict(), "model_args": vars(model.config).copy(), "meta": meta,
-              "step": ckpt["step"], "config": ckpt["config"], "merged_from": cfg["out_dir"]}
-    path = os.path.join(cfg["merged_dir"], "ckpt.pt")
-    save_checkpoint(merged, path)
-    print(f"wrote {path}: {cfg['out_dir']}'s adapters merged into its base {ckpt['base']!r}")
-
-
-if __name__ == "__main__":
-    main()

@@ -51,6 +51,14 @@ PRESETS = {
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # from_pretrained's names (no 1.3B)
 
 
+def unwrap(model):
+    """The GPT inside torch.compile (._orig_mod) and DDP (.module) wrappers: its state dict
+    has clean names, and its methods (generate, hidden_states) are reachable."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
 def preset(name, **overrides):
     """GPTConfig of a named size, e.g. preset("gpt2-medium", rope=True)."""
     if name not in PRESETS:

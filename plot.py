@@ -32,7 +32,7 @@ from configurator import configure, die
 
 # -----------------------------------------------------------------------------
 # settings (python plot.py OUT_DIR [OUT_DIR ...] --key=value)
-defaults = dict(
+DEFAULTS = dict(
     smooth=1,  # moving average over this many points for the noisy per-step streams; 1 = raw
     baseline_val_loss=0.0,  # draw a dashed line at this val loss (e.g. a reference run's); 0 = none
     output="",  # where to write the picture; "" = OUT_DIR/plot.png for one run, ./plot.png for several
@@ -269,7 +269,7 @@ def plot_runs(out_dirs, smooth=1, baseline_val_loss=0.0, output=""):
 
 def main():
     out_dirs, flags = split_argv(sys.argv[1:])
-    cfg = configure(defaults, flags)
+    cfg = configure(DEFAULTS, flags)
     path, panels = plot_runs(out_dirs, **cfg)
     print(f"wrote {path} ({', '.join(panels)})")
 

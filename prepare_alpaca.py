@@ -35,8 +35,8 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from configurator import configure, die, print_config
-from dataloader import EOT, DataError, get_gpt2_encoding, write_meta, write_sft
+from configurator import UserError, atomic_write, configure, die, print_config
+from dataloader import EOT, get_gpt2_encoding, write_meta, write_sft
 
 DEFAULTS = dict(
     input="",  # a local JSON list or JSONL of {"instruction", "input", "output"}; empty = download Alpaca
@@ -125,10 +125,8 @@ def download(url):
             r.raise_for_status()
         except requests.RequestException as e:
             die(f"download failed ({type(e).__name__}); give a local copy with --input=PATH")
-        os.makedirs("data", exist_ok=True)
-        with open(cache + ".tmp", "wb") as f:  # a temp name: an interrupted download is never "cached"
+        with atomic_write(cache) as f:  # an interrupted download is never taken for the cache
             f.write(r.content)
-        os.replace(cache + ".tmp", cache)
     return cache
 
 
@@ -189,7 +187,7 @@ def main():
     print_config(cfg)
     try:
         prepare(cfg)
-    except DataError as e:
+    except UserError as e:
         die(str(e))
 
 

@@ -33,12 +33,12 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from configurator import configure, die, print_config
-from dataloader import EOT, DataError, get_gpt2_encoding, read_tokens, write_meta, write_tokens
+from configurator import UserError, atomic_write, configure, die, print_config
+from dataloader import EOT, get_gpt2_encoding, read_tokens, write_meta, write_tokens
 
 # -----------------------------------------------------------------------------
-# defaults; override with a config file or --key=value
-defaults = dict(
+# settings; override with a config file or --key=value
+DEFAULTS = dict(
     dataset="HuggingFaceFW/fineweb-edu",  # a Hugging Face Hub dataset (used when data_files is empty)
     name="sample-10BT",  # its configuration: sample-10BT, sample-100BT, sample-350BT, ... ("" for none)
     data_files="",  # local corpus instead: comma-separated paths or globs of .jsonl/.json/.parquet/.txt (.gz ok)
@@ -130,7 +130,7 @@ def tokenize(texts):
         if text is None:
             text = ""  # an empty document still counts, so that document numbers stay aligned
         if not isinstance(text, str):
-            raise DataError(f"the text field holds {type(text).__name__} values, not text: pick another --text_field")
+            raise UserError(f"the text field holds {type(text).__name__} values, not text: pick another --text_field")
         # encode_ordinary: a literal "<|endoftext|>" inside a web page is text, not a separator
         ids = _enc.encode_ordinary(text)
         doc = np.empty(len(ids) + 1, dtype=np.uint16)  # GPT-2's 50,257 ids fit in uint16
@@ -150,10 +150,8 @@ def shard_name(index):
 
 def save_progress(out_dir, progress):
     # atomic like the shards: a crash leaves the old record or the new one, never half of one
-    path = os.path.join(out_dir, PROGRESS)
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(os.path.join(out_dir, PROGRESS), "w") as f:
         json.dump(progress, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def completed_shards(out_dir, source):
@@ -177,7 +175,7 @@ def completed_shards(out_dir, source):
     for i, shard in enumerate(progress["shards"]):
         try:
             n = len(read_tokens(os.path.join(out_dir, shard["file"])))
-        except DataError:
+        except UserError:
             break  # missing or damaged: it and everything after it are written again
         last_of_corpus = progress["finished"] and i == len(progress["shards"]) - 1
         if n != shard["tokens"] or (n != source["shard_size"] and not last_of_corpus):
@@ -191,7 +189,7 @@ def completed_shards(out_dir, source):
 
 
 def main():
-    cfg = configure(defaults)
+    cfg = configure(DEFAULTS)
     print_config(cfg)
     if cfg["shard_size"] < 1 or cfg["max_tokens"] < 0 or cfg["num_proc"] < 1:
         die("--shard_size and --num_proc must be >= 1, --max_tokens >= 0 (0 means the whole corpus)")
@@ -199,7 +197,7 @@ def main():
     files, builder = resolve_files(cfg["data_files"]) if cfg["data_files"] else ([], None)
     try:
         get_gpt2_encoding()  # fail now, in one line, rather than inside every worker
-    except DataError as e:
+    except UserError as e:
         die(str(e))
 
     # what the shards are made from: a rerun must match it exactly to reuse them
@@ -278,7 +276,7 @@ def main():
             die("the corpus has no documents")
         progress["finished"] = not stop  # a --max_tokens run can be continued later
         save_progress(out_dir, progress)
-    except DataError as e:
+    except UserError as e:
         die(str(e))
     finally:
         bar.close()

@@ -15,8 +15,8 @@ import os
 
 import requests
 
-from configurator import configure, die, print_config
-from dataloader import DataError, get_gpt2_encoding, write_meta, write_tokens
+from configurator import UserError, atomic_write, configure, die, print_config
+from dataloader import get_gpt2_encoding, write_meta, write_tokens
 
 DEFAULTS = dict(
     tokenizer="char",  # "char" (65 characters) or "gpt2" (BPE, 50257 tokens)
@@ -42,10 +42,8 @@ def get_text(cfg):
             r.raise_for_status()
         except requests.RequestException as e:
             die(f"download failed ({type(e).__name__}); give a local copy with --input=PATH")
-        os.makedirs("data", exist_ok=True)
-        with open(cache + ".tmp", "w", encoding="utf-8") as f:  # renamed when whole: never half a cache
+        with atomic_write(cache, "w", encoding="utf-8") as f:  # never half a cache
             f.write(r.text)
-        os.replace(cache + ".tmp", cache)
     with open(cache, encoding="utf-8") as f:
         return f.read()
 
@@ -83,7 +81,7 @@ def main():
     print_config(cfg)
     try:
         prepare(cfg)
-    except DataError as e:
+    except UserError as e:
         die(str(e))
 
 

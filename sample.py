@@ -19,8 +19,8 @@ import sys
 import torch
 
 from checkpoint import load_model, newest_checkpoint
-from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
-from dataloader import EOT, DataError, get_tokenizer
+from configurator import UserError, autocast_context, configure, die, print_config, resolve_device, resolve_dtype
+from dataloader import EOT, get_tokenizer
 
 DEFAULTS = dict(
     out_dir="",  # a training run's folder; empty = the newest out*/ckpt.pt here
@@ -41,8 +41,7 @@ DEFAULTS = dict(
 
 def main():
     cfg = configure(DEFAULTS)
-    device = resolve_device(cfg["device"])
-    device_type = "cuda" if device.startswith("cuda") else device
+    device, device_type = resolve_device(cfg["device"])
     ptdtype = resolve_dtype(cfg["dtype"], device_type)
     print_config(cfg, file=sys.stderr)  # to stderr: stdout holds only the samples
     try:
@@ -75,7 +74,7 @@ def main():
             import prepare_alpaca
             start = prepare_alpaca.render_prompt(start, "")
         start_ids = encode(start)
-    except DataError as e:
+    except UserError as e:
         die(str(e))
     if not start_ids:
         die("the prompt is empty; give some text with --start")

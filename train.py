@@ -4,27 +4,13 @@ Train a GPT: from a laptop CPU to several 8-GPU nodes, with one script.
     python train.py config/shakespeare_char_cpu.py                    # laptop, a few minutes
     python train.py config/shakespeare_char.py                        # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py   # one 8-GPU node
+    python train.py config/finetune_alpaca.py                         # instruction fine-tuning
 
-What one optimizer step does:
-  1. read grad_accum micro-batches (B x T tokens each) on every rank: together exactly
-     total_batch_size tokens;
-  2. forward/backward each one under autocast (bf16, or fp16 with a gradient scaler), the loss
-     divided by grad_accum so the summed gradients are the mean over the whole batch; DDP
-     averages across ranks on the last micro-step only (no_sync on the others);
-  3. clip the gradient norm, set the learning rate (linear warmup, cosine decay), AdamW step.
-Around it: validation every eval_interval steps, HellaSwag every hellaswag_interval, a checkpoint
-every checkpoint_interval and at the end, one line of log per log_interval.
-
-Instruction fine-tuning (an SFT dataset, made by prepare_alpaca.py; its meta.json says
-"format": "sft"): the batches are whole examples, one a row, padded to the longest of the
-micro-batch (dataloader.SFTLoader), so batch_size and total_batch_size count EXAMPLES there,
-not tokens. The loss is on the response tokens only, averaged over all of them in the whole
-optimizer step (every micro-step, every rank), so accumulation and DDP give the gradient of
-one big batch; tok/s counts the real tokens, not the padding.
-
-Exact resume: the checkpoint holds the model, the optimizer, the step, the data loader's
-position and every rank's RNG state, so `--init_from=resume` continues as if never stopped.
-Ctrl-C or SIGTERM finishes the current step, saves and exits 0 (twice: exits at once).
+One optimizer step reads grad_accum micro-batches on every rank, runs forward and backward on
+each under autocast, clips the gradient norm, sets the learning rate (warmup, then cosine) and
+steps AdamW. Around it: validation, HellaSwag, checkpoints, a log line. Ctrl-C or SIGTERM
+finishes the step, saves and exits (a second one exits at once); --init_from=resume continues
+exactly where the run stopped.
 """
 
 import math
@@ -33,23 +19,26 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hellaswag
 import lora
-from checkpoint import clean_state_dict, load_checkpoint, load_model, save_checkpoint
-from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
-from dataloader import DataError, DataLoader, SFTLoader, read_meta
+from checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint
+from configurator import UserError, autocast_context, configure, die, print_config, resolve_device, resolve_dtype
+from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
 from model import GPT, GPTConfig, peak_flops
 
 # -----------------------------------------------------------------------------
-# settings: every one can be changed by a config file or --key=value (see configurator.py)
+# settings: every one can be changed by a config file or --key=value (python train.py -h lists them)
 DEFAULTS = dict(
     # I/O
     out_dir="out",  # where ckpt.pt and log.txt go
     init_from="scratch",  # scratch | resume (out_dir/ckpt.pt) | gpt2, gpt2-medium, ... | a run's out_dir | an HF folder
+    overwrite=False,  # True: a scratch run may replace the run already in out_dir (else it is refused)
     dataset="shakespeare_char",  # the folder data/<dataset>/ with train/val token files and meta.json
     eval_interval=250,  # validate every this many steps (0 = only at the end)
     eval_iters=200,  # validation batches per evaluation (per rank)
@@ -63,10 +52,9 @@ DEFAULTS = dict(
     wandb_project="gpt2",
     wandb_run_name="run",
     # data
-    batch_size=12,  # micro-batch: sequences per forward/backward on each rank (SFT: examples)
-    block_size=1024,  # tokens per sequence
-    total_batch_size=0,  # tokens per optimizer step over all ranks; 0 = batch_size * block_size * ranks
-    # (SFT data: examples per optimizer step; 0 = batch_size * ranks)
+    batch_size=12,  # micro-batch: sequences per forward/backward on each rank (SFT data: examples)
+    block_size=1024,  # tokens per sequence (SFT data: the longest example)
+    total_batch_size=0,  # tokens per optimizer step over all ranks (SFT data: examples); 0 = one micro-batch per rank
     group_by_length=False,  # SFT data: fill each step with examples of similar length (far less padding)
     # model (ignored when the weights come from a checkpoint or GPT-2)
     n_layer=12,
@@ -99,7 +87,261 @@ DEFAULTS = dict(
     seed=1337,
 )
 
+# the settings that decide the model's shape: a resumed run must keep them
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "rope")
+
 # -----------------------------------------------------------------------------
+# helpers, in the order main() uses them
+
+
+def check_settings(cfg):
+    """Settings that parse but cannot work: one line now, not a traceback minutes later."""
+    for key in ("batch_size", "block_size", "log_interval", "eval_iters", "n_layer", "n_head"):
+        if cfg[key] < 1:
+            die(f"--{key} must be at least 1, got {cfg[key]}")
+    for key in ("max_iters", "total_batch_size", "eval_interval", "checkpoint_interval", "warmup_iters",
+                "learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if cfg[key] < 0:  # max_iters=0: evaluate the starting model and stop
+            die(f"--{key} must not be negative, got {cfg[key]}")
+    if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["lora_dropout"] < 1:
+        die(f"dropout must be in [0, 1), got dropout={cfg['dropout']}, lora_dropout={cfg['lora_dropout']}")
+    if cfg["n_embd"] % cfg["n_head"] != 0:
+        die(f"n_embd={cfg['n_embd']} must be a multiple of n_head={cfg['n_head']} (each head gets n_embd / n_head)")
+    if cfg["rope"] and (cfg["n_embd"] // cfg["n_head"]) % 2:
+        die(f"rope=True needs an even head size, got n_embd/n_head = {cfg['n_embd'] // cfg['n_head']}")
+    if cfg["lora_rank"] > 0:
+        try:
+            lora.parse_targets(cfg["lora_targets"])
+        except ValueError as e:
+            die(str(e))
+
+
+@dataclass
+class World:
+    """Who this process is: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
+    `python train.py` is rank 0 of 1."""
+    ddp: bool
+    rank: int
+    size: int
+    device: str  # cuda:LOCAL_RANK under torchrun on GPUs
+    device_type: str  # cuda, mps or cpu: what autocast takes
+
+    @property
+    def master(self):  # only rank 0 prints, logs and saves
+        return self.rank == 0
+
+
+def setup_world(device_setting):
+    device, device_type = resolve_device(device_setting)
+    if "RANK" not in os.environ:
+        return World(False, 0, 1, device, device_type)
+    rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return World(True, rank, size, device, device_type)
+
+
+def make_loaders(cfg, meta, world):
+    """The train and val loaders, and grad_accum. The one place where the kind of dataset
+    matters: token streams cut into (B, T) blocks, or whole instruction examples (SFT, from
+    prepare_alpaca.py), padded per micro-batch, whose batch sizes count examples."""
+    sft = meta.get("format") == "sft"
+    B, T = cfg["batch_size"], cfg["block_size"]
+    per_micro = B * world.size * (1 if sft else T)  # examples or tokens per micro-step, all ranks
+    total = cfg["total_batch_size"] or per_micro
+    unit = "examples" if sft else "tokens"
+    if total % per_micro != 0:
+        die(f"total_batch_size={total:,} ({unit}) is not a multiple of batch_size*{'' if sft else 'block_size*'}ranks "
+            f"= {per_micro:,}; change one of them")
+    grad_accum = total // per_micro
+    data_dir = os.path.join("data", cfg["dataset"])
+    Loader, extra = (SFTLoader, dict(group_by_length=cfg["group_by_length"])) if sft else (DataLoader, {})
+    train_loader = Loader(data_dir, "train", B, T, world.rank, world.size, seed=cfg["seed"], shuffle=True,
+                          grad_accum=grad_accum, **extra)
+    val_loader = Loader(data_dir, "val", B, T, world.rank, world.size, shuffle=False)
+    layout = f"{B} x {world.size} ranks x {grad_accum} accumulation steps" if sft else \
+             f"{B} x {T} x {world.size} ranks x {grad_accum} accumulation steps"
+    extra_note = f", each micro-batch padded to its longest example (at most {T} tokens)" if sft else ""
+    return train_loader, val_loader, grad_accum, f"{total:,} {unit} per step = {layout}{extra_note}"
+
+
+def build_model(cfg, meta, say):
+    """Return (model, base): a new model, or one loaded from OpenAI's weights or another run
+    (LoRA added if asked). base names where a LoRA run's frozen weights come from."""
+    init_from = cfg["init_from"]
+    if init_from == "scratch":
+        say(f"a new model: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide")
+        model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=vocab_size_of(meta), n_layer=cfg["n_layer"],
+                              n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
+                              bias=cfg["bias"], rope=cfg["rope"]))
+        if cfg["lora_rank"] > 0:
+            raise UserError("LoRA adapts a trained model: set init_from to gpt2* or another run's out_dir")
+        return model, None
+    # fine-tuning: another run of ours, or OpenAI's GPT-2 (by name or a local HF folder)
+    say(f"initialising from {init_from}")
+    ours = os.path.isfile(os.path.join(init_from, "ckpt.pt"))
+    if ours:
+        model, init_meta = load_model(out_dir=init_from, dropout=cfg["dropout"])
+    else:
+        model, init_meta = load_model(init_from=init_from, dropout=cfg["dropout"])
+    check_same_tokenizer(init_meta, meta, init_from, cfg["dataset"])
+    if lora.has_lora(model):  # fine-tuning a LoRA run: start from its merged weights
+        lora.merge_lora(model)
+    if cfg["block_size"] > model.config.block_size:
+        raise UserError(f"block_size={cfg['block_size']} is larger than {init_from}'s {model.config.block_size}")
+    if cfg["block_size"] < model.config.block_size:
+        model.crop_block_size(cfg["block_size"])
+    if cfg["lora_rank"] > 0:
+        lora.apply_lora(model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+                        targets=cfg["lora_targets"], verbose=say is print)
+    # a folder by its absolute path, so sample.py and hellaswag.py find the base from anywhere
+    return model, os.path.abspath(init_from) if os.path.isdir(init_from) else init_from
+
+
+def check_same_tokenizer(model_meta, data_meta, model_name, dataset):
+    """The same token ids must mean the same text for the model and the data."""
+    if (model_meta.get("tokenizer"), model_meta.get("chars")) != (data_meta.get("tokenizer"), data_meta.get("chars")):
+        raise UserError(f"{model_name} was trained with the {model_meta.get('tokenizer')} tokenizer (or other "
+                        f"characters) but data/{dataset} uses {data_meta.get('tokenizer')}; use a dataset "
+                        "of the same tokenizer")
+
+
+def check_resume(ckpt, cfg, meta, say):
+    """A resumed run keeps the checkpoint's model, and says which settings now differ."""
+    old = ckpt["config"]
+    check_same_tokenizer(ckpt["meta"], meta, cfg["out_dir"], cfg["dataset"])
+    shape = [k for k in SHAPE_KEYS if old[k] != cfg[k]]
+    if shape:
+        raise UserError(f"resuming {cfg['out_dir']} with another model shape ({', '.join(f'{k}={cfg[k]} vs {old[k]}' for k in shape)}); "
+                        "give the settings (config file) the run was started with")
+    changed = [f"{k}={cfg[k]!r} (was {old[k]!r})" for k in cfg if k not in ("init_from", "overwrite") and old.get(k) != cfg[k]]
+    if changed:
+        say(f"note: resuming with changed settings: {', '.join(changed)}")
+
+
+def claim_out_dir(out_dir, resume, overwrite):
+    """Lock out_dir for this run, and refuse to replace a run that is there. Returns the open
+    lock file: the OS releases the lock when the process ends, however it ends."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, "train.lock"), "w")
+    try:
+        import fcntl  # not on Windows: no lock there
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        raise UserError(f"another run is training into {out_dir} right now; wait for it or choose another --out_dir") from None
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not resume and not overwrite and os.path.exists(path):
+        step = load_checkpoint(path, mmap=True)["step"]  # mmap: reads the step, not the weights
+        raise UserError(f"{out_dir} already holds a run (ckpt.pt at step {step}): continue it with "
+                        "--init_from=resume, choose another --out_dir, or replace it with --overwrite")
+    return lock
+
+
+def load_hellaswag(cfg, meta):
+    """The rendered HellaSwag examples to evaluate during training, or None if it is off."""
+    if cfg["hellaswag_interval"] == 0:
+        return None
+    if meta["tokenizer"] != "gpt2":
+        raise UserError("HellaSwag needs a GPT-2 BPE model; set hellaswag_interval=0 for char-level data")
+    return hellaswag.load_examples(split="val", data_file=cfg["hellaswag_file"] or None,
+                                   limit=cfg["hellaswag_limit"] or None)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def setup_model(cfg, world, meta, ckpt, ptdtype, say):
+    """The model on its device with its optimizer and fp16 gradient scaler: a new one, one
+    fine-tuned from init_from, or (ckpt given) the checkpoint's. Returns (raw_model, base,
+    optimizer, scaler); base names a LoRA run's frozen weights."""
+    # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's)
+    torch.manual_seed(cfg["seed"])
+    if ckpt is not None:
+        check_resume(ckpt, cfg, meta, say)
+        say(f"resuming from {cfg['out_dir']}/ckpt.pt at step {ckpt['step']}")
+        raw_model, _ = load_model(out_dir=cfg["out_dir"], dropout=cfg["dropout"])
+        base = ckpt.get("base")  # a LoRA run's
+    else:
+        raw_model, base = build_model(cfg, meta, say)
+    raw_model.to(world.device)
+    say(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
+    torch.manual_seed(cfg["seed"] + world.rank)  # then a stream per rank: different dropout masks
+    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
+                                               (cfg["beta1"], cfg["beta2"]), world.device_type)
+    # fp16 needs loss scaling (its small range underflows gradients); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(world.device_type, enabled=(ptdtype == torch.float16))
+    return raw_model, base, optimizer, scaler
+
+
+def restore(ckpt, optimizer, scaler, train_loader, world, say):
+    """Put a checkpoint's training state back: optimizer, scaler, data position, RNG. Returns
+    the step to continue from."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    train_loader.load_state_dict(ckpt["loader"])
+    rngs = ckpt["rng"]
+    if len(rngs) == world.size:
+        set_rng_state(rngs[world.rank])
+    else:
+        say(f"note: the checkpoint has RNG states for {len(rngs)} ranks, this run has {world.size}: "
+            "dropout will not repeat the original run exactly")
+    return ckpt["step"]
+
+
+def evaluate(model, loader, eval_iters, world, autocast):
+    """The mean validation loss per target token over eval_iters batches on every rank. The
+    loader restarts each time, so every evaluation sees the same tokens."""
+    model.eval()
+    loader.reset()
+    loss_sum = torch.zeros((), device=world.device)
+    n_targets = 0
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            x, y = loader.next_batch()
+            n = int((y != -1).sum())  # every token, or (SFT) the response tokens
+            with autocast:
+                _, loss = model(x.to(world.device), y.to(world.device))
+            loss_sum += loss.float() * n
+            n_targets += n
+    model.train()
+    totals = torch.stack([loss_sum, torch.tensor(float(n_targets), device=world.device)])
+    if world.ddp:
+        dist.all_reduce(totals)  # sums over ranks
+    return (totals[0] / totals[1]).item()
+
+
+def save(cfg, step, val_loss, *, model, optimizer, scaler, loader, meta, base, world):
+    """Write out_dir/ckpt.pt (atomically). Every rank must call it: the RNG states are gathered."""
+    rngs = [None] * world.size
+    if world.ddp:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if not world.master:
+        return
+    ckpt = make_checkpoint(model, meta, cfg, step=step, optimizer=optimizer.state_dict(),
+                           scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                           loader=loader.state_dict(), rng=rngs, val_loss=val_loss, base=base)
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    save_checkpoint(ckpt, path)
+    if cfg["keep_interval"] and step % cfg["keep_interval"] == 0:
+        save_checkpoint(ckpt, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
+    print(f"saved {path} at step {step}")
 
 
 def get_lr(step, cfg):
@@ -116,23 +358,15 @@ def get_lr(step, cfg):
     return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def nonfinite(cfg, step):
+    """A NaN/inf loss: stop without saving, so ckpt.pt stays the last good one."""
+    return UserError(f"the loss is not finite at step {step}: stopping without saving (the last good checkpoint "
+                     f"in {cfg['out_dir']} is untouched); lower learning_rate, check the data, or try dtype=float32")
 
 
 class StopFlag:
     """SIGINT/SIGTERM: the first asks the loop to stop after this step (and save); the second
-    exits at once. A checkpoint being written then is left unfinished as ckpt.pt.tmp; ckpt.pt
-    itself is only ever replaced whole."""
+    exits at once (a checkpoint being written is then abandoned; ckpt.pt is only replaced whole)."""
 
     def __init__(self):
         self.requested = False
@@ -149,6 +383,32 @@ class StopFlag:
               "log step), then saving and exiting (again to exit at once)", flush=True)
 
 
+class RunLog:
+    """out_dir/log.txt, one 'STEP STREAM VALUE' line per value, and wandb if asked. On ranks
+    other than 0 it writes nothing."""
+
+    def __init__(self, cfg, world, append):
+        self.file = self.wandb = None
+        if not world.master:
+            return
+        self.file = open(os.path.join(cfg["out_dir"], "log.txt"), "a" if append else "w")
+        if cfg["wandb_log"]:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True needs wandb: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
+
+    def __call__(self, step, **values):
+        if self.file is None:
+            return
+        for k, v in values.items():
+            self.file.write(f"{step} {k} {v:.7g}\n" if isinstance(v, float) else f"{step} {k} {v}\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+
 def format_time(seconds):
     seconds = int(seconds)
     if seconds >= 3600:
@@ -156,352 +416,106 @@ def format_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def check_settings(cfg):
-    """Settings that parse but cannot work: one line now, not a traceback minutes later."""
-    for key in ("batch_size", "block_size", "log_interval", "eval_iters", "n_layer", "n_head"):
-        if cfg[key] < 1:
-            die(f"--{key} must be at least 1, got {cfg[key]}")
-    for key in ("max_iters", "total_batch_size", "eval_interval", "checkpoint_interval", "warmup_iters"):
-        if cfg[key] < 0:  # max_iters=0: evaluate the starting model and stop
-            die(f"--{key} must not be negative, got {cfg[key]}")
-    if cfg["n_embd"] % cfg["n_head"] != 0:
-        die(f"n_embd={cfg['n_embd']} must be a multiple of n_head={cfg['n_head']} (each head gets n_embd / n_head)")
-    if cfg["lora_rank"] > 0:
-        try:
-            lora.parse_targets(cfg["lora_targets"])
-        except ValueError as e:
-            die(str(e))
+# -----------------------------------------------------------------------------
 
 
 def main():
     cfg = configure(DEFAULTS)
     check_settings(cfg)
-
-    # --- processes and devices ---------------------------------------------------------
-    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` has none
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        device = resolve_device(cfg["device"])
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"  # one GPU per process
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-        device = resolve_device(cfg["device"])
-    master = rank == 0  # only rank 0 prints, logs and saves
-    device_type = "cuda" if device.startswith("cuda") else device
-    ptdtype = resolve_dtype(cfg["dtype"], device_type)
-    say = print if master else (lambda *a, **k: None)
-
-    # TF32 for fp32 matmuls on Ampere and newer: 10-bit mantissa inputs, fp32 accumulation
-    torch.set_float32_matmul_precision("high")
-
+    world = setup_world(cfg["device"])
     try:
-        meta = read_meta(os.path.join("data", cfg["dataset"]))
-    except DataError as e:
+        train(cfg, world)
+    except UserError as e:  # bad data, a missing checkpoint, a NaN loss: one line, no traceback
         die(str(e))
-    sft = meta.get("format") == "sft"  # an instruction dataset: whole examples, loss on responses
-
-    # --- batch arithmetic ------------------------------------------------------------
-    B, T = cfg["batch_size"], cfg["block_size"]
-    if sft:  # examples differ in length: here the batch sizes count examples, not tokens
-        per_micro = B * world_size
-        total = cfg["total_batch_size"] or per_micro
-        if total % per_micro != 0:
-            die(f"total_batch_size={total:,} (examples, for this SFT dataset) is not a multiple of "
-                f"batch_size*ranks = {B}*{world_size} = {per_micro:,}; change one of them")
-        grad_accum = total // per_micro
-    else:
-        tokens_per_micro = B * T * world_size
-        total = cfg["total_batch_size"] or tokens_per_micro
-        if total % tokens_per_micro != 0:
-            die(f"total_batch_size={total:,} is not a multiple of batch_size*block_size*ranks = "
-                f"{B}*{T}*{world_size} = {tokens_per_micro:,}; change one of them")
-        grad_accum = total // tokens_per_micro
-
-    if master:
-        print("config:")
-        print_config(cfg)
-        if sft:
-            print(f"device {device}, dtype {str(ptdtype).replace('torch.', '')}, {world_size} rank(s), "
-                  f"{total:,} examples per step = {B} x {world_size} ranks x {grad_accum} accumulation steps, "
-                  f"each micro-batch padded to its longest example (at most {T} tokens)")
-        else:
-            print(f"device {device}, dtype {str(ptdtype).replace('torch.', '')}, {world_size} rank(s), "
-                  f"{total:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum} accumulation steps")
-
-    try:
-        run(cfg, meta, rank, local_rank, world_size, master, device, device_type, ptdtype, grad_accum, say)
-    except DataError as e:  # expected failures (bad data, missing checkpoint, NaN loss): one line
-        if dist.is_initialized():
+    finally:
+        if world.ddp:
             dist.destroy_process_group()
-        die(str(e))
-    if ddp:
-        dist.destroy_process_group()
 
 
-def build_model(cfg, meta, device, say):
-    """Return (model, base, ckpt): the model (LoRA applied if asked), the reference to its
-    frozen base for LoRA checkpoints, and the checkpoint when resuming (else None)."""
-    init_from, ckpt, base = cfg["init_from"], None, None
-    if meta["tokenizer"] == "char":
-        vocab_size = len(meta["chars"])
-    else:
-        vocab_size = 50304  # GPT-2's 50257, padded to a multiple of 128 for fast matmuls
-    if init_from == "scratch":
-        say(f"a new model: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide")
-        model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=vocab_size, n_layer=cfg["n_layer"],
-                              n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
-                              bias=cfg["bias"], rope=cfg["rope"]))
-    elif init_from == "resume":
-        path = os.path.join(cfg["out_dir"], "ckpt.pt")
-        say(f"resuming from {path}")
-        ckpt = load_checkpoint(path)
-        model, _ = load_model(out_dir=cfg["out_dir"], dropout=cfg["dropout"])
-        base = ckpt.get("base")
-        if base is not None and os.path.isdir(base):  # (older runs stored a relative path)
-            base = os.path.abspath(base)
-    else:
-        # fine-tuning: another run of ours, or OpenAI's GPT-2 (by name or a local HF folder)
-        ours = os.path.isfile(os.path.join(init_from, "ckpt.pt"))
-        say(f"initialising from {init_from}")
-        if ours:
-            model, init_meta = load_model(out_dir=init_from, dropout=cfg["dropout"])
-        else:
-            model, init_meta = load_model(init_from=init_from, dropout=cfg["dropout"])
-        if init_meta.get("tokenizer") != meta["tokenizer"] or init_meta.get("chars") != meta.get("chars"):
-            raise DataError(f"{init_from} was trained with the {init_meta.get('tokenizer')} tokenizer but "
-                            f"data/{cfg['dataset']} uses {meta['tokenizer']}; use a dataset of the same tokenizer")
-        # a LoRA checkpoint names its base; a folder by its absolute path, so sample.py and
-        # hellaswag.py find it from any working directory
-        base = os.path.abspath(init_from) if os.path.isdir(init_from) else init_from
-        if lora.has_lora(model):  # fine-tuning a LoRA run: start from its merged weights
-            lora.merge_lora(model)
-        if cfg["block_size"] < model.config.block_size:
-            model.crop_block_size(cfg["block_size"])
-        if cfg["block_size"] > model.config.block_size:
-            raise DataError(f"block_size={cfg['block_size']} is larger than {init_from}'s {model.config.block_size}")
-    if cfg["lora_rank"] > 0 and init_from != "resume":
-        if init_from == "scratch":
-            raise DataError("LoRA adapts a trained model: set init_from to gpt2* or another run's out_dir")
-        lora.apply_lora(model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
-                        targets=cfg["lora_targets"], verbose=say is print)
-    return model.to(device), base, ckpt
+def train(cfg, world):
+    say = print if world.master else (lambda *a, **k: None)
+    ptdtype = resolve_dtype(cfg["dtype"], world.device_type)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+    out_dir, resume = cfg["out_dir"], cfg["init_from"] == "resume"
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt")) if resume else None
+    lock = claim_out_dir(out_dir, resume, cfg["overwrite"]) if world.master else None  # noqa: F841 (held)
+    meta = read_meta(os.path.join("data", cfg["dataset"]))
+    train_loader, val_loader, grad_accum, layout = make_loaders(cfg, meta, world)
+    say("config:")
+    if world.master:
+        print_config(cfg)
+    say(f"device {world.device}, dtype {str(ptdtype).replace('torch.', '')}, {world.size} rank(s), {layout}")
 
-
-def run(cfg, meta, rank, local_rank, world_size, master, device, device_type, ptdtype, grad_accum, say):
-    ddp = world_size > 1 or dist.is_initialized()
-    data_dir = os.path.join("data", cfg["dataset"])
-    sft = meta.get("format") == "sft"
-    B, T = cfg["batch_size"], cfg["block_size"]
-    Loader = SFTLoader if sft else DataLoader  # SFTLoader: whole examples, targets -1 but on responses
-    extra = dict(group_by_length=cfg["group_by_length"]) if sft else {}
-    train_loader = Loader(data_dir, "train", B, T, rank, world_size, seed=cfg["seed"], shuffle=True,
-                          grad_accum=grad_accum, **extra)
-    val_loader = Loader(data_dir, "val", B, T, rank, world_size, shuffle=False)
-
-    # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's)
-    torch.manual_seed(cfg["seed"])
-    model, base, ckpt = build_model(cfg, meta, device, say)
-    say(f"number of parameters: {model.num_params() / 1e6:.2f}M")
-    raw_model = model  # the plain module: its state dict has clean names, and HellaSwag runs on it
-    # then a different stream per rank, so dropout masks differ between ranks
-    torch.manual_seed(cfg["seed"] + rank)
-
-    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                               (cfg["beta1"], cfg["beta2"]), device_type)
-    # fp16 needs loss scaling (its small range underflows gradients); bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(device_type, enabled=(ptdtype == torch.float16))
-    step = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        train_loader.load_state_dict(ckpt["loader"])
-        if sft and train_loader.group_by_length != cfg["group_by_length"]:
-            say(f"note: group_by_length={train_loader.group_by_length} as in the checkpoint: a run keeps "
-                "the data order it began with")
-        rngs = ckpt.get("rng", [])
-        if len(rngs) == world_size:
-            set_rng_state(rngs[rank])
-        else:
-            say(f"note: the checkpoint has RNG states for {len(rngs)} ranks, this run has {world_size}: "
-                "dropout will not repeat the original run exactly")
-        if ckpt["config"].get("total_batch_size", 0) != cfg["total_batch_size"] or ckpt["config"]["block_size"] != T:
-            say("note: the batch layout changed since the checkpoint; the data order will differ")
+    raw_model, base, optimizer, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)
+    step = restore(ckpt, optimizer, scaler, train_loader, world, say) if resume else 0
+    model = raw_model
     if cfg["compile"]:
         say("compiling the model (the first steps are slow)...")
         model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = autocast_context(device_type, ptdtype)
-
-    hella_examples = None
-    if cfg["hellaswag_interval"] > 0:
-        if meta["tokenizer"] != "gpt2":
-            raise DataError("HellaSwag needs a GPT-2 BPE model; set hellaswag_interval=0 for char-level data")
-        import hellaswag
-        hella_examples = hellaswag.load_examples(split="val", data_file=cfg["hellaswag_file"] or None,
-                                                 limit=cfg["hellaswag_limit"] or None)
-
-    wandb = None
-    if cfg["wandb_log"] and master:
-        try:
-            import wandb
-        except ImportError:
-            raise DataError("wandb_log=True needs wandb: pip install wandb") from None
-        wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
-
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    log_path = os.path.join(cfg["out_dir"], "log.txt")
-    log_file = open(log_path, "a" if cfg["init_from"] == "resume" else "w") if master else None
-
-    def log(step, **values):
-        """One 'STEP STREAM VALUE' line per value in log.txt (rank 0), and to wandb."""
-        if not master:
-            return
-        for k, v in values.items():
-            log_file.write(f"{step} {k} {v:.7g}\n" if isinstance(v, float) else f"{step} {k} {v}\n")
-        log_file.flush()
-        if wandb is not None:
-            wandb.log(values, step=step)
-
-    def evaluate():
-        """Mean validation loss over eval_iters batches per rank, averaged across ranks (SFT:
-        over every response token of them). The val loader restarts each time, so every
-        evaluation sees the same tokens."""
-        model.eval()
-        val_loader.reset()
-        total_loss = torch.zeros((), device=device)
-        n_targets = torch.zeros((), device=device)  # SFT: response tokens seen
-        with torch.no_grad():
-            for _ in range(cfg["eval_iters"]):
-                x, y = val_loader.next_batch()
-                x, y = x.to(device), y.to(device)
-                with autocast:
-                    _, loss = model(x, y)
-                if sft:  # the mean over every response token, not over batches of unequal counts
-                    n = (y != -1).sum()
-                    total_loss += loss.float() * n
-                    n_targets += n
-                else:
-                    total_loss += loss.float()
-        model.train()
-        if sft:
-            if ddp:
-                dist.all_reduce(total_loss)  # sums over ranks
-                dist.all_reduce(n_targets)
-            return (total_loss / n_targets).item()
-        mean = total_loss / cfg["eval_iters"]
-        if ddp:
-            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
-        return mean.item()
-
-    def save(step, val_loss):
-        # every rank's RNG state, so that a resume with the same ranks repeats dropout exactly
-        rngs = [None] * world_size
-        if ddp:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if not master:
-            return
-        ckpt = {
-            "model_args": vars(raw_model.config).copy(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "step": step,
-            "config": cfg,
-            "meta": meta,
-            "loader": train_loader.state_dict(),
-            "rng": rngs,
-            "val_loss": val_loss,
-        }
-        if lora.has_lora(raw_model):
-            ckpt["lora"], ckpt["base"] = lora.lora_state_dict(raw_model), base  # small: adapters only
-        else:
-            ckpt["model"] = clean_state_dict(raw_model.state_dict())
-        path = os.path.join(cfg["out_dir"], "ckpt.pt")
-        save_checkpoint(ckpt, path)
-        if cfg["keep_interval"] and step % cfg["keep_interval"] == 0:
-            save_checkpoint(ckpt, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
-        print(f"saved {path} at step {step}")
+    if world.ddp:
+        model = DDP(model, device_ids=[world.device] if world.device_type == "cuda" else None)
+    autocast = autocast_context(world.device_type, ptdtype)
+    hella_examples = load_hellaswag(cfg, meta)
+    log = RunLog(cfg, world, append=resume)
+    checkpoint_args = dict(model=raw_model, optimizer=optimizer, scaler=scaler, loader=train_loader, meta=meta,
+                           base=base, world=world)
 
     # --- the loop ------------------------------------------------------------------------
     stop = StopFlag()
     max_iters, start_step = cfg["max_iters"], step
-    tokens_per_step = B * T * world_size * grad_accum
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+    peak = peak_flops(torch.cuda.get_device_name(world.device)) if world.device_type == "cuda" else None
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    pin = device_type == "cuda"  # page-locked host memory lets the copy overlap with compute
-    val_loss = ckpt.get("val_loss") if ckpt else None
-    t_last, steps_since_log, run_start = time.time(), 0, time.time()
-    bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
-    real_tokens = torch.zeros((), device=device)  # SFT: non-padding tokens trained on since the last log
-
+    pin = world.device_type == "cuda"  # page-locked host memory lets the copy overlap with compute
+    val_loss = ckpt["val_loss"] if resume else None
+    run_start = t_last = time.time()
+    steps_since_log, tokens_since_log = 0, 0
+    bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
     while True:
         last = step >= max_iters
         t_pause = time.time()  # evaluation and saving are not counted in the step time
         if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last:
-            val_loss = evaluate()
+            val_loss = evaluate(model, val_loader, cfg["eval_iters"], world, autocast)
             say(f"step {step}: val loss {val_loss:.4f}")
             log(step, val=val_loss)
-        if hella_examples is not None and (step % cfg["hellaswag_interval"] == 0 or last):
-            import hellaswag
-            res = hellaswag.evaluate(raw_model, hella_examples, device, batch_size=max(1, B // 4),
-                                     autocast_ctx=autocast, rank=rank, world_size=world_size)
+        if hella_examples and (step % cfg["hellaswag_interval"] == 0 or last):
+            res = hellaswag.evaluate(raw_model, hella_examples, world.device, batch_size=max(1, cfg["batch_size"] // 4),
+                                 autocast_ctx=autocast, rank=world.rank, world_size=world.size)
             say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
             log(step, hella=res["acc_norm"])
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0
         if (due or last) and step > start_step:
-            # never overwrite the last good checkpoint with a diverged model
+            # never overwrite the last good checkpoint with a diverged model; every rank agrees
             bad = (bad_loss | ~torch.stack([torch.isfinite(p).all() for p in params]).all()).float()
-            if ddp:  # every rank stops, or none: one rank alone leaving would hang the others
+            if world.ddp:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             if bad.item():
-                raise_nonfinite(cfg)
-            save(step, val_loss)
+                raise nonfinite(cfg, step - 1)
+            save(cfg, step, val_loss, **checkpoint_args)
         if last:
             break
         t_last += time.time() - t_pause
 
-        # one optimizer step
+        # one optimizer step: this rank's micro-batches, and the count of loss targets in the
+        # whole step (every micro-batch of every rank)
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_accum = torch.zeros((), device=device)
-        if sft:
-            # count the response tokens of the whole step (every micro-step, every rank) before
-            # the first forward, so that the step's loss is the mean over all of them however the
-            # step is split (a mean of the micro-batches' means would weigh a token more in a
-            # micro-batch of short responses)
-            batches, n_real = train_loader.next_step()
-            n_micro = [int((y != -1).sum()) for _, y in batches]  # response tokens per micro-batch
-            counts = torch.tensor([sum(n_micro), n_real], dtype=torch.float32, device=device)
-            if ddp:
-                dist.all_reduce(counts)  # sums over ranks
-            n_targets = counts[0]
-            real_tokens += counts[1]
-        for micro in range(grad_accum):
-            x, y = batches[micro] if sft else train_loader.next_batch()
+        batches, step_targets, step_tokens = train_loader.next_step()
+        loss_accum = torch.zeros((), device=world.device)
+        for micro, (x, y) in enumerate(batches):
+            # the micro-batch's share of the step's targets (1/grad_accum for full token batches):
+            # the weighted sum over micro-steps and ranks is the mean over every target of the
+            # step. x world.size because DDP averages the ranks' gradients instead of adding them.
+            weight = int((y != -1).sum()) * world.size / step_targets
             if pin:
                 x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP all-reduces gradients during backward; skip it on all but the last micro-step
-            sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
+            x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
+            # DDP all-reduces gradients during backward: only on the last micro-step
+            sync = model.no_sync() if world.ddp and micro < len(batches) - 1 else nullcontext()
             with sync:
                 with autocast:
-                    _, loss = model(x, y)  # SFT: the mean over this micro-batch's response tokens
-                    if sft:
-                        # weighted by the micro-batch's share of the step's response tokens, the
-                        # sum over micro-steps and ranks is the mean over all of them; x world_size
-                        # because DDP averages the ranks' gradients instead of adding them
-                        loss = loss * (n_micro[micro] / n_targets * world_size)
-                    else:
-                        loss = loss / grad_accum  # the sum over micro-steps is then the batch mean
+                    _, loss = model(x, y)  # the mean over this micro-batch's targets
+                    loss = loss * weight
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -509,58 +523,43 @@ def run(cfg, meta, rank, local_rank, world_size, master, device, device_type, pt
         scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        bad_loss |= ~torch.isfinite(loss_accum)  # no sync: checked at log and save time
+        bad_loss |= ~torch.isfinite(loss_accum)  # no sync here: checked at log and save time
         step += 1
         steps_since_log += 1
+        tokens_since_log += step_tokens
 
         # A signal may reach the ranks a step apart, and saving is collective: under DDP no rank
         # acts on its own, they agree at the next log step (one all-reduce there).
-        stopping = stop.requested and not ddp
+        stopping = stop.requested and not world.ddp
         if step % cfg["log_interval"] == 0 or step == max_iters or stopping:
-            if ddp:  # the loss of the whole global batch, and agreement on stopping (and on NaNs)
+            if world.ddp:  # the loss of the whole global batch, and agreement on stopping and NaNs
                 dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
-                flags = torch.stack([torch.tensor(float(stop.requested), device=device), bad_loss.float()])
+                flags = torch.stack([torch.tensor(float(stop.requested), device=world.device), bad_loss.float()])
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 stopping, bad_loss = bool(flags[0].item()), flags[1] > 0
             loss_val = loss_accum.item()  # waits for the GPU: the timing below is real
             if bad_loss.item() or not math.isfinite(loss_val):
-                raise_nonfinite(cfg, step - 1)
+                raise nonfinite(cfg, step - 1)
             t_now = time.time()
             dt = (t_now - t_last) / steps_since_log
-            step_tokens = tokens_per_step
-            if sft:  # the real tokens of these steps, all ranks: padding is not counted
-                step_tokens = real_tokens.item() / steps_since_log
-                real_tokens.zero_()
-            t_last, steps_since_log = t_now, 0
-            tok_per_s = step_tokens / dt
-            values = dict(train=loss_val, lr=lr, norm=norm.item(), dt_ms=dt * 1000, tok_per_s=tok_per_s)
-            mfu_text = ""
+            tok_per_s = tokens_since_log / (t_now - t_last)  # real tokens: SFT padding is not counted
+            values = dict(train=loss_val, lr=lr, norm=norm.item(), dt_ms=dt * 1000, tok_per_s=tok_per_s,
+                          epoch=train_loader.epoch)
             if peak is not None:
-                values["mfu"] = raw_model.estimate_mfu(step_tokens, dt, peak, seq_len=T)
-                mfu_text = f" | mfu {values['mfu'] * 100:.1f}%"
-            epoch_text = ""
-            if sft:  # the pass over the training examples this step was in, from 0
-                values["epoch"] = train_loader.epoch
-                epoch_text = f" | epoch {train_loader.epoch}"
+                values["mfu"] = raw_model.estimate_mfu(tokens_since_log / steps_since_log, dt, peak,
+                                                       seq_len=cfg["block_size"])
+            t_last, steps_since_log, tokens_since_log = t_now, 0, 0
             log(step - 1, **values)
             left = (max_iters - step) * (t_now - run_start) / max(1, step - start_step)
+            mfu_text = f" | mfu {values['mfu'] * 100:.1f}%" if peak is not None else ""
             say(f"step {step - 1:5d}/{max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | norm {values['norm']:.4f} | "
-                f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s{mfu_text}{epoch_text} | {format_time(left)} left", flush=True)
+                f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s{mfu_text} | epoch {train_loader.epoch} | "
+                f"{format_time(left)} left", flush=True)
         if stopping:
-            save(step, val_loss)
+            save(cfg, step, val_loss, **checkpoint_args)
             say(f"stopped at step {step}; continue with --init_from=resume")
             break
-
-    if log_file is not None:
-        log_file.close()
     say(f"done in {format_time(time.time() - run_start)}")
-
-
-def raise_nonfinite(cfg, step=None):
-    """A NaN/inf loss: stop without saving, so ckpt.pt stays the last good one."""
-    where = f" at step {step}" if step is not None else ""
-    raise DataError(f"the loss is not finite{where}: stopping without saving (the last good checkpoint in "
-                    f"{cfg['out_dir']} is untouched); lower learning_rate, check the data, or try dtype=float32")
 
 
 if __name__ == "__main__":

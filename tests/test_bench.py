@@ -24,7 +24,7 @@ def summary_printed(out, summary):
 
 
 def test_train_numbers_and_summary(capsys):
-    cfg = configure(bench.defaults, TINY + ["--mode=train", "--batch_size=2", "--block_size=16",
+    cfg = configure(bench.DEFAULTS, TINY + ["--mode=train", "--batch_size=2", "--block_size=16",
                                             "--grad_accum=2", "--warmup=1", "--steps=2", "--peak_flops=1e12"])
     r = bench.bench_train(cfg)
     for key in ("ms_per_step", "tokens_per_s", "mfu", "loss", "cores_used"):
@@ -47,7 +47,7 @@ def test_train_numbers_and_summary(capsys):
 
 def test_train_bf16_cpu_mfu_na_and_profile(capsys):
     # no peak for a CPU: MFU is n/a, not a made-up number; bf16 autocast runs on CPU too
-    cfg = configure(bench.defaults, TINY + ["--batch_size=2", "--block_size=16", "--warmup=0", "--steps=2",
+    cfg = configure(bench.DEFAULTS, TINY + ["--batch_size=2", "--block_size=16", "--warmup=0", "--steps=2",
                                             "--dtype=bfloat16", "--rope=True", "--profile=True"])
     r = bench.bench_train(cfg)
     assert r["mfu"] is None and "MFU n/a" in r["summary"]
@@ -60,7 +60,7 @@ def test_train_bf16_cpu_mfu_na_and_profile(capsys):
 
 
 def test_sample_numbers_and_summary(capsys):
-    cfg = configure(bench.defaults, TINY + ["--mode=sample", "--block_size=32", "--sample_batch=3",
+    cfg = configure(bench.DEFAULTS, TINY + ["--mode=sample", "--block_size=32", "--sample_batch=3",
                                             "--prompt_len=4", "--new_tokens=8"])
     r = bench.bench_sample(cfg)
     for b in (1, 3):
@@ -81,7 +81,7 @@ def test_sample_numbers_and_summary(capsys):
     (["--device=gpu"], "unknown --device=gpu"),
 ])
 def test_bad_settings_say_what_is_wrong(args, message, capsys):
-    cfg = configure(bench.defaults, TINY + args)
+    cfg = configure(bench.DEFAULTS, TINY + args)
     run = bench.bench_sample if cfg["mode"] == "sample" else bench.bench_train
     with pytest.raises(SystemExit) as e:
         run(cfg)

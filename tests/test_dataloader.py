@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import needs_gpt2_bpe
-from dataloader import (DataError, DataLoader, MAGIC, get_tokenizer, list_shards, read_tokens, write_meta,
+from configurator import UserError
+from dataloader import (DataLoader, MAGIC, get_tokenizer, list_shards, read_tokens, write_meta,
                         write_tokens)
 
 
@@ -24,13 +25,13 @@ def test_bad_files_are_named(tmp_path):
     write_tokens(path, np.arange(100))
     raw = bytearray(open(path, "rb").read())
     open(path, "wb").write(raw[:-10])  # truncated
-    with pytest.raises(DataError, match="train.bin.*truncated"):
+    with pytest.raises(UserError, match="train.bin.*truncated"):
         read_tokens(path)
     raw[0:4] = np.int32(123).tobytes()
     open(path, "wb").write(raw)
-    with pytest.raises(DataError, match="train.bin.*magic"):
+    with pytest.raises(UserError, match="train.bin.*magic"):
         read_tokens(path)
-    with pytest.raises(DataError, match="uint16"):
+    with pytest.raises(UserError, match="uint16"):
         write_tokens(path, [70000])
 
 
@@ -100,7 +101,7 @@ def test_val_loader_is_repeatable(tmp_path):
 
 
 def test_too_small_data_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="fewer than one step"):
+    with pytest.raises(UserError, match="fewer than one step"):
         DataLoader(make_dataset(tmp_path), "train", 64, 64)
 
 
@@ -121,7 +122,7 @@ def test_a_shard_barely_larger_than_a_step_gives_one_step_every_epoch(tmp_path):
 def test_char_tokenizer_round_trip_and_unknown_chars():
     encode, decode = get_tokenizer({"tokenizer": "char", "chars": list("\n abc")})
     assert decode(encode("abc cab\n")) == "abc cab\n"
-    with pytest.raises(DataError, match="'z'"):
+    with pytest.raises(UserError, match="'z'"):
         encode("abz")
 
 

@@ -1,7 +1,6 @@
 """export_hf.py: an exported folder is the same model to transformers, reloads bit for bit, carries
 GPT-2's tokenizer, and what cannot be exported is refused without writing anything."""
 
-import dataclasses
 import json
 import os
 
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, needs_gpt2_bpe, run_script
 import export_hf
-from checkpoint import save_checkpoint
+from checkpoint import make_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 
 V = 50257  # GPT-2's vocabulary; the models here are padded to 50304 as train.py's are
@@ -32,9 +31,7 @@ def make_model(seed=0, **overrides):
 
 def save_run(run_dir, model, meta=None):
     """A checkpoint in train.py's format (the parts export reads)."""
-    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-            "meta": meta or {"tokenizer": "gpt2"}, "step": 3, "config": {}}
-    save_checkpoint(ckpt, os.path.join(run_dir, "ckpt.pt"))
+    save_checkpoint(make_checkpoint(model, meta or {"tokenizer": "gpt2"}, {}, step=3), os.path.join(run_dir, "ckpt.pt"))
 
 
 @pytest.mark.parametrize("bias,gelu", [(True, "tanh"), (False, "none")])
@@ -161,8 +158,7 @@ def test_lora_run_is_merged(tmp_path, monkeypatch):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    save_checkpoint({"lora": lora.lora_state_dict(model), "base": str(base_dir), "meta": {"tokenizer": "gpt2"},
-                     "step": 1}, str(run / "ckpt.pt"))
+    save_checkpoint(make_checkpoint(model, {"tokenizer": "gpt2"}, {}, step=1, base=str(base_dir)), str(run / "ckpt.pt"))
     monkeypatch.setattr("sys.argv", ["export_hf.py", f"--out_dir={run}", f"--hf_dir={hf_dir}"])
     export_hf.main()
     hf = GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()

@@ -13,8 +13,9 @@ from torch.nn import functional as F
 
 from conftest import needs_gpt2_bpe, run_script
 import hellaswag
-from checkpoint import save_checkpoint
-from dataloader import DataError, write_meta, write_tokens
+from checkpoint import make_checkpoint, save_checkpoint
+from configurator import UserError
+from dataloader import write_meta, write_tokens
 from model import GPT, GPTConfig
 
 WORDS = ("the man woman dog ball roof ladder kitchen knife slowly then quickly picks up puts down "
@@ -224,7 +225,7 @@ def test_a_bad_line_names_its_file_and_number(tmp_path, line, message):
     path = make_jsonl(tmp_path / "v.jsonl", 3)
     with open(path, "a") as f:
         f.write("\n" + line + "\n")  # after a blank line: line 5
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         hellaswag.load_examples(data_file=path)
     assert f"{path} line 5: " in str(e.value) and message in str(e.value)
     assert len(str(e.value).splitlines()) == 1
@@ -236,9 +237,7 @@ def test_a_bad_line_names_its_file_and_number(tmp_path, line, message):
 
 
 def save_run(out_dir, model, meta):
-    cfg = model.config
-    save_checkpoint(dict(model=model.state_dict(), model_args=dict(cfg.__dict__), meta=meta, step=0),
-                    os.path.join(out_dir, "ckpt.pt"))
+    save_checkpoint(make_checkpoint(model, meta, {}, step=0), os.path.join(out_dir, "ckpt.pt"))
 
 
 def run_main(monkeypatch, capsys, args, cwd=None):

@@ -218,17 +218,15 @@ def test_bad_settings_are_one_line_errors():
 def test_checkpoint_load_model_applies_the_adapter(tmp_path):
     """The contract with checkpoint.load_model: a LoRA run's ckpt.pt holds the adapters and
     the base's out_dir; loading it gives the adapted model."""
-    from checkpoint import load_model, save_checkpoint
+    from checkpoint import load_model, make_checkpoint, save_checkpoint
     base = tiny_gpt()
     base_dir, run_dir = tmp_path / "base", tmp_path / "lora_run"
-    save_checkpoint({"model": base.state_dict(), "model_args": vars(base.config).copy(),
-                     "meta": {"tokenizer": "gpt2"}}, str(base_dir / "ckpt.pt"))
+    save_checkpoint(make_checkpoint(base, {"tokenizer": "gpt2"}, {}), str(base_dir / "ckpt.pt"))
     lora.apply_lora(base, rank=2, alpha=4, targets="q,k,v")
     randomize_adapters(base)
     idx, _ = batch()
     expected = logits_of(base, idx)
-    save_checkpoint({"lora": lora.lora_state_dict(base), "base": str(base_dir),
-                     "model_args": vars(base.config).copy(), "meta": {"tokenizer": "gpt2"}}, str(run_dir / "ckpt.pt"))
+    save_checkpoint(make_checkpoint(base, {"tokenizer": "gpt2"}, {}, base=str(base_dir)), str(run_dir / "ckpt.pt"))
     model, _ = load_model(out_dir=str(run_dir))
     assert lora.has_lora(model)
     assert torch.equal(logits_of(model, idx), expected)
@@ -318,7 +316,7 @@ def test_merged_checkpoint_is_an_ordinary_run(tmp_path):
     run_script([train_py] + TINY_BPE + ["--max_iters=3", "--out_dir=out_base"], cwd=w)
     run_script([train_py] + TINY_BPE + ["--max_iters=3", "--out_dir=out_lora", "--init_from=out_base",
                                         "--lora_rank=2", "--learning_rate=1e-2"], cwd=w)
-    run_script([os.path.join(ROOT, "lora.py"), "--out_dir=out_lora", "--merged_dir=out_merged"], cwd=w)
+    run_script([os.path.join(ROOT, "checkpoint.py"), "--out_dir=out_lora", "--merged_dir=out_merged"], cwd=w)
     from checkpoint import load_model
     cwd = os.getcwd()
     os.chdir(w)
@@ -331,7 +329,7 @@ def test_merged_checkpoint_is_an_ordinary_run(tmp_path):
     x = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         assert torch.allclose(adapted.eval()(x)[0], merged.eval()(x)[0], atol=1e-5)
-    p = run_script([os.path.join(ROOT, "lora.py"), "--out_dir=out_base", "--merged_dir=x"], cwd=w, check=False)
+    p = run_script([os.path.join(ROOT, "checkpoint.py"), "--out_dir=out_base", "--merged_dir=x"], cwd=w, check=False)
     assert p.returncode == 2 and "not a LoRA run" in p.stderr
     # a bad target is one line before any work, not a traceback after loading the base
     p = run_script([train_py] + TINY_BPE + ["--out_dir=out_bad", "--init_from=out_base", "--lora_rank=2",
@@ -340,6 +338,6 @@ def test_merged_checkpoint_is_an_ordinary_run(tmp_path):
     assert not (w / "out_bad").exists()
     # the base moved away: the LoRA run says which path it needs
     os.rename(w / "out_base", w / "moved")
-    from dataloader import DataError
-    with pytest.raises(DataError, match="base .*out_base is not there"):
+    from configurator import UserError
+    with pytest.raises(UserError, match="base .*out_base is not there"):
         load_model(out_dir=str(w / "out_lora"))

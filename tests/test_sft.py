@@ -14,7 +14,9 @@ import torch
 from torch.nn import functional as F
 
 from conftest import ROOT, needs_gpt2_bpe, run_script
-from dataloader import EOT, DataError, SFTLoader, read_sft, write_meta, write_sft, write_tokens
+from checkpoint import make_checkpoint, save_checkpoint
+from configurator import UserError
+from dataloader import EOT, SFTLoader, read_sft, write_meta, write_sft, write_tokens
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def test_loader_batches_whole_examples_with_response_targets(tmp_path):
         assert x[i, :n - 1].tolist() == tok[:-1]
         assert y[i, :len(p) - 1].eq(-1).all() and y[i, n - 1:].eq(-1).all()  # prompt and padding
         assert y[i, len(p) - 1:n - 1].tolist() == r  # exactly the response is a target
-    with pytest.raises(DataError, match="max_len=8"):
+    with pytest.raises(UserError, match="max_len=8"):
         SFTLoader(d, "train", 4, 8)  # some examples are longer than block_size + 1
 
 
@@ -131,10 +133,11 @@ def test_loader_ranks_epochs_and_resume(tmp_path, group):
     ranks = [SFTLoader(d, "train", 3, 32, rank=r, world_size=2, seed=5, group_by_length=group) for r in range(2)]
     epochs = defaultdict(list)
     for _ in range(12):  # 26 // 6 = 4 steps per epoch (2 examples left over each time): 3 epochs
-        batches, n_real = single.next_step()
+        batches, n_targets, n_real = single.next_step()
         (a0, ya0), (a1, ya1) = batches
         (b0, yb0), (b1, yb1) = ranks[0].next_batch(), ranks[1].next_batch()
-        assert torch.equal(a0, b0) and torch.equal(a1, b1) and torch.equal(ya1, yb1)  # 2 ranks = accumulation
+        assert all(torch.equal(*pair) for pair in ((a0, b0), (a1, b1), (ya0, yb0), (ya1, yb1)))  # 2 ranks = accumulation
+        assert n_targets == int((ya0 != -1).sum() + (ya1 != -1).sum())  # the step's response tokens
         # every example ends in a response token: its length is where its last target is, plus one
         last = [int(row.nonzero().max()) + 1 for y in (ya0, ya1) for row in (y != -1)]
         assert n_real == sum(last)  # real tokens, the padding not counted
@@ -159,7 +162,7 @@ def test_group_by_length_cuts_padding(tmp_path):
         loader = SFTLoader(d, "train", 8, 32, seed=1, group_by_length=group)
         computed, real, examples = 0, 0, []
         for _ in range(400 // 8):  # one epoch
-            [(x, y)], n_real = loader.next_step()
+            [(x, y)], _, n_real = loader.next_step()
             computed, real = computed + x.numel(), real + n_real
             last = [int((row != -1).nonzero().max()) + 1 for row in y]  # each example's length - 1
             examples += [tuple(row[:n].tolist()) for row, n in zip(x, last)]
@@ -252,8 +255,7 @@ def test_train_loss_accumulation_ddp_and_resume(tmp_path):
     base = tiny_model()
     os.makedirs(tmp_path / "base")
     meta = json.load(open(tmp_path / "data" / "sft" / "meta.json"))
-    torch.save({"model_args": vars(base.config).copy(), "model": base.state_dict(), "meta": meta},
-               tmp_path / "base" / "ckpt.pt")
+    save_checkpoint(make_checkpoint(base, meta, {}), str(tmp_path / "base" / "ckpt.pt"))
     common = ["--dataset=sft", "--init_from=base", "--block_size=32", "--device=cpu", "--dtype=float32",
               "--batch_size=4", "--total_batch_size=8",  # 8 examples a step: the whole train split
               "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", "--log_interval=1", "--warmup_iters=1",
