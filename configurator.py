@@ -87,13 +87,13 @@ def _parse_value(text):
         return text  # a bare word such as cuda or gpt2-medium stays a string
 
 
-def configure(defaults, argv=None, source=None):
+def configure(defaults, argv=None, source=None, usage=None):
     """Apply config files and --key=value overrides from `argv` (default: sys.argv[1:]) to
-    `defaults`; return the new dict (only the keys of `defaults`). -h/--help prints the
-    settings as commented in `source` (default: the running script) and exits 0."""
+    `defaults`; return the new dict (only the keys of `defaults`). -h/--help prints `usage`,
+    the settings as commented in `source` (default: the running script) and exits 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
-        print_help(defaults, source or getattr(sys.modules["__main__"], "__file__", None))
+        print_help(defaults, source or getattr(sys.modules["__main__"], "__file__", None), usage)
         sys.exit(0)
     config = dict(defaults)
     valid = ", ".join(sorted(defaults))
@@ -178,11 +178,11 @@ def setting_comments(defaults, source):
     return said, sections
 
 
-def print_help(defaults, source):
-    """-h: a usage line, the script's docstring (its examples), the recipes in config/, then
-    each setting with its default and its comment."""
+def print_help(defaults, source, usage=None):
+    """-h: a usage line, the script's docstring (its examples), the training recipes in
+    config/ (for train.py), then each setting with its default and its comment."""
     name = os.path.basename(source) if source else "SCRIPT.py"
-    print(f"usage: python {name} [config/FILE.py ...] [--key=value | --key value | --flag ...]\n")
+    print(f"usage: {usage or f'python {name} [config/FILE.py ...] [--key=value | --key value | --flag ...]'}\n")
     said, sections = {}, {}
     if source and os.path.isfile(source):
         with open(source, encoding="utf-8") as f:
@@ -190,15 +190,19 @@ def print_help(defaults, source):
         if doc:
             print(doc.strip() + "\n")
         said, sections = setting_comments(defaults, source)
-        recipes = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(source)), "config", "*.py")))
-        if recipes:
-            print("config files: " + ", ".join(os.path.join("config", os.path.basename(p)) for p in recipes) + "\n")
+        if name == "train.py":  # the recipes are training runs
+            print("config files (recipes):")
+            for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(source)), "config", "*.py"))):
+                with open(path, encoding="utf-8") as f:
+                    first = f.readline().lstrip("# ").strip()  # each recipe's first line says what it is
+                print(f"  config/{os.path.basename(path):<28} {first}")
+            print()
     print("settings (default, then what it does):")
     width = max(len(k) for k in defaults) + 2
     for key, value in defaults.items():
         if key in sections:
             print(f"  # {sections[key]}")
-        print(f"  --{key:<{width}} {value!r:<14} {said.get(key, '')}".rstrip())
+        print(f"  --{key:<{width}} {value!r:<18} {said.get(key, '')}".rstrip())
     print("\n--key alone sets a True/False setting to True; --key=False turns it off.")
 
 

@@ -269,7 +269,9 @@ def plot_runs(out_dirs, smooth=1, baseline_val_loss=0.0, output=""):
 
 def main():
     out_dirs, flags = split_argv(sys.argv[1:])
-    cfg = configure(DEFAULTS, flags)
+    if "-h" in out_dirs:
+        flags.append("-h")
+    cfg = configure(DEFAULTS, flags, usage="python plot.py OUT_DIR [OUT_DIR ...] [--key=value ...]")
     path, panels = plot_runs(out_dirs, **cfg)
     print(f"wrote {path} ({', '.join(panels)})")
 

@@ -39,6 +39,29 @@ def run_script(args, cwd=None, env=None, check=True, timeout=600):
     return p
 
 
+def torchrun(args, cwd, nproc=2, timeout=300):
+    """Run `torchrun --standalone --nproc_per_node=nproc args...` (CPU, gloo) and fail the test
+    with its output unless it exits 0; returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run(torchrun_cmd(args, nproc), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
+def torchrun_cmd(args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + list(args)
+
+
+def read_log(path, stream):
+    """{step: value} of one stream ("train", "val", ...) of a run's log.txt."""
+    out = {}
+    for line in open(path):
+        step, name, value = line.split()
+        if name == stream:
+            out[int(step)] = float(value)
+    return out
+
+
 @pytest.fixture
 def tiny_hf_folder(tmp_path):
     """A small random transformers GPT2LMHeadModel saved with save_pretrained: (folder, hf_model)."""

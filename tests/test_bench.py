@@ -66,7 +66,6 @@ def test_sample_numbers_and_summary(capsys):
     for b in (1, 3):
         for key in (f"cache_tok_s_b{b}", f"recompute_tok_s_b{b}", f"ratio_b{b}"):
             assert positive_finite(r[key]), (key, r[key])
-        assert r[f"ratio_b{b}"] == pytest.approx(r[f"cache_tok_s_b{b}"] / r[f"recompute_tok_s_b{b}"])
     assert positive_finite(r["cores_used"]) and r["peak_mem_bytes"] > 0
     out = capsys.readouterr().out
     assert summary_printed(out, r["summary"])

@@ -77,3 +77,59 @@ def test_every_recipe_in_config_is_valid_for_train_py():
         for gpus in (1, 8) if cfg["total_batch_size"] >= 8 * per_gpu else (1,):
             assert cfg["total_batch_size"] % (per_gpu * gpus) == 0 or cfg["total_batch_size"] == 0, (path, gpus)
         assert cfg["n_embd"] % cfg["n_head"] == 0, path
+
+
+def test_bare_booleans_and_values():
+    # a bare --flag sets a True/False setting to True, before other flags, before a config
+    # file, or at the end; --key value keeps working for every other type
+    cfg = configure(DEFAULTS, ["--compile=False", "--compile", "--batch_size", "64", "--device", "cuda"])
+    assert cfg["compile"] is True and cfg["batch_size"] == 64 and cfg["device"] == "cuda"
+    assert configure(dict(DEFAULTS, compile=False), ["--batch_size=3", "--compile"])["compile"] is True
+    assert configure(DEFAULTS, ["--compile", "False", "--out_dir", "123"]) == dict(DEFAULTS, compile=False, out_dir="123")
+    assert configure(dict(DEFAULTS, compile=False), ["--compile", "--learning_rate", "1e-3"]) == \
+        dict(DEFAULTS, compile=True, learning_rate=1e-3)
+    # an optional (None) setting can be a switch too: sample.py's --instruct
+    opts = dict(instruct=None, start="\n")
+    assert configure(opts, ["--instruct", "--start=Say hello."]) == dict(instruct=True, start="Say hello.")
+    assert configure(opts, ["--start", "hi", "--instruct"]) == dict(instruct=True, start="hi")
+
+
+def test_a_bare_flag_for_a_value_setting_is_one_line(capsys):
+    expect_exit(capsys, ["--batch_size", "--compile"], "--batch_size")
+    expect_exit(capsys, ["--out_dir"], "needs a value")
+
+
+SCRIPTS = ["train", "sample", "hellaswag", "bench", "prepare_shakespeare", "prepare_fineweb", "prepare_alpaca",
+           "export_hf", "checkpoint", "plot"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_lists_every_setting_with_its_comment(name, capsys):
+    import importlib
+    import os
+    import re
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as e:
+        configure(module.DEFAULTS, ["--batch_size=oops", "-h"], source=module.__file__)
+    assert e.value.code == 0  # -h wins over everything else, and is not an error
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and module.__doc__.strip().splitlines()[0] in out
+    for key in module.DEFAULTS:
+        assert f"--{key} " in out
+    # the comments at the top of the file are the help text: every one of them is shown
+    source = open(module.__file__).read()
+    block = source[source.index("DEFAULTS = dict("):]
+    block = block[:block.index("\n)\n")]
+    comments = re.findall(r"^\s+\w+=.*?  # (.+)$", block, re.M)
+    assert comments and all(c.strip() in out for c in comments), name
+    if name == "train":
+        for recipe in os.listdir(os.path.join(os.path.dirname(module.__file__), "config")):
+            assert f"config/{recipe}" in out
+
+
+def test_help_from_the_command_line():
+    from conftest import run_script
+    p = run_script(["plot.py", "-h"])  # plot.py takes run folders before its settings
+    assert p.returncode == 0 and "--smooth" in p.stdout and "OUT_DIR" in p.stdout
+    p = run_script(["train.py", "--help"])
+    assert p.returncode == 0 and "--total_batch_size" in p.stdout and "tokens per optimizer step" in p.stdout

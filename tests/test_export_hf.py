@@ -95,6 +95,7 @@ def test_bytes_to_unicode_and_merges():
     assert export_hf.gpt2_merges(ranks) == [(b"a", b"b"), (b"b", b"c"), (b"ab", b"c"), (b"c", b"c"), (b"cc", b"cc")]
 
 
+@pytest.mark.slow
 @needs_gpt2_bpe
 def test_train_export_reload(tmp_path, monkeypatch, capsys):
     """A model trained 3 steps by train.py, then exported: transformers gives its logits and

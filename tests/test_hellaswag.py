@@ -259,7 +259,6 @@ def test_cli_scores_a_checkpoint_of_ours(tmp_path):
     model = tiny_gpt()
     save_run(tmp_path / "out", model, {"tokenizer": "gpt2"})
     path = make_jsonl(tmp_path / "val.jsonl", 7)
-    want = hellaswag.evaluate(model, hellaswag.load_examples(data_file=path), "cpu", 7)
     # once as a real script, as a user runs it
     p = run_script(["hellaswag.py", f"--out_dir={tmp_path / 'out'}", f"--data_file={path}",
                     "--batch_size=3", "--device=cpu", "--limit=6"])

@@ -235,7 +235,7 @@ def test_checkpoint_load_model_applies_the_adapter(tmp_path):
 # -----------------------------------------------------------------------------
 # end to end through the scripts: base run -> LoRA run -> resume -> sample -> HellaSwag
 
-from conftest import ROOT, needs_gpt2_bpe, run_script  # noqa: E402
+from conftest import ROOT, needs_gpt2_bpe, read_log, run_script  # noqa: E402
 
 TINY_BPE = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--device=cpu",
             "--compile=False", "--dtype=float32", "--eval_iters=2", "--eval_interval=5", "--warmup_iters=1",
@@ -262,15 +262,7 @@ def _bpe_workdir(tmp_path):
     return tmp_path
 
 
-def _train_log(path):
-    out = {}
-    for line in open(path):
-        step, stream, value = line.split()
-        if stream == "train":
-            out[int(step)] = float(value)
-    return out
-
-
+@pytest.mark.slow
 @needs_gpt2_bpe
 def test_lora_run_end_to_end(tmp_path):
     import os
@@ -283,7 +275,7 @@ def test_lora_run_end_to_end(tmp_path):
     run_script([train_py] + lora_args + ["--max_iters=8", "--out_dir=out_lora"], cwd=w)
     run_script([train_py] + lora_args + ["--max_iters=4", "--out_dir=out_lora2"], cwd=w)
     run_script([train_py] + lora_args + ["--max_iters=8", "--out_dir=out_lora2", "--init_from=resume"], cwd=w)
-    full, resumed = _train_log(w / "out_lora" / "log.txt"), _train_log(w / "out_lora2" / "log.txt")
+    full, resumed = read_log(w / "out_lora" / "log.txt", "train"), read_log(w / "out_lora2" / "log.txt", "train")
     assert full == resumed and len(full) == 8
 
     ckpt = torch.load(w / "out_lora" / "ckpt.pt", weights_only=True)
@@ -308,6 +300,7 @@ def test_lora_run_end_to_end(tmp_path):
     assert "acc_norm" in p.stdout and "over 3 examples" in p.stdout
 
 
+@pytest.mark.slow
 @needs_gpt2_bpe
 def test_merged_checkpoint_is_an_ordinary_run(tmp_path):
     import os

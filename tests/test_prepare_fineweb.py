@@ -150,6 +150,7 @@ def test_resume_gives_identical_files(corpus, tmp_path, monkeypatch):
     assert folder_bytes(out)["fineweb_train_000002.bin"] == want["fineweb_train_000002.bin"]
 
 
+@pytest.mark.slow
 @needs_gpt2_bpe
 def test_killed_for_real_then_rerun_gives_identical_files(tmp_path):
     # SIGKILL (an OOM kill, a lost node): no handler runs, whatever was half-written stays

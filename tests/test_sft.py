@@ -4,8 +4,6 @@ model.generate's per-sequence stop, sample.py --instruct."""
 import json
 import os
 import re
-import subprocess
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, needs_gpt2_bpe, run_script
+from conftest import ROOT, needs_gpt2_bpe, read_log, run_script, torchrun
 from checkpoint import make_checkpoint, save_checkpoint
 from configurator import UserError
 from dataloader import EOT, SFTLoader, read_sft, write_meta, write_sft, write_tokens
@@ -239,15 +237,8 @@ def test_generate_stops_each_sequence_at_the_stop_token():
 # train.py on an SFT dataset
 
 
-def read_log(path, stream):
-    out = {}
-    for line in open(path):
-        step, name, value = line.split()
-        if name == stream:
-            out[int(step)] = float(value)
-    return out
 
-
+@pytest.mark.slow
 def test_train_loss_accumulation_ddp_and_resume(tmp_path):
     """The step's loss is the mean over all its response tokens, and the same with two
     accumulated micro-batches as with two ranks; resuming continues exactly."""
@@ -266,11 +257,7 @@ def test_train_loss_accumulation_ddp_and_resume(tmp_path):
     assert "8 examples per step = 4 x 1 ranks x 2 accumulation" in p.stdout
     run_script([train] + common + ["--out_dir=acc", "--eval_iters=2", "--init_from=resume"], cwd=tmp_path)
     # two processes, no accumulation, in one go
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", train] + common + [
-        "--out_dir=ddp", "--eval_iters=1"]
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = torchrun([train] + common + ["--out_dir=ddp", "--eval_iters=1"], cwd=tmp_path)
     assert "4 x 2 ranks x 1 accumulation" in p.stdout
 
     acc, ddp = tmp_path / "acc" / "log.txt", tmp_path / "ddp" / "log.txt"
@@ -323,6 +310,7 @@ def held_out_accuracy(model, records, enc):
     return right / len(records)
 
 
+@pytest.mark.slow
 @needs_gpt2_bpe
 def test_end_to_end_learns_an_instruction_task(tmp_path):
     from checkpoint import load_model

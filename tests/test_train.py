@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, needs_gpt2_bpe, run_script
+from conftest import ROOT, needs_gpt2_bpe, read_log, run_script, torchrun, torchrun_cmd
 
 TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=2", "--eval_interval=5",
@@ -32,14 +32,6 @@ def train(workdir, *args, check=True):
     return run_script([os.path.join(ROOT, "train.py")] + TINY + list(args), cwd=workdir, check=check)
 
 
-def read_log(path, stream):
-    out = {}
-    for line in open(path):
-        step, name, value = line.split()
-        if name == stream:
-            out[int(step)] = float(value)
-    return out
-
 
 def test_end_to_end_then_sample(workdir):
     train(workdir, "--max_iters=30", "--out_dir=out")
@@ -61,6 +53,7 @@ def test_end_to_end_then_sample(workdir):
     assert p.returncode == 2 and "lacks" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_exact_resume(workdir):
     # 20 steps in one go...
     train(workdir, "--max_iters=20", "--out_dir=out_full", "--dropout=0.1")
@@ -76,6 +69,7 @@ def test_exact_resume(workdir):
     assert read_log(workdir / "out_stop" / "log.txt", "val")[20] == read_log(workdir / "out_full" / "log.txt", "val")[20]
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_resume_continues_exactly(workdir):
     args = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + [
         "--max_iters=100000", "--lr_decay_iters=1000", "--out_dir=out_sig", "--eval_interval=0",
@@ -100,6 +94,7 @@ def test_sigint_saves_and_resume_continues_exactly(workdir):
     assert read_log(log, "train") == read_log(workdir / "out_ref" / "log.txt", "train")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_touching_checkpoint(workdir):
     train(workdir, "--max_iters=5", "--out_dir=out_nan")
     path = workdir / "out_nan" / "ckpt.pt"
@@ -117,15 +112,12 @@ def test_nan_loss_stops_without_touching_checkpoint(workdir):
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_accumulation(workdir):
     common = ["--max_iters=6", "--total_batch_size=256", "--eval_interval=3"]  # 256 = 4 x 32 x 2
     # one process, 2 accumulation steps; twice the val batches, to see what the 2 ranks see
     train(workdir, *common, "--out_dir=out_single", "--eval_iters=4")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py")] + TINY + common + ["--out_dir=out_ddp"]
-    p = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = torchrun([os.path.join(ROOT, "train.py")] + TINY + common + ["--out_dir=out_ddp"], cwd=workdir)
     assert "2 rank(s)" in p.stdout and "x 1 accumulation" in p.stdout
     single = read_log(workdir / "out_single" / "log.txt", "train")
     ddp = read_log(workdir / "out_ddp" / "log.txt", "train")
@@ -151,15 +143,15 @@ def _children(pid):
     return kids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
 def test_sigint_to_one_ddp_rank_stops_all_at_a_log_step(workdir):
     # a preemption signal may reach one rank only (or the ranks a step apart); saving is
     # collective, so the ranks must agree on the step to stop at, or the run hangs
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py")] + TINY + ["--max_iters=100000", "--lr_decay_iters=1000",
-                                                     "--out_dir=out_ddp_sig", "--eval_interval=0",
-                                                     "--checkpoint_interval=0", "--log_interval=50"]
+    cmd = torchrun_cmd([os.path.join(ROOT, "train.py")] + TINY + [
+        "--max_iters=100000", "--lr_decay_iters=1000", "--out_dir=out_ddp_sig", "--eval_interval=0",
+        "--checkpoint_interval=0", "--log_interval=50"])
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     log = workdir / "out_ddp_sig" / "log.txt"
@@ -202,6 +194,7 @@ def test_bad_settings_are_one_line(workdir):
     assert "step 0: val loss" in p.stdout and not (workdir / "out_eval" / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 @needs_gpt2_bpe
 def test_hellaswag_inside_ddp_training_equals_one_process(tmp_path):
     import json
@@ -221,11 +214,7 @@ def test_hellaswag_inside_ddp_training_equals_one_process(tmp_path):
     args = TINY + ["--dataset=bpe", "--max_iters=2", "--eval_interval=0", "--total_batch_size=256",
                    "--hellaswag_interval=1", "--hellaswag_limit=5", "--hellaswag_file=hs.jsonl"]
     run_script([os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_one"], cwd=tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_two"]
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = torchrun([os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_two"], cwd=tmp_path)
     one, two = read_log(tmp_path / "out_one" / "log.txt", "hella"), read_log(tmp_path / "out_two" / "log.txt", "hella")
     assert sorted(one) == [0, 1, 2] and one == two
     assert "n=5" in p.stdout  # the counts of both ranks, summed
