@@ -46,7 +46,10 @@ def make_checkpoint(model, meta, config, **training_state):
 def save_checkpoint(ckpt, path):
     """Write atomically: a crash or a Ctrl-C during the write leaves the previous file as it was."""
     with atomic_write(path) as f:
-        torch.save(ckpt, f)
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos ..." or "write failed"
+            raise OSError(f"torch.save failed: {e}") from None
 
 
 def load_checkpoint(path, mmap=False):

@@ -46,15 +46,19 @@ def atomic_write(path, mode="wb", **open_kwargs):
     replaces `path` in one step (os.replace), else it is deleted. A reader (or a resumed run)
     sees the old file or the new one, never half of one; the temp name holds the process id,
     so two writers never share one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, mode, **open_kwargs) as f:
             yield f
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:  # also Ctrl-C and sys.exit
-        if os.path.exists(tmp):
+    except BaseException as e:  # also Ctrl-C and sys.exit
+        if os.path.isfile(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk, a read-only folder, a file where a folder should be
+            reason = e.strerror or "the disk is full or read-only?"
+            raise UserError(f"could not write {path}: {reason} (nothing was replaced; free space or choose "
+                            "another folder)") from None
         raise
 
 
@@ -81,6 +85,8 @@ def _check_type(key, value, default):
 
 
 def _parse_value(text):
+    if text in ("true", "false"):  # what YAML, JSON and most command lines call the booleans
+        return text == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -105,7 +111,9 @@ def configure(defaults, argv=None, source=None, usage=None):
             if not arg.endswith(".py"):
                 die(f"unexpected argument {arg!r}: give config files (config/NAME.py) and --key=value")
             if not os.path.isfile(arg):
-                die(f"config file {arg} not found (the recipes are in config/)")
+                here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+                recipes = ", ".join(sorted(n for n in os.listdir(here) if n.endswith(".py"))) if os.path.isdir(here) else ""
+                die(f"config file {arg} not found; the recipes in config/: {recipes}")
             namespace = dict(config)
             with open(arg, encoding="utf-8") as f:
                 source_text = f.read()
@@ -127,7 +135,7 @@ def configure(defaults, argv=None, source=None, usage=None):
         if not has_value:
             nxt = argv[i] if i < len(argv) else None
             if isinstance(defaults[key], bool):
-                bare = nxt not in ("True", "False")  # --compile config/x.py, --compile --rope, --compile at the end
+                bare = nxt not in ("True", "False", "true", "false")  # --compile config/x.py, --compile --rope, at the end
             else:  # None: an optional setting (sample.py's instruct) may be a switch too
                 bare = defaults[key] is None and (nxt is None or nxt.startswith("--"))
             if bare:

@@ -70,6 +70,13 @@ def read_tokens(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
+def check_ids(tokens, vocab_size, path):
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= vocab_size:
+        raise UserError(f"{path} holds token id {top}, but the vocabulary has {vocab_size} ids (meta.json): the "
+                        "token files and meta.json come from different runs; re-run the prepare script")
+
+
 def write_meta(data_dir, meta):
     with atomic_write(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -175,8 +182,9 @@ class DataLoader:
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
-                 shuffle=True, grad_accum=1):
+                 shuffle=True, grad_accum=1, vocab_size=None):
         self.files = list_shards(data_dir, split)
+        self.vocab_size, self._checked = vocab_size, set()  # files whose ids were checked against it
         self.B, self.T = batch_size, block_size
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.seed, self.shuffle = seed, shuffle
@@ -210,6 +218,9 @@ class DataLoader:
         # the current shard's tokens, and the start of every sequence in visiting order
         self._file_idx = self._shard_order()[self.shard_pos]
         self._tokens = read_tokens(self.files[self._file_idx])
+        if self.vocab_size and self._file_idx not in self._checked:  # once per file: an id past the
+            check_ids(self._tokens, self.vocab_size, self.files[self._file_idx])  # vocabulary would crash the model
+            self._checked.add(self._file_idx)
         n_tok = len(self._tokens)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, self._file_idx])
@@ -335,8 +346,10 @@ class SFTLoader:
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
-                 shuffle=True, grad_accum=1, group_by_length=False):
+                 shuffle=True, grad_accum=1, group_by_length=False, vocab_size=None):
         self.tokens, self.index = read_sft(data_dir, split)
+        if vocab_size:
+            check_ids(self.tokens, vocab_size, os.path.join(data_dir, f"{split}.bin"))
         self.group_by_length = group_by_length and shuffle
         self.B, self.T = batch_size, block_size
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
@@ -348,8 +361,10 @@ class SFTLoader:
                             f"--max_len={block_size}, or raise block_size")
         need = self.B * self.world_size * self.grad_accum
         if len(self.index) < need:
-            raise UserError(f"{data_dir}: {len(self.index)} {split} examples, fewer than one step needs ({need} = "
-                            "batch_size*world_size*grad_accum); use a smaller batch_size or total_batch_size")
+            what = f"one step needs ({need} = batch_size {self.B} x {self.world_size} ranks x {self.grad_accum} " \
+                   "accumulation steps); use a smaller batch_size or total_batch_size" if shuffle else \
+                   f"one batch needs ({need} = batch_size {self.B} x {self.world_size} ranks); use a smaller batch_size"
+            raise UserError(f"{data_dir}: {len(self.index)} {split} examples, fewer than {what}")
         self.reset()
 
     def reset(self):

@@ -163,6 +163,11 @@ def write_model(folder, model, dtype="float32"):
     tensors = hf_state_dict(model, dtype)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model.config, dtype), f, indent=2)
+    # transformers' generation defaults assume GPT-2's 1024 positions: a shorter model would
+    # index past its position table, so the lengths here fit n_positions
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT,
+                   "max_new_tokens": min(50, model.config.block_size // 2)}, f, indent=2)
     # metadata format "pt" tells transformers these are PyTorch tensors
     weights = os.path.join(folder, "model.safetensors")
     save_file(tensors, weights, metadata={"format": "pt"})

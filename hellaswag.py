@@ -244,8 +244,9 @@ def main():
     device, device_type = resolve_device(cfg["device"])
     # evaluation has no backward pass, so fp16 needs no GradScaler here
     ctx = autocast_context(device_type, resolve_dtype(cfg["dtype"], device_type))
-    if cfg["batch_size"] < 1:
-        die(f"--batch_size must be at least 1, got {cfg['batch_size']}")
+    if cfg["batch_size"] < 1 or cfg["eval_iters"] < 0 or cfg["limit"] < 0 or cfg["block_size"] < 0:
+        die(f"need batch_size >= 1 and eval_iters, limit, block_size >= 0; got {cfg['batch_size']}, "
+            f"{cfg['eval_iters']}, {cfg['limit']}, {cfg['block_size']}")
 
     try:
         if cfg["out_dir"]:

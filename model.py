@@ -312,7 +312,7 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # training helpers
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
         """AdamW with weight decay on the matrices (2-D and up: Linear weights, embeddings)
         and none on biases and LayerNorm gains, which only shift and scale. Only parameters
         that require grad are optimised (a LoRA run freezes the base)."""
@@ -321,12 +321,13 @@ class GPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        print(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        print(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        if verbose:
+            print(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+            print(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+            print(f"using fused AdamW: {fused}")
         # the fused kernel updates all tensors in a few passes instead of one op per tensor and
         # step: on CUDA far fewer launches, on CPU (torch >= 2.4) half the optimizer time
-        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        print(f"using fused AdamW: {fused}")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, seq_len=None):

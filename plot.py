@@ -258,12 +258,14 @@ def plot_runs(out_dirs, smooth=1, baseline_val_loss=0.0, output=""):
 
     fig, panels = make_figure(runs, smooth=smooth, baseline_val_loss=baseline_val_loss)
     path = output or (os.path.join(out_dirs[0], "plot.png") if len(out_dirs) == 1 else "plot.png")
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         fig.savefig(path)  # the format follows the extension: .png, .pdf, .svg ...
     except ValueError as e:  # an extension matplotlib cannot write
         die(f"cannot write {path}: {e}")
+    except OSError as e:  # a missing or read-only folder, a file where a folder should be, a full disk
+        die(f"cannot write {path}: {e.strerror or e}; check --output")
     return path, panels
 
 

@@ -80,8 +80,11 @@ def load_records(path):
     error naming its line (JSONL) or index (JSON list) and what is wrong with it."""
     if not os.path.isfile(path):
         die(f"--input file {path} not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text (JSON files are UTF-8); convert it")
     if text.lstrip().startswith("["):  # one JSON list
         try:
             items = json.loads(text)

@@ -44,7 +44,7 @@ DEFAULTS = dict(
     data_files="",  # local corpus instead: comma-separated paths or globs of .jsonl/.json/.parquet/.txt (.gz ok)
     text_field="text",  # the column holding each document's text (a .txt file is one document, field "text")
     streaming=False,  # read the Hub dataset as a stream: no local Arrow copy (saves ~disk), slower to resume
-    out_dir="data/fineweb_edu10B",  # where the shards, meta.json and prepare_progress.json go
+    out_dir="",  # where the shards, meta.json and prepare_progress.json go; "" = data/fineweb_edu10B, or data/<first file's name> for data_files
     shard_size=100_000_000,  # tokens per shard (100M tokens = 200 MB); the first shard is validation
     max_tokens=0,  # stop after this many tokens in all (0: the whole corpus); for a quick try
     num_proc=os.cpu_count() or 1,  # tokenizer processes (1: tokenize in this process, no pool)
@@ -193,8 +193,11 @@ def main():
     print_config(cfg)
     if cfg["shard_size"] < 1 or cfg["max_tokens"] < 0 or cfg["num_proc"] < 1:
         die("--shard_size and --num_proc must be >= 1, --max_tokens >= 0 (0 means the whole corpus)")
-    out_dir, shard_size, max_tokens = cfg["out_dir"], cfg["shard_size"], cfg["max_tokens"]
+    shard_size, max_tokens = cfg["shard_size"], cfg["max_tokens"]
     files, builder = resolve_files(cfg["data_files"]) if cfg["data_files"] else ([], None)
+    out_dir = cfg["out_dir"] or (os.path.join("data", os.path.basename(files[0]).split(".")[0]) if files
+                                 else os.path.join("data", "fineweb_edu10B"))
+    print(f"writing the shards to {out_dir}/ (train.py --dataset={os.path.basename(out_dir)})")
     try:
         get_gpt2_encoding()  # fail now, in one line, rather than inside every worker
     except UserError as e:

@@ -32,8 +32,11 @@ def get_text(cfg):
     if cfg["input"]:
         if not os.path.isfile(cfg["input"]):
             die(f"--input file {cfg['input']} not found")
-        with open(cfg["input"], encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(cfg["input"], encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError:
+            die(f"--input file {cfg['input']} is not UTF-8 text; convert it (e.g. iconv -t UTF-8)")
     cache = os.path.join("data", "tinyshakespeare.txt")
     if not os.path.isfile(cache):
         print(f"downloading {cfg['url']}")
@@ -49,7 +52,11 @@ def get_text(cfg):
 
 
 def prepare(cfg):
+    if not 0 < cfg["val_fraction"] < 1:
+        die(f"--val_fraction must be between 0 and 1 (e.g. 0.1), got {cfg['val_fraction']}")
     text = get_text(cfg)
+    if len(text) < 100:
+        die(f"the input has {len(text)} characters, too few to train on; give a real text with --input=PATH")
     if cfg["tokenizer"] == "char":
         chars = sorted(set(text))
         stoi = {c: i for i, c in enumerate(chars)}

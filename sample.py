@@ -2,7 +2,7 @@
 Generate text from a trained model, printing it as it comes.
 
     python sample.py --start "First Citizen:"             # the newest out*/ckpt.pt
-    python sample.py --out_dir=out-shakespeare-char --num_samples=3 --max_new_tokens=500
+    python sample.py --out_dir=out-shakespeare-char-cpu --num_samples=3 --max_new_tokens=500
     python sample.py --init_from=gpt2 --start "The meaning of life is" --top_p=0.9
     python sample.py --start=FILE:prompt.txt               # the prompt from a file
     python sample.py --out_dir=out-alpaca --start "Name three primary colors."   # ask an SFT run
@@ -41,6 +41,13 @@ DEFAULTS = dict(
 
 def main():
     cfg = configure(DEFAULTS)
+    if cfg["temperature"] < 0 or cfg["top_k"] < 0 or not 0 < cfg["top_p"] <= 1:
+        die(f"need temperature >= 0, top_k >= 0 (0 = no limit) and 0 < top_p <= 1; got temperature="
+            f"{cfg['temperature']}, top_k={cfg['top_k']}, top_p={cfg['top_p']}")
+    if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
+        die(f"--num_samples and --max_new_tokens must be at least 1, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
+    if cfg["instruct"] not in (None, True, False):
+        die(f"--instruct must be True or False (or left out), got {cfg['instruct']!r}")
     device, device_type = resolve_device(cfg["device"])
     ptdtype = resolve_dtype(cfg["dtype"], device_type)
     print_config(cfg, file=sys.stderr)  # to stderr: stdout holds only the samples
@@ -63,13 +70,17 @@ def main():
             path = start[len("FILE:"):]
             if not os.path.isfile(path):
                 die(f"prompt file {path} not found")
-            with open(path, encoding="utf-8") as f:
-                start = f.read()
+            try:
+                with open(path, encoding="utf-8") as f:
+                    start = f.read()
+            except UnicodeDecodeError:
+                die(f"prompt file {path} is not UTF-8 text; save it as UTF-8")
         instruct = cfg["instruct"]
-        if instruct not in (None, True, False):
-            die(f"--instruct must be True or False (or left out), got {instruct!r}")
         if instruct is None:  # on when the checkpoint was fine-tuned on an instruction dataset
             instruct = meta.get("format") == "sft"
+        if instruct and meta["tokenizer"] != "gpt2":
+            die("--instruct wraps the prompt in the Alpaca template, which needs a GPT-2 BPE model; this one is "
+                "character-level: leave --instruct out")
         if instruct:
             import prepare_alpaca
             start = prepare_alpaca.render_prompt(start, "")

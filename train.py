@@ -13,6 +13,7 @@ finishes the step, saves and exits (a second one exits at once); --init_from=res
 exactly where the run stopped.
 """
 
+import glob
 import math
 import os
 import signal
@@ -99,8 +100,9 @@ def check_settings(cfg):
     for key in ("batch_size", "block_size", "log_interval", "eval_iters", "n_layer", "n_head"):
         if cfg[key] < 1:
             die(f"--{key} must be at least 1, got {cfg[key]}")
-    for key in ("max_iters", "total_batch_size", "eval_interval", "checkpoint_interval", "warmup_iters",
-                "learning_rate", "min_lr", "weight_decay", "grad_clip"):
+    for key in ("max_iters", "total_batch_size", "eval_interval", "checkpoint_interval", "keep_interval",
+                "warmup_iters", "hellaswag_interval", "hellaswag_limit", "lora_rank", "learning_rate", "min_lr",
+                "weight_decay", "grad_clip"):
         if cfg[key] < 0:  # max_iters=0: evaluate the starting model and stop
             die(f"--{key} must not be negative, got {cfg[key]}")
     if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["lora_dropout"] < 1:
@@ -114,6 +116,18 @@ def check_settings(cfg):
             lora.parse_targets(cfg["lora_targets"])
         except ValueError as e:
             die(str(e))
+
+
+def check_gpu_recipe(cfg, device_type):
+    """A GPU recipe (compile=True) where device=auto found no GPU would run for hours or days
+    on the CPU without a word: say so up front, and ask for --device=cpu to go ahead."""
+    if cfg["device"] != "auto" or device_type != "cpu" or not cfg["compile"]:
+        return
+    params = 12 * cfg["n_layer"] * cfg["n_embd"] ** 2  # the blocks' weights, roughly
+    tokens = (cfg["total_batch_size"] or cfg["batch_size"] * cfg["block_size"]) * cfg["max_iters"]
+    hours = 6 * params * tokens / 50e9 / 3600  # 6 FLOPs per weight and token; a CPU does very roughly 50 GFLOP/s
+    die(f"this recipe is set up for a GPU (compile=True) but none was found; on this CPU it would take very "
+        f"roughly {hours:,.0f} hours. To run it here anyway: --device=cpu --compile=False")
 
 
 @dataclass
@@ -158,9 +172,10 @@ def make_loaders(cfg, meta, world):
     grad_accum = total // per_micro
     data_dir = os.path.join("data", cfg["dataset"])
     Loader, extra = (SFTLoader, dict(group_by_length=cfg["group_by_length"])) if sft else (DataLoader, {})
+    extra["vocab_size"] = vocab_size_of(meta)  # every token id is checked against it once
     train_loader = Loader(data_dir, "train", B, T, world.rank, world.size, seed=cfg["seed"], shuffle=True,
                           grad_accum=grad_accum, **extra)
-    val_loader = Loader(data_dir, "val", B, T, world.rank, world.size, shuffle=False)
+    val_loader = Loader(data_dir, "val", B, T, world.rank, world.size, shuffle=False, **extra)
     layout = f"{B} x {world.size} ranks x {grad_accum} accumulation steps" if sft else \
              f"{B} x {T} x {world.size} ranks x {grad_accum} accumulation steps"
     extra_note = f", each micro-batch padded to its longest example (at most {T} tokens)" if sft else ""
@@ -210,6 +225,10 @@ def check_same_tokenizer(model_meta, data_meta, model_name, dataset):
 
 def check_resume(ckpt, cfg, meta, say):
     """A resumed run keeps the checkpoint's model, and says which settings now differ."""
+    missing = {"config", "step", "optimizer", "scaler", "loader", "rng", "val_loss"} - ckpt.keys()
+    if missing:
+        raise UserError(f"{cfg['out_dir']}/ckpt.pt holds a model but no training state to resume (no "
+                        f"{', '.join(sorted(missing))}); start a new run from it with --init_from={cfg['out_dir']}")
     old = ckpt["config"]
     check_same_tokenizer(ckpt["meta"], meta, cfg["out_dir"], cfg["dataset"])
     shape = [k for k in SHAPE_KEYS if old[k] != cfg[k]]
@@ -224,6 +243,8 @@ def check_resume(ckpt, cfg, meta, say):
 def claim_out_dir(out_dir, resume, overwrite):
     """Lock out_dir for this run, and refuse to replace a run that is there. Returns the open
     lock file: the OS releases the lock when the process ends, however it ends."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file; give a folder")
     os.makedirs(out_dir, exist_ok=True)
     lock = open(os.path.join(out_dir, "train.lock"), "w")
     try:
@@ -233,6 +254,9 @@ def claim_out_dir(out_dir, resume, overwrite):
         pass
     except OSError:
         raise UserError(f"another run is training into {out_dir} right now; wait for it or choose another --out_dir") from None
+    for stale in glob.glob(os.path.join(out_dir, "*.tmp")):  # left by a killed run; the lock says none is live
+        print(f"removing {stale}, an unfinished write of a run that was killed")
+        os.remove(stale)
     path = os.path.join(out_dir, "ckpt.pt")
     if not resume and not overwrite and os.path.exists(path):
         step = load_checkpoint(path, mmap=True)["step"]  # mmap: reads the step, not the weights
@@ -281,7 +305,7 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
     say(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
     torch.manual_seed(cfg["seed"] + world.rank)  # then a stream per rank: different dropout masks
     optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                               (cfg["beta1"], cfg["beta2"]), world.device_type)
+                                               (cfg["beta1"], cfg["beta2"]), world.device_type, verbose=world.master)
     # fp16 needs loss scaling (its small range underflows gradients); bf16 and fp32 do not
     scaler = torch.amp.GradScaler(world.device_type, enabled=(ptdtype == torch.float16))
     return raw_model, base, optimizer, scaler
@@ -303,15 +327,19 @@ def restore(ckpt, optimizer, scaler, train_loader, world, say):
     return ckpt["step"]
 
 
-def evaluate(model, loader, eval_iters, world, autocast):
+def evaluate(model, loader, eval_iters, world, autocast, stop):
     """The mean validation loss per target token over eval_iters batches on every rank. The
-    loader restarts each time, so every evaluation sees the same tokens."""
+    loader restarts each time, so every evaluation sees the same tokens. None if a stop was
+    asked for meanwhile (one process only: DDP ranks must run the same batches)."""
     model.eval()
     loader.reset()
     loss_sum = torch.zeros((), device=world.device)
     n_targets = 0
     with torch.no_grad():
         for _ in range(eval_iters):
+            if stop.requested and not world.ddp:
+                model.train()
+                return None
             x, y = loader.next_batch()
             n = int((y != -1).sum())  # every token, or (SFT) the response tokens
             with autocast:
@@ -360,8 +388,10 @@ def get_lr(step, cfg):
 
 def nonfinite(cfg, step):
     """A NaN/inf loss: stop without saving, so ckpt.pt stays the last good one."""
-    return UserError(f"the loss is not finite at step {step}: stopping without saving (the last good checkpoint "
-                     f"in {cfg['out_dir']} is untouched); lower learning_rate, check the data, or try dtype=float32")
+    kept = (f"the last good checkpoint in {cfg['out_dir']} is untouched" if os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt"))
+            else "no checkpoint had been written yet")
+    return UserError(f"the loss is not finite at step {step}: stopping without saving ({kept}); lower "
+                     "learning_rate, check the data, or try dtype=float32")
 
 
 class StopFlag:
@@ -423,6 +453,7 @@ def main():
     cfg = configure(DEFAULTS)
     check_settings(cfg)
     world = setup_world(cfg["device"])
+    check_gpu_recipe(cfg, world.device_type)
     try:
         train(cfg, world)
     except UserError as e:  # bad data, a missing checkpoint, a NaN loss: one line, no traceback
@@ -474,10 +505,14 @@ def train(cfg, world):
         last = step >= max_iters
         t_pause = time.time()  # evaluation and saving are not counted in the step time
         if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last:
-            val_loss = evaluate(model, val_loader, cfg["eval_iters"], world, autocast)
-            say(f"step {step}: val loss {val_loss:.4f}")
-            log(step, val=val_loss)
-        if hella_examples and (step % cfg["hellaswag_interval"] == 0 or last):
+            loss = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop)
+            if loss is None:  # stopped during the evaluation: save (if there is anything new) and exit
+                last = True
+            else:
+                val_loss = loss
+                say(f"step {step}: val loss {val_loss:.4f}")
+                log(step, val=val_loss)
+        if hella_examples and (step % cfg["hellaswag_interval"] == 0 or last) and not stop.requested:
             res = hellaswag.evaluate(raw_model, hella_examples, world.device, batch_size=max(1, cfg["batch_size"] // 4),
                                  autocast_ctx=autocast, rank=world.rank, world_size=world.size)
             say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
@@ -492,6 +527,8 @@ def train(cfg, world):
                 raise nonfinite(cfg, step - 1)
             save(cfg, step, val_loss, **checkpoint_args)
         if last:
+            if stop.requested:
+                say(f"stopped at step {step}" + ("; continue with --init_from=resume" if step > start_step else ""))
             break
         t_last += time.time() - t_pause
 

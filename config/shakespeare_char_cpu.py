@@ -1,6 +1,6 @@
 # A laptop recipe: a small character-level GPT on Tiny Shakespeare, a few minutes on a CPU.
 # First: python prepare_shakespeare.py        Then: python train.py config/shakespeare_char_cpu.py
-out_dir = "out-shakespeare-char"
+out_dir = "out-shakespeare-char-cpu"  # its own folder: the GPU recipe writes out-shakespeare-char
 dataset = "shakespeare_char"  # 65 characters; data/shakespeare_char from prepare_shakespeare.py
 device = "cpu"  # small enough that a GPU would mostly wait on Python
 compile = False  # compiling takes longer than this whole run saves

@@ -67,6 +67,8 @@ def test_every_recipe_in_config_is_valid_for_train_py():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     recipes = sorted(glob.glob(os.path.join(root, "config", "*.py")))
     assert len(recipes) >= 9
+    out_dirs = [configure(train.DEFAULTS, [path])["out_dir"] for path in recipes]
+    assert len(set(out_dirs)) == len(recipes), out_dirs  # no recipe writes over another's run
     for path in recipes:
         cfg = configure(train.DEFAULTS, [path])
         train.check_settings(cfg)  # exits (failing the test) on a setting train.py would refuse

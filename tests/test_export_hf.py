@@ -119,7 +119,7 @@ def test_train_export_reload(tmp_path, monkeypatch, capsys):
     export_hf.main()
     assert "wrote" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["data", "hf", "run"]  # no temporary folder left behind
-    assert sorted(os.listdir(hf_dir)) == ["config.json", "merges.txt", "model.safetensors",
+    assert sorted(os.listdir(hf_dir)) == ["config.json", "generation_config.json", "merges.txt", "model.safetensors",
                                           "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
 
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
@@ -203,3 +203,16 @@ def test_other_refusals(tmp_path, monkeypatch, capsys, case):
         assert os.listdir(tmp_path) == ["run"]
     else:
         assert sorted(os.listdir(tmp_path)) == ["hf", "run"] and os.listdir(hf_dir) == ["keep.txt"]
+
+
+@needs_gpt2_bpe
+def test_pipeline_generates_from_a_short_context_model(tmp_path):
+    """transformers' text-generation pipeline on an export whose context is far below GPT-2's
+    1024: its generation defaults must fit the model's position table."""
+    from transformers import pipeline
+    from dataloader import get_gpt2_encoding
+    model = make_model()  # block_size 32
+    export_hf.export(model, get_gpt2_encoding(), str(tmp_path / "hf"))
+    out = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")("Hello,", do_sample=False)
+    text = out[0]["generated_text"]
+    assert text.startswith("Hello,") and len(text) > len("Hello,")

@@ -123,6 +123,18 @@ def test_loader_batches_whole_examples_with_response_targets(tmp_path):
         SFTLoader(d, "train", 4, 8)  # some examples are longer than block_size + 1
 
 
+def test_too_few_examples_names_the_right_numbers(tmp_path):
+    d = str(tmp_path / "d")
+    make_sft(d, n_train=24, n_val=6)
+    with pytest.raises(UserError) as e:  # validation: one batch of every rank, no accumulation
+        SFTLoader(d, "val", 4, 32, rank=0, world_size=2, shuffle=False)
+    assert "6 val examples, fewer than one batch needs (8 = batch_size 4 x 2 ranks)" in str(e.value)
+    assert "total_batch_size" not in str(e.value)
+    with pytest.raises(UserError) as e:
+        SFTLoader(d, "train", 4, 32, world_size=2, grad_accum=4)
+    assert "24 train examples, fewer than one step needs (32 = batch_size 4 x 2 ranks x 4 accumulation steps)" in str(e.value)
+
+
 @pytest.mark.parametrize("group", [False, True])
 def test_loader_ranks_epochs_and_resume(tmp_path, group):
     d = str(tmp_path / "d")

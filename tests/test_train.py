@@ -60,8 +60,10 @@ def test_exact_resume(workdir):
     # ...equal 10 steps of the same schedule, a stop, and a resume for 10 more (dropout on, so
     # the RNG state has to come back too, and the data loader's position)
     train(workdir, "--max_iters=10", "--lr_decay_iters=20", "--out_dir=out_stop", "--dropout=0.1")
-    train(workdir, "--max_iters=20", "--lr_decay_iters=20", "--out_dir=out_stop", "--dropout=0.1",
-          "--init_from=resume")
+    p = train(workdir, "--max_iters=20", "--lr_decay_iters=20", "--out_dir=out_stop", "--dropout=0.1",
+              "--init_from=resume")
+    # the settings that differ from the checkpoint's run are named in one line
+    assert "note: resuming with changed settings: max_iters=20 (was 10)" in p.stdout
     full = read_log(workdir / "out_full" / "log.txt", "train")
     resumed = read_log(workdir / "out_stop" / "log.txt", "train")
     assert sorted(resumed) == list(range(20))
@@ -119,6 +121,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(workdir):
     train(workdir, *common, "--out_dir=out_single", "--eval_iters=4")
     p = torchrun([os.path.join(ROOT, "train.py")] + TINY + common + ["--out_dir=out_ddp"], cwd=workdir)
     assert "2 rank(s)" in p.stdout and "x 1 accumulation" in p.stdout
+    assert p.stdout.count("using fused AdamW") == 1  # rank 0 alone prints
     single = read_log(workdir / "out_single" / "log.txt", "train")
     ddp = read_log(workdir / "out_ddp" / "log.txt", "train")
     assert sorted(single) == sorted(ddp) == list(range(6))
@@ -218,3 +221,45 @@ def test_hellaswag_inside_ddp_training_equals_one_process(tmp_path):
     one, two = read_log(tmp_path / "out_one" / "log.txt", "hella"), read_log(tmp_path / "out_two" / "log.txt", "hella")
     assert sorted(one) == [0, 1, 2] and one == two
     assert "n=5" in p.stdout  # the counts of both ranks, summed
+
+
+@pytest.mark.slow
+def test_one_live_run_per_out_dir_and_stale_temp_files_go(workdir):
+    # a run in progress holds out_dir: a second one is refused before it writes anything
+    args = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + ["--max_iters=100000", "--out_dir=out_live",
+                                                                      "--eval_interval=0", "--checkpoint_interval=0"]
+    proc = subprocess.Popen(args, cwd=workdir, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = workdir / "out_live" / "log.txt"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.exists() and len(read_log(log, "train")) >= 2):
+            time.sleep(0.2)
+        before = log.read_bytes()
+        p = train(workdir, "--max_iters=3", "--out_dir=out_live", "--overwrite", check=False)
+        assert p.returncode == 2 and "another run is training into out_live" in p.stderr
+        assert log.read_bytes()[:len(before)] == before  # its log was not reset
+    finally:
+        proc.kill()  # like a crash: the lock must not outlive the process
+        proc.wait()
+    (workdir / "out_live" / "ckpt.pt.12345.tmp").write_bytes(b"half a checkpoint")
+    p = train(workdir, "--max_iters=3", "--out_dir=out_live", "--overwrite")
+    assert "removing out_live/ckpt.pt.12345.tmp" in p.stdout
+    assert not list((workdir / "out_live").glob("*.tmp")) and (workdir / "out_live" / "ckpt.pt").exists()
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    import checkpoint
+    from configurator import UserError
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint({"step": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="could not write .*ckpt.pt"):
+        checkpoint.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temp file is gone

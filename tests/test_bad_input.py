@@ -1,0 +1,170 @@
+"""Bad input, one row each: every script answers with one `error:` line (exit 2, no traceback)
+that names the problem, and no file that existed before the command is changed or removed.
+
+    python tests/test_bad_input.py [ROOT]     # the catalogue as a table, against ROOT's scripts
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from conftest import ROOT  # noqa: E402
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--device=cpu",
+        "--dtype=float32", "--eval_iters=1", "--eval_interval=0", "--max_iters=2", "--warmup_iters=1"]
+TRAIN = ["train.py", "--dataset=tiny"] + TINY
+SAMPLE = ["sample.py", "--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
+
+# (name, command: script then arguments, words the error line must hold)
+CASES = [
+    # train.py: runs and out_dirs
+    ("resume on another tokenizer's data", TRAIN + ["--init_from=resume", "--out_dir=run", "--dataset=bpe"], ["tokenizer"]),
+    ("scratch run into an existing run", TRAIN + ["--out_dir=run"], ["already holds a run", "--init_from=resume"]),
+    ("out_dir is a file", TRAIN + ["--out_dir=afile"], ["afile", "file"]),
+    ("resume from a merged checkpoint", TRAIN + ["--init_from=resume", "--out_dir=merged"], ["no training state"]),
+    ("resume with another model shape", TRAIN + ["--init_from=resume", "--out_dir=run", "--n_layer=3"], ["n_layer"]),
+    # meta.json and shards
+    ("meta.json: too few chars for the tokens", TRAIN + ["--dataset=fewchars", "--out_dir=o1"], ["token id", "train.bin"]),
+    ("meta.json: not JSON", TRAIN + ["--dataset=badjson", "--out_dir=o2"], ["meta.json", "JSON"]),
+    ("meta.json: no chars", TRAIN + ["--dataset=nochars", "--out_dir=o3"], ["meta.json", "chars"]),
+    ("meta.json: a list", TRAIN + ["--dataset=alist", "--out_dir=o4"], ["meta.json", "tokenizer"]),
+    ("meta.json: unknown tokenizer", TRAIN + ["--dataset=unknowntok", "--out_dir=o5"], ["meta.json", "tokenizer"]),
+    # checkpoints of the wrong structure
+    ("train: resume a dict without model_args", TRAIN + ["--init_from=resume", "--out_dir=nomodelargs"], ["not a checkpoint"]),
+    ("train: resume a bare tensor", TRAIN + ["--init_from=resume", "--out_dir=baretensor"], ["not a checkpoint"]),
+    ("train: resume wrong tensor shapes", TRAIN + ["--init_from=resume", "--out_dir=badshapes"], ["does not fit"]),
+    ("sample: a dict without model_args", SAMPLE + ["--out_dir=nomodelargs"], ["not a checkpoint"]),
+    ("sample: a bare tensor", SAMPLE + ["--out_dir=baretensor"], ["not a checkpoint"]),
+    ("sample: wrong tensor shapes", SAMPLE + ["--out_dir=badshapes"], ["does not fit"]),
+    ("export: a bare tensor", ["export_hf.py", "--out_dir=baretensor", "--hf_dir=hf"], ["not a checkpoint"]),
+    ("export: wrong tensor shapes", ["export_hf.py", "--out_dir=badshapes", "--hf_dir=hf"], ["does not fit"]),
+    # settings that parse but cannot work
+    ("train: negative learning rate", TRAIN + ["--learning_rate=-1.0"], ["learning_rate"]),
+    ("train: dropout 1.5", TRAIN + ["--dropout=1.5"], ["dropout"]),
+    ("train: RoPE with an odd head size", TRAIN + ["--rope=True", "--n_embd=30", "--n_head=2"], ["even head size"]),
+    ("train: negative keep_interval", TRAIN + ["--keep_interval=-2"], ["keep_interval"]),
+    ("sample: top_k -5", SAMPLE + ["--out_dir=run", "--top_k=-5"], ["top_k"]),
+    ("sample: top_p 0", SAMPLE + ["--out_dir=run", "--top_p=0.0"], ["top_p"]),
+    ("sample: top_p 1.5", SAMPLE + ["--out_dir=run", "--top_p=1.5"], ["top_p"]),
+    ("sample: negative temperature", SAMPLE + ["--out_dir=run", "--temperature=-1.0"], ["temperature"]),
+    ("sample: max_new_tokens -1", SAMPLE + ["--out_dir=run", "--max_new_tokens=-1"], ["max_new_tokens"]),
+    ("sample: num_samples -1", SAMPLE + ["--out_dir=run", "--num_samples=-1"], ["num_samples"]),
+    ("sample: instruct on a char model", SAMPLE + ["--out_dir=run", "--instruct"], ["BPE"]),
+    ("hellaswag: negative eval_iters", ["hellaswag.py", "--out_dir=run", "--val_dataset=tiny", "--eval_iters=-3"], ["eval_iters"]),
+    # files
+    ("prepare_shakespeare: non-UTF-8 input", ["prepare_shakespeare.py", "--input=latin1.txt", "--out_dir=data/x1"], ["UTF-8"]),
+    ("prepare_shakespeare: empty input", ["prepare_shakespeare.py", "--input=empty.txt", "--out_dir=data/x2"], ["too few"]),
+    ("prepare_shakespeare: val_fraction 0", ["prepare_shakespeare.py", "--input=text.txt", "--val_fraction=0"], ["val_fraction"]),
+    ("prepare_shakespeare: val_fraction 1.5", ["prepare_shakespeare.py", "--input=text.txt", "--val_fraction=1.5"], ["val_fraction"]),
+    ("prepare_shakespeare: val_fraction -0.1", ["prepare_shakespeare.py", "--input=text.txt", "--val_fraction=-0.1"], ["val_fraction"]),
+    ("prepare_alpaca: non-UTF-8 input", ["prepare_alpaca.py", "--input=latin1.txt", "--out_dir=data/x3"], ["UTF-8"]),
+    ("sample: non-UTF-8 prompt file", SAMPLE + ["--out_dir=run", "--start=FILE:latin1.txt"], ["UTF-8"]),
+    ("merge: merged_dir is a file", ["checkpoint.py", "--out_dir=run", "--merged_dir=afile"], ["afile"]),
+    ("plot: output under a file", ["plot.py", "run", "--output=afile/plot.png"], ["afile"]),
+]
+
+
+def make_workdir(w):
+    """Datasets (good and broken), a trained run, and checkpoints of the wrong structure."""
+    import numpy as np
+    import torch
+    sys.path.insert(0, ROOT)
+    from dataloader import write_meta, write_tokens
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(list("abcdefghij \n"), 3000))
+    (w / "text.txt").write_text(text)
+    (w / "latin1.txt").write_bytes("café, naïve, Ångström\n".encode("latin-1") * 20)
+    (w / "empty.txt").write_text("")
+    (w / "afile").write_text("a file, not a folder\n")
+    chars = sorted(set(text))
+    ids = [chars.index(c) for c in text]
+    metas = {"tiny": {"tokenizer": "char", "chars": chars}, "fewchars": {"tokenizer": "char", "chars": chars[:5]},
+             "nochars": {"tokenizer": "char"}, "alist": ["char"], "unknowntok": {"tokenizer": "sentencepiece"},
+             "bpe": {"tokenizer": "gpt2"}}
+    for name, meta in metas.items():
+        d = w / "data" / name
+        write_tokens(str(d / "train.bin"), ids if name != "bpe" else rng.integers(0, 50257, 3000))
+        write_tokens(str(d / "val.bin"), ids[:1000] if name != "bpe" else rng.integers(0, 50257, 1000))
+        (d / "meta.json").write_text(json.dumps(meta))
+    os.makedirs(w / "data" / "badjson")
+    for f in ("train.bin", "val.bin"):
+        (w / "data" / "badjson" / f).write_bytes((w / "data" / "tiny" / f).read_bytes())
+    (w / "data" / "badjson" / "meta.json").write_text('{"tokenizer": "char", "chars": [')
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir=run"] + TRAIN[1:], cwd=w, env=env,
+                   check=True, capture_output=True)
+    good = torch.load(w / "run" / "ckpt.pt", weights_only=True)
+    bad = {"nomodelargs": {k: v for k, v in good.items() if k != "model_args"}, "baretensor": torch.zeros(3),
+           "badshapes": dict(good, model_args=dict(good["model_args"], n_embd=64, n_head=4)),
+           "merged": {k: good[k] for k in ("model", "model_args", "meta", "config", "step")}}
+    for name, obj in bad.items():
+        os.makedirs(w / name)
+        torch.save(obj, w / name / "ckpt.pt")
+
+
+def snapshot(w):
+    out = {}
+    for folder, _, files in os.walk(w):
+        for f in files:
+            path = os.path.join(folder, f)
+            if not f.endswith(".lock"):
+                out[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def run_case(w, root, command):
+    """Run one row; return (exit code, stderr, the files that existed and were changed or removed)."""
+    before = snapshot(w)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, os.path.join(root, command[0])] + command[1:], cwd=w, env=env,
+                       capture_output=True, text=True, timeout=300)
+    after = snapshot(w)
+    damaged = sorted(path for path, digest in before.items() if after.get(path) != digest)
+    damaged += sorted(path for path in after if path.endswith(".tmp") and path not in before)  # left-over temp files
+    return p.returncode, p.stderr, damaged
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    w = tmp_path_factory.mktemp("bad")
+    make_workdir(w)
+    return w
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, command, words", CASES, ids=[c[0] for c in CASES])
+def test_one_clear_line_and_nothing_damaged(workdir, name, command, words):
+    code, err, damaged = run_case(workdir, ROOT, command)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), err[-2000:]
+    assert not damaged, damaged
+
+
+def main():
+    """Print the catalogue as a table for the scripts in ROOT (default: this checkout): per row the
+    exit code, whether a traceback came, and the files damaged; then the counts."""
+    import pathlib
+    import tempfile
+    root = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else ROOT
+    w = pathlib.Path(tempfile.mkdtemp())
+    make_workdir(w)
+    tracebacks = accepted = damaged_rows = 0
+    for name, command, words in CASES:
+        code, err, damaged = run_case(w, root, command)
+        tb = "Traceback" in err
+        tracebacks += tb
+        accepted += code == 0
+        damaged_rows += bool(damaged)
+        print(f"{name:<45} rc={code:<3} {'traceback' if tb else '':<9} {'damaged ' + str(len(damaged)) if damaged else ''}")
+    print(f"{len(CASES)} cases: {tracebacks} tracebacks, {accepted} accepted (exit 0), {damaged_rows} damaged files")
+
+
+if __name__ == "__main__":
+    main()
