@@ -464,6 +464,7 @@ def main():
 
 
 def train(cfg, world):
+    stop = StopFlag()  # from here on, Ctrl-C asks for a clean stop
     say = print if world.master else (lambda *a, **k: None)
     ptdtype = resolve_dtype(cfg["dtype"], world.device_type)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
@@ -492,7 +493,6 @@ def train(cfg, world):
                            base=base, world=world)
 
     # --- the loop ------------------------------------------------------------------------
-    stop = StopFlag()
     max_iters, start_step = cfg["max_iters"], step
     peak = peak_flops(torch.cuda.get_device_name(world.device)) if world.device_type == "cuda" else None
     params = [p for p in raw_model.parameters() if p.requires_grad]

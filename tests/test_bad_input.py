@@ -27,6 +27,8 @@ CASES = [
     ("resume on another tokenizer's data", TRAIN + ["--init_from=resume", "--out_dir=run", "--dataset=bpe"], ["tokenizer"]),
     ("scratch run into an existing run", TRAIN + ["--out_dir=run"], ["already holds a run", "--init_from=resume"]),
     ("out_dir is a file", TRAIN + ["--out_dir=afile"], ["afile", "file"]),
+    ("a GPU recipe where there is no GPU", ["train.py", os.path.join(ROOT, "config", "shakespeare_char.py")],
+     ["GPU", "--device=cpu"]),
     ("resume from a merged checkpoint", TRAIN + ["--init_from=resume", "--out_dir=merged"], ["no training state"]),
     ("resume with another model shape", TRAIN + ["--init_from=resume", "--out_dir=run", "--n_layer=3"], ["n_layer"]),
     # meta.json and shards
@@ -75,7 +77,7 @@ def make_workdir(w):
     import numpy as np
     import torch
     sys.path.insert(0, ROOT)
-    from dataloader import write_meta, write_tokens
+    from dataloader import write_tokens
     rng = np.random.default_rng(0)
     text = "".join(rng.choice(list("abcdefghij \n"), 3000))
     (w / "text.txt").write_text(text)

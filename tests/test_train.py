@@ -263,3 +263,19 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temp file is gone
+
+
+@pytest.mark.slow
+def test_a_stop_during_evaluation_is_honoured_at_once(workdir):
+    # an evaluation that would take minutes: Ctrl-C ends it, and the run, within seconds
+    args = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + ["--out_dir=out_evalstop", "--eval_iters=1000000"]
+    proc = subprocess.Popen(args, cwd=workdir, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the evaluation at step 0 starts right after the optimizer is set up
+        if line.startswith("using fused AdamW"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped at step 0" in out, out[-2000:]
+    assert "val loss" not in out
