@@ -62,6 +62,17 @@ def atomic_write(path, mode="wb", **open_kwargs):
         raise
 
 
+def quiet_offline_hub(host="huggingface.co"):
+    """If the Hugging Face Hub cannot be reached, tell its libraries so (HF_HUB_OFFLINE=1): they
+    then use their cache at once, or fail at once, instead of retrying for half a minute."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 # -----------------------------------------------------------------------------
 # settings
 

@@ -367,6 +367,9 @@ class GPT(nn.Module):
         if not local and name_or_path not in OPENAI_MODELS:
             raise OSError(f"{name_or_path!r} is neither a local Hugging Face model folder nor one of "
                           f"{', '.join(OPENAI_MODELS)}")
+        if not local:
+            from configurator import quiet_offline_hub
+            quiet_offline_hub()  # before transformers reads the setting at import
         try:
             from transformers import GPT2LMHeadModel
         except ImportError:

@@ -33,7 +33,7 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from configurator import UserError, atomic_write, configure, die, print_config
+from configurator import UserError, atomic_write, configure, die, print_config, quiet_offline_hub
 from dataloader import EOT, get_gpt2_encoding, read_tokens, write_meta, write_tokens
 
 # -----------------------------------------------------------------------------
@@ -90,6 +90,8 @@ def resolve_files(spec):
 
 def load_corpus(cfg, files, builder):
     """The corpus as a datasets Dataset (or IterableDataset when streaming), in a fixed order."""
+    if not files:
+        quiet_offline_hub()  # offline: the cached copy at once, or one line, not half a minute of retries
     import datasets
 
     try:
