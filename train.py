@@ -158,28 +158,30 @@ def setup_world(device_setting):
 
 
 def make_loaders(cfg, meta, world):
-    """The train and val loaders, and grad_accum. The one place where the kind of dataset
-    matters: token streams cut into (B, T) blocks, or whole instruction examples (SFT, from
-    prepare_alpaca.py), padded per micro-batch, whose batch sizes count examples."""
+    """Return (train_loader, val_loader, a line describing the step). The one place
+    where the kind of dataset matters: token streams cut into (B, T) blocks, or whole
+    instruction examples (SFT data, from prepare_alpaca.py) whose batch sizes count examples."""
     sft = meta.get("format") == "sft"
     B, T = cfg["batch_size"], cfg["block_size"]
     per_micro = B * world.size * (1 if sft else T)  # examples or tokens per micro-step, all ranks
     total = cfg["total_batch_size"] or per_micro
-    unit = "examples" if sft else "tokens"
     if total % per_micro != 0:
-        die(f"total_batch_size={total:,} ({unit}) is not a multiple of batch_size*{'' if sft else 'block_size*'}ranks "
-            f"= {per_micro:,}; change one of them")
+        die(f"total_batch_size={total:,} is not a multiple of batch_size*{'' if sft else 'block_size*'}ranks "
+            f"= {per_micro:,}{' (examples: this is SFT data)' if sft else ''}; change one of them")
     grad_accum = total // per_micro
     data_dir = os.path.join("data", cfg["dataset"])
-    Loader, extra = (SFTLoader, dict(group_by_length=cfg["group_by_length"])) if sft else (DataLoader, {})
-    extra["vocab_size"] = vocab_size_of(meta)  # every token id is checked against it once
-    train_loader = Loader(data_dir, "train", B, T, world.rank, world.size, seed=cfg["seed"], shuffle=True,
-                          grad_accum=grad_accum, **extra)
-    val_loader = Loader(data_dir, "val", B, T, world.rank, world.size, shuffle=False, **extra)
-    layout = f"{B} x {world.size} ranks x {grad_accum} accumulation steps" if sft else \
-             f"{B} x {T} x {world.size} ranks x {grad_accum} accumulation steps"
-    extra_note = f", each micro-batch padded to its longest example (at most {T} tokens)" if sft else ""
-    return train_loader, val_loader, grad_accum, f"{total:,} {unit} per step = {layout}{extra_note}"
+    common = dict(rank=world.rank, world_size=world.size, vocab_size=vocab_size_of(meta))  # ids are checked
+    if sft:
+        train_loader = SFTLoader(data_dir, "train", B, T, seed=cfg["seed"], grad_accum=grad_accum,
+                                 group_by_length=cfg["group_by_length"], **common)
+        val_loader = SFTLoader(data_dir, "val", B, T, shuffle=False, **common)
+        layout = (f"{total:,} examples per step = {B} x {world.size} ranks x {grad_accum} accumulation steps, "
+                  f"each micro-batch padded to its longest example (at most {T} tokens)")
+    else:
+        train_loader = DataLoader(data_dir, "train", B, T, seed=cfg["seed"], grad_accum=grad_accum, **common)
+        val_loader = DataLoader(data_dir, "val", B, T, shuffle=False, **common)
+        layout = f"{total:,} tokens per step = {B} x {T} x {world.size} ranks x {grad_accum} accumulation steps"
+    return train_loader, val_loader, layout
 
 
 def build_model(cfg, meta, say):
@@ -472,7 +474,7 @@ def train(cfg, world):
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt")) if resume else None
     lock = claim_out_dir(out_dir, resume, cfg["overwrite"]) if world.master else None  # noqa: F841 (held)
     meta = read_meta(os.path.join("data", cfg["dataset"]))
-    train_loader, val_loader, grad_accum, layout = make_loaders(cfg, meta, world)
+    train_loader, val_loader, layout = make_loaders(cfg, meta, world)
     say("config:")
     if world.master:
         print_config(cfg)
@@ -501,18 +503,19 @@ def train(cfg, world):
     run_start = t_last = time.time()
     steps_since_log, tokens_since_log = 0, 0
     bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
+    stopping = False  # a stop (Ctrl-C, SIGTERM) that every rank has agreed on
     while True:
-        last = step >= max_iters
+        last = step >= max_iters or stopping
         t_pause = time.time()  # evaluation and saving are not counted in the step time
-        if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last:
+        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last) and not stopping:
             loss = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop)
-            if loss is None:  # stopped during the evaluation: save (if there is anything new) and exit
-                last = True
+            if loss is None:  # a stop during the evaluation: save (if there is anything new) and exit
+                last = stopping = True
             else:
                 val_loss = loss
                 say(f"step {step}: val loss {val_loss:.4f}")
                 log(step, val=val_loss)
-        if hella_examples and (step % cfg["hellaswag_interval"] == 0 or last) and not stop.requested:
+        if hella_examples and (step % cfg["hellaswag_interval"] == 0 or last) and not stopping:
             res = hellaswag.evaluate(raw_model, hella_examples, world.device, batch_size=max(1, cfg["batch_size"] // 4),
                                  autocast_ctx=autocast, rank=world.rank, world_size=world.size)
             say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
@@ -527,7 +530,7 @@ def train(cfg, world):
                 raise nonfinite(cfg, step - 1)
             save(cfg, step, val_loss, **checkpoint_args)
         if last:
-            if stop.requested:
+            if stopping:
                 say(f"stopped at step {step}" + ("; continue with --init_from=resume" if step > start_step else ""))
             break
         t_last += time.time() - t_pause
@@ -592,10 +595,6 @@ def train(cfg, world):
             say(f"step {step - 1:5d}/{max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | norm {values['norm']:.4f} | "
                 f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s{mfu_text} | epoch {train_loader.epoch} | "
                 f"{format_time(left)} left", flush=True)
-        if stopping:
-            save(cfg, step, val_loss, **checkpoint_args)
-            say(f"stopped at step {step}; continue with --init_from=resume")
-            break
     say(f"done in {format_time(time.time() - run_start)}")
 
 
