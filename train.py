@@ -441,6 +441,15 @@ def get_lr(step, cfg):
     return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
 
 
+def all_finite(bad_loss, params, world):
+    """No non-finite loss since the last check and no non-finite weight, on any rank (every
+    rank must call it, and all get the same answer). Under FSDP each rank checks its shards."""
+    bad = (bad_loss | ~torch.stack([torch.isfinite(local(p)).all() for p in params]).all()).float()
+    if world.ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
 def nonfinite(cfg, step):
     """A NaN/inf loss: stop without saving, so ckpt.pt stays the last good one."""
     return UserError(f"the loss is not finite at step {step}: stopping without saving (the last good checkpoint "
@@ -564,11 +573,7 @@ def train(cfg, world):
             log(step, hella=res["acc_norm"])
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0
         if (due or last) and step > start_step:
-            # never overwrite the last good checkpoint with a diverged model; every rank agrees
-            bad = (bad_loss | ~torch.stack([torch.isfinite(local(p)).all() for p in params]).all()).float()
-            if world.ddp:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():
+            if not all_finite(bad_loss, params, world):  # never overwrite a good checkpoint with a diverged model
                 raise nonfinite(cfg, step - 1)
             save(cfg, step, val_loss, **checkpoint_args)
         if last:
@@ -622,8 +627,8 @@ def train(cfg, world):
             t_now = time.time()
             dt = (t_now - t_last) / steps_since_log
             tok_per_s = tokens_since_log / (t_now - t_last)  # real tokens: SFT padding is not counted
-            values = dict(train=loss_val, lr=lr, norm=norm.full_tensor().item() if world.fsdp else norm.item(), dt_ms=dt * 1000, tok_per_s=tok_per_s,
-                          epoch=train_loader.epoch)
+            values = dict(train=loss_val, lr=lr, norm=(norm.full_tensor() if world.fsdp else norm).item(),
+                          dt_ms=dt * 1000, tok_per_s=tok_per_s, epoch=train_loader.epoch)
             if peak is not None:
                 values["mfu"] = raw_model.estimate_mfu(tokens_since_log / steps_since_log, dt, peak,
                                                        seq_len=cfg["block_size"])
