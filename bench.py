@@ -4,11 +4,13 @@ into an issue:
 
     python bench.py --mode=train --model=gpt2 --batch_size=16 --block_size=1024 --dtype=bfloat16 --compile=True
     python bench.py --mode=sample --model=gpt2 --prompt_len=16 --new_tokens=200
+    torchrun --standalone --nproc_per_node=2 bench.py --model=gpt2 --fsdp   # per-rank memory, FSDP (or DDP without --fsdp)
 
 train   times whole optimizer steps on random tokens: host-to-device copy, forward, backward
         (gradient accumulation if grad_accum > 1), gradient clipping, AdamW. The same path as
         train.py, so its ms/step is what a real run costs minus the data loading.
-        Reports ms/step, tokens/s, MFU and peak memory.
+        Reports ms/step, tokens/s, MFU and peak memory. Under torchrun it trains as train.py does
+        on several ranks, in DDP or (--fsdp) FSDP2, and reports every rank's peak memory.
 sample  times model.generate, with the KV cache and with a full recompute of the context for
         every new token, at batch 1 and batch N. Reports tokens/s and the cache's speed-up.
 
@@ -20,11 +22,15 @@ MFU (model FLOPs utilisation) = the FLOPs the model needs per second (model.flop
 count, not the ones a kernel wastes, so it compares implementations fairly.
 """
 
+import os
 import platform
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
 from model import GPT, PRESETS, peak_flops, preset
@@ -47,6 +53,7 @@ DEFAULTS = dict(
     grad_accum=1,  # micro-batches per optimizer step
     warmup=5,  # untimed steps first: torch.compile, cuBLAS/cuDNN autotuning, the allocator
     steps=10,  # timed steps (sample mode: untouched, one timed generation per row)
+    fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
     # sample mode
     sample_batch=8,  # the batch N timed besides batch 1 (1: batch 1 only)
     prompt_len=16,  # prompt tokens per sequence
@@ -135,12 +142,58 @@ def peak_flops_for(cfg, device, device_type, dtype):
     return flops
 
 
+def start_ranks(cfg, device, device_type):
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs), one GPU per rank.
+    Returns (device, rank, world_size, distributed); a plain `python bench.py` is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        if cfg["fsdp"]:
+            die("--fsdp shards over the processes torchrun starts: torchrun --standalone --nproc_per_node=2 "
+                "bench.py --fsdp")
+        return device, 0, 1, False
+    if device_type == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size(), True
+
+
+def rss_follows_tensors():
+    """Linux (glibc): give every allocation over 64 KiB its own mapping, returned to the OS as
+    soon as it is freed. By default glibc keeps freed memory for reuse, so the resident set
+    stays at its high-water mark: FSDP's ranks would show the whole model each builds before
+    sharding it, and DDP and FSDP could not be told apart by RSS. Costs some speed."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS is then an upper bound
+
+
+def reset_peak_memory(device, device_type):
+    """Forget the peak so far (the warm-up's: compilation, and the whole model every rank
+    builds before FSDP shards it): the next reading is the steady state of training. On
+    Linux, writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM)."""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak then covers the whole run
+
+
 def peak_memory(device, device_type):
     """(bytes, what was measured): the most memory PyTorch held on the GPU since the last
     reset, or the process's peak resident set size on the host (which includes Python, torch
     and everything else: an upper bound on what the model needed)."""
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated(device), "GPU mem"
+    try:  # Linux: VmHWM, the peak since the last reset_peak_memory
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), "peak RSS"
+    except (OSError, StopIteration):
+        pass
     try:
         import resource  # Unix only
     except ImportError:
@@ -219,8 +272,16 @@ def bench_train(cfg):
     a dict: ms_per_step, tokens_per_s, mfu (None where the peak is unknown), peak_flops,
     peak_mem_bytes, loss (of the last micro-batch), summary (the one line)."""
     device, device_type, dtype = setup(cfg)
+    device, rank, ranks, distributed = start_ranks(cfg, device, device_type)
+    if distributed and device_type == "cpu":
+        rss_follows_tensors()  # the per-rank memory is the point of a run under torchrun
+    if cfg["fsdp"] and dtype == torch.float16:
+        die("--fsdp trains in bfloat16 or float32 (as train.py does), not float16")
     B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["grad_accum"]
-    raw_model = build_model(cfg, device)
+    # FSDP: built on the host, and each rank moves only its shards to the GPU
+    raw_model = build_model(cfg, "cpu" if cfg["fsdp"] else device)
+    if cfg["fsdp"]:  # before the optimizer, so that AdamW's moments are sharded too
+        raw_model.fully_shard(param_dtype=dtype)
     raw_model.train()
     # train.py's optimizer: AdamW, decay on matrices only, the fused CUDA kernel on a GPU
     optimizer = raw_model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device_type)
@@ -228,12 +289,14 @@ def bench_train(cfg):
     # Disabled (every call a no-op) for bf16 and fp32.
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    if distributed and not cfg["fsdp"]:
+        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
     autocast = autocast_context(device_type, dtype)
 
     # Synthetic batches: random tokens, made once on the host. train.py's loader hands over
     # host tensors; in page-locked (pinned) memory the copy to the GPU runs asynchronously
     # (non_blocking) while the GPU still works, so it costs the step almost nothing.
-    gen = torch.Generator().manual_seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # each rank its own batches
     xs = torch.randint(cfg["vocab_size"], (accum, B, T), generator=gen)  # (accum, B, T)
     ys = torch.randint(cfg["vocab_size"], (accum, B, T), generator=gen)
     if device_type == "cuda":
@@ -243,10 +306,15 @@ def bench_train(cfg):
         for micro in range(accum):
             x = xs[micro].to(device, non_blocking=True)  # (B, T)
             y = ys[micro].to(device, non_blocking=True)
-            with autocast:
-                _, loss = model(x, y)
-            # the mean over the step's micro-batches, as one big batch would give
-            scaler.scale(loss / accum).backward()
+            # gradients exchanged on the last micro-step only, as train.py does
+            last = micro == accum - 1
+            if cfg["fsdp"]:
+                raw_model.set_requires_gradient_sync(last)
+            with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+                with autocast:
+                    _, loss = model(x, y)
+                # the mean over the step's micro-batches, as one big batch would give
+                scaler.scale(loss / accum).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP)
         scaler.step(optimizer)
@@ -258,8 +326,7 @@ def bench_train(cfg):
     for _ in range(cfg["warmup"]):
         step()
     synchronize(device_type)
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # count the steady state, not compilation
+    reset_peak_memory(device, device_type)  # count the steady state, not compilation
     # no synchronisation inside the loop: the host queues step after step, the GPU never idles
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(cfg["steps"]):
@@ -268,20 +335,30 @@ def bench_train(cfg):
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     dt = wall / cfg["steps"]  # seconds per step
     mem, mem_what = peak_memory(device, device_type)
+    mems = [mem]
+    if distributed:  # every rank's peak, to rank 0
+        mems = [None] * ranks
+        dist.all_gather_object(mems, mem)
 
-    tokens = B * T * accum  # tokens per optimizer step
+    tokens = B * T * accum  # tokens per optimizer step on one rank
     peak = peak_flops_for(cfg, device, device_type, dtype)
-    mfu = None if peak is None else raw_model.estimate_mfu(tokens, dt, peak, seq_len=T)
-    r = dict(ms_per_step=dt * 1000, tokens_per_s=tokens / dt, mfu=mfu, peak_flops=peak,
-             peak_mem_bytes=mem, loss=loss.item(), cores_used=cores_used(device_type, wall, cpu))
+    mfu = None if peak is None else raw_model.estimate_mfu(tokens, dt, peak, seq_len=T)  # per GPU
+    r = dict(ms_per_step=dt * 1000, tokens_per_s=tokens * ranks / dt, mfu=mfu, peak_flops=peak,
+             peak_mem_bytes=mem, peak_mem_per_rank=mems, loss=loss.item(),
+             cores_used=cores_used(device_type, wall, cpu))
     mfu_text = "MFU n/a (give --peak_flops)" if mfu is None else f"MFU {100 * mfu:.1f}% of {peak / 1e12:.1f} TFLOP/s"
     r["summary"] = (f"bench train | {device_name(device, device_type)} | torch {torch.__version__} | "
                     f"{describe(raw_model, cfg, dtype)} compile={cfg['compile']} | B={B} T={T} accum={accum} | "
-                    f"{r['ms_per_step']:.1f} ms/step | {rate(r['tokens_per_s'])} tok/s | {mfu_text} | "
-                    f"{mem_what} {gib(mem)}{load_text(r['cores_used'])}")
-    print(r["summary"])
-    if cfg["profile"]:
+                    + (f"{'FSDP' if cfg['fsdp'] else 'DDP'} x{ranks} ranks | " if distributed else "")
+                    + f"{r['ms_per_step']:.1f} ms/step | {rate(r['tokens_per_s'])} tok/s | {mfu_text} | "
+                    + (f"{mem_what} per rank {', '.join(gib(m) for m in mems)}" if distributed else f"{mem_what} {gib(mem)}")
+                    + load_text(r["cores_used"]))
+    if rank == 0:
+        print(r["summary"])
+    if cfg["profile"] and not distributed:
         profile(step, device_type, repeats=3)
+    if distributed:
+        dist.destroy_process_group()
     return r
 
 
@@ -337,7 +414,8 @@ def bench_sample(cfg):
 
 def main():
     cfg = configure(DEFAULTS)
-    print_config(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 only
+        print_config(cfg)
     try:
         if cfg["mode"] == "sample":
             bench_sample(cfg)

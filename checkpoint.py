@@ -14,7 +14,8 @@ numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run
                  absolute path of another run's out_dir or of a Hugging Face folder)
     meta         the tokenizer (the dataset's meta.json)
     config       the run's settings                  step      optimizer steps done
-    optimizer    the optimizer's state dict          scaler    the fp16 GradScaler's, or None
+    optimizer    the optimizer's full state dict, keyed by parameter name (FSDP and DDP alike)
+    scaler       the fp16 GradScaler's, or None
     loader       the training loader's position      rng       every rank's RNG states
     val_loss     the last validation loss, or None
 The last six make a training state that --init_from=resume continues exactly; a merged
@@ -31,15 +32,17 @@ from configurator import UserError, atomic_write, configure, die, print_config
 from model import GPT, OPENAI_MODELS, GPTConfig, unwrap
 
 
-def make_checkpoint(model, meta, config, **training_state):
+def make_checkpoint(model, meta, config, state_dict=None, **training_state):
     """The checkpoint dict of `model` (bare or wrapped): its weights, or a LoRA run's
-    adapters only, plus whatever training state is given (step, optimizer, ..., base)."""
+    adapters only, plus whatever training state is given (step, optimizer, ..., base).
+    state_dict: the full weights when the model cannot give them itself (an FSDP model holds
+    shards; train.py gathers them)."""
     model = unwrap(model)
     ckpt = {"model_args": vars(model.config).copy(), "meta": meta, "config": config, **training_state}
     if lora.has_lora(model):
         ckpt["lora"] = lora.lora_state_dict(model)  # small: the base is named by ckpt["base"]
     else:
-        ckpt["model"] = model.state_dict()
+        ckpt["model"] = model.state_dict() if state_dict is None else state_dict
     return ckpt
 
 

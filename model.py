@@ -330,6 +330,24 @@ class GPT(nn.Module):
         # step: on CUDA far fewer launches, on CPU (torch >= 2.4) half the optimizer time
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
+    def fully_shard(self, param_dtype=torch.float32):
+        """Shard this model across the ranks of the process group with FSDP2 (train.py and
+        bench.py with fsdp=True, under torchrun). Each rank then keeps 1/N of every weight, of
+        its gradient and (the optimizer being built afterwards) of the AdamW moments; a
+        Block's full weights are all-gathered just before it runs and freed after, forward and
+        backward. One unit per Block, then the root for what is left (wte = lm_head, wpe, ln_f):
+        the tied weight stays one parameter, in the root's unit. The weights move to the
+        current device (cuda:LOCAL_RANK) as they are sharded. param_dtype bf16/fp16: the
+        gathered weights are cast for compute, while gradients are reduced and the shards
+        updated in fp32."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
+                                  reduce_dtype=torch.float32)
+        for block in self.transformer.h:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(self, mp_policy=mp)  # self's class becomes an FSDP subclass of GPT
+        return self
+
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward), the estimate of the PaLM paper:
 

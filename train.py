@@ -4,6 +4,7 @@ Train a GPT: from a laptop CPU to several 8-GPU nodes, with one script.
     python train.py config/shakespeare_char_cpu.py                    # laptop, a few minutes
     python train.py config/shakespeare_char.py                        # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py   # one 8-GPU node
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_1.3b.py --fsdp  # sharded: 24 GB GPUs
     python train.py config/finetune_alpaca.py                         # instruction fine-tuning
 
 One optimizer step reads grad_accum micro-batches on every rank, runs forward and backward on
@@ -24,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
@@ -85,6 +89,7 @@ DEFAULTS = dict(
     device="auto",  # auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps
     dtype="auto",  # auto | float32 | bfloat16 | float16 (float16 uses a GradScaler)
     compile=False,  # torch.compile the model (first steps slower, then faster; GPU)
+    fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies
     seed=1337,
 )
 
@@ -116,6 +121,15 @@ def check_settings(cfg):
             lora.parse_targets(cfg["lora_targets"])
         except ValueError as e:
             die(str(e))
+    if cfg["fsdp"]:  # FSDP shards over the ranks torchrun starts; alone it would only hide a missing launcher
+        if "RANK" not in os.environ:
+            die("fsdp=True shards the model over the processes torchrun starts: run it under torchrun "
+                "(torchrun --standalone --nproc_per_node=N train.py ...), or drop --fsdp")
+        if cfg["lora_rank"] > 0:
+            die("LoRA trains a few MB of adapters: it needs no sharding; drop --fsdp (DDP) for lora_rank > 0")
+        if cfg["hellaswag_interval"]:
+            die("HellaSwag during training needs the whole model on every rank: with --fsdp set hellaswag_interval=0 "
+                "and score the checkpoint with hellaswag.py")
 
 
 def check_gpu_recipe(cfg, device_type):
@@ -134,18 +148,19 @@ def check_gpu_recipe(cfg, device_type):
 class World:
     """Who this process is: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
     `python train.py` is rank 0 of 1."""
-    ddp: bool
+    ddp: bool  # several processes: gradients (DDP) or shards (FSDP) are exchanged
     rank: int
     size: int
     device: str  # cuda:LOCAL_RANK under torchrun on GPUs
     device_type: str  # cuda, mps or cpu: what autocast takes
+    fsdp: bool = False  # the model is sharded with FSDP2 (fsdp=True) instead of wrapped in DDP
 
     @property
     def master(self):  # only rank 0 prints, logs and saves
         return self.rank == 0
 
 
-def setup_world(device_setting):
+def setup_world(device_setting, fsdp=False):
     device, device_type = resolve_device(device_setting)
     if "RANK" not in os.environ:
         return World(False, 0, 1, device, device_type)
@@ -154,7 +169,7 @@ def setup_world(device_setting):
         device = f"cuda:{local_rank}"  # one GPU per process
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return World(True, rank, size, device, device_type)
+    return World(True, rank, size, device, device_type, fsdp)
 
 
 def make_loaders(cfg, meta, world):
@@ -294,6 +309,8 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
     """The model on its device with its optimizer and fp16 gradient scaler: a new one, one
     fine-tuned from init_from, or (ckpt given) the checkpoint's. Returns (raw_model, base,
     optimizer, scaler); base names a LoRA run's frozen weights."""
+    if world.fsdp and ptdtype == torch.float16:  # GradScaler's overflow check would see one shard per rank
+        raise UserError("fsdp=True trains in bfloat16 or float32, not float16: set --dtype=bfloat16 (Ampere and newer) or float32")
     # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's)
     torch.manual_seed(cfg["seed"])
     if ckpt is not None:
@@ -303,8 +320,14 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
         base = ckpt.get("base")  # a LoRA run's
     else:
         raw_model, base = build_model(cfg, meta, say)
-    raw_model.to(world.device)
     say(f"number of parameters: {raw_model.num_params() / 1e6:.2f}M")
+    if world.fsdp:
+        # sharded before the optimizer is built, so that AdamW's moments are sharded too; the
+        # weights reach the GPU as shards, never as a whole model per rank
+        raw_model.fully_shard(param_dtype=ptdtype)
+        say(f"FSDP: weights, gradients and AdamW state sharded over {world.size} ranks, one unit per Block")
+    else:
+        raw_model.to(world.device)
     torch.manual_seed(cfg["seed"] + world.rank)  # then a stream per rank: different dropout masks
     optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                                (cfg["beta1"], cfg["beta2"]), world.device_type, verbose=world.master)
@@ -313,10 +336,10 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
     return raw_model, base, optimizer, scaler
 
 
-def restore(ckpt, optimizer, scaler, train_loader, world, say):
+def restore(ckpt, raw_model, optimizer, scaler, train_loader, world, say):
     """Put a checkpoint's training state back: optimizer, scaler, data position, RNG. Returns
-    the step to continue from."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    the step to continue from. The weights came back in setup_model."""
+    load_optimizer(raw_model, optimizer, ckpt["optimizer"])
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
@@ -327,6 +350,62 @@ def restore(ckpt, optimizer, scaler, train_loader, world, say):
         say(f"note: the checkpoint has RNG states for {len(rngs)} ranks, this run has {world.size}: "
             "dropout will not repeat the original run exactly")
     return ckpt["step"]
+
+
+def wrap(raw_model, cfg, world, say):
+    """The model the loop calls: compiled if asked, in DDP under torchrun (an FSDP model
+    needs no wrapper: it is sharded in place, and compiled after sharding)."""
+    model = raw_model
+    if cfg["compile"]:
+        say("compiling the model (the first steps are slow)...")
+        model = torch.compile(model)
+    if world.ddp and not world.fsdp:
+        model = DDP(model, device_ids=[world.device] if world.device_type == "cuda" else None)
+    return model
+
+
+def grad_sync(model, raw_model, world, last_micro):
+    """Exchange gradients on the last micro-step only: before it, every rank accumulates its
+    own, as one big batch would, without communicating. DDP: no_sync() skips the all-reduce.
+    FSDP: set_requires_gradient_sync(False) skips the reduce-scatter; each rank keeps full
+    (unsharded) gradients until the last micro-step reduces and shards them, so accumulation
+    costs one gradient copy of memory but no communication per micro-step."""
+    if world.fsdp:
+        raw_model.set_requires_gradient_sync(last_micro)
+        return nullcontext()
+    return model.no_sync() if world.ddp and not last_micro else nullcontext()
+
+
+def local(t):
+    """This rank's part of a tensor: its shard under FSDP (a DTensor), the tensor otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# The checkpoint holds full (unsharded) tensors in every run, so any script reads it. The
+# optimizer state is keyed by parameter name ("transformer.h.0.attn.c_attn.weight"), not by
+# position: an FSDP run resumes a DDP or single-process checkpoint, and the reverse.
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the host
+
+
+def gather_state(raw_model, optimizer, world):
+    """(model state dict or None, optimizer state dict) to save, whole, on rank 0 (other ranks
+    get empty dicts). Under FSDP it gathers the shards: every rank must call it. None for the
+    model means make_checkpoint takes it from the model itself (not sharded)."""
+    if world.fsdp:  # after evaluation (forward only) the root unit still holds its gathered weights
+        raw_model.reshard()
+    optim = get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    if not world.fsdp:
+        return None, optim
+    model = get_model_state_dict(raw_model, options=FULL)
+    if model:  # the tied weight as one tensor under both names, as model.state_dict() has it
+        model["lm_head.weight"] = model["transformer.wte.weight"]
+    return model, optim
+
+
+def load_optimizer(raw_model, optimizer, state):
+    """Load a full, name-keyed optimizer state (every rank read the file); under FSDP each
+    rank keeps its shard of the moments."""
+    set_optimizer_state_dict(raw_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def evaluate(model, loader, eval_iters, world, autocast, stop):
@@ -356,7 +435,9 @@ def evaluate(model, loader, eval_iters, world, autocast, stop):
 
 
 def save(cfg, step, val_loss, *, model, optimizer, scaler, loader, meta, base, world):
-    """Write out_dir/ckpt.pt (atomically). Every rank must call it: the RNG states are gathered."""
+    """Write out_dir/ckpt.pt (atomically). Every rank must call it: the RNG states (and under
+    FSDP the weights and optimizer state) are gathered."""
+    model_state, optim_state = gather_state(model, optimizer, world)
     rngs = [None] * world.size
     if world.ddp:
         dist.all_gather_object(rngs, rng_state())
@@ -364,7 +445,7 @@ def save(cfg, step, val_loss, *, model, optimizer, scaler, loader, meta, base, w
         rngs = [rng_state()]
     if not world.master:
         return
-    ckpt = make_checkpoint(model, meta, cfg, step=step, optimizer=optimizer.state_dict(),
+    ckpt = make_checkpoint(model, meta, cfg, state_dict=model_state, step=step, optimizer=optim_state,
                            scaler=scaler.state_dict() if scaler.is_enabled() else None,
                            loader=loader.state_dict(), rng=rngs, val_loss=val_loss, base=base)
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -386,6 +467,15 @@ def get_lr(step, cfg):
     progress = (step - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])  # 0 -> 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def all_finite(bad_loss, params, world):
+    """No non-finite loss since the last check and no non-finite weight, on any rank (every
+    rank must call it, and all get the same answer). Under FSDP each rank checks its shards."""
+    bad = (bad_loss | ~torch.stack([torch.isfinite(local(p)).all() for p in params]).all()).float()
+    if world.ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
 
 
 def nonfinite(cfg, step):
@@ -454,7 +544,7 @@ def format_time(seconds):
 def main():
     cfg = configure(DEFAULTS)
     check_settings(cfg)
-    world = setup_world(cfg["device"])
+    world = setup_world(cfg["device"], fsdp=cfg["fsdp"])
     check_gpu_recipe(cfg, world.device_type)
     try:
         train(cfg, world)
@@ -481,13 +571,8 @@ def train(cfg, world):
     say(f"device {world.device}, dtype {str(ptdtype).replace('torch.', '')}, {world.size} rank(s), {layout}")
 
     raw_model, base, optimizer, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)
-    step = restore(ckpt, optimizer, scaler, train_loader, world, say) if resume else 0
-    model = raw_model
-    if cfg["compile"]:
-        say("compiling the model (the first steps are slow)...")
-        model = torch.compile(model)
-    if world.ddp:
-        model = DDP(model, device_ids=[world.device] if world.device_type == "cuda" else None)
+    step = restore(ckpt, raw_model, optimizer, scaler, train_loader, world, say) if resume else 0
+    model = wrap(raw_model, cfg, world, say)
     autocast = autocast_context(world.device_type, ptdtype)
     hella_examples = load_hellaswag(cfg, meta)
     log = RunLog(cfg, world, append=resume)
@@ -522,11 +607,7 @@ def train(cfg, world):
             log(step, hella=res["acc_norm"])
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0
         if (due or last) and step > start_step:
-            # never overwrite the last good checkpoint with a diverged model; every rank agrees
-            bad = (bad_loss | ~torch.stack([torch.isfinite(p).all() for p in params]).all()).float()
-            if world.ddp:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():
+            if not all_finite(bad_loss, params, world):  # never overwrite a good checkpoint with a diverged model
                 raise nonfinite(cfg, step - 1)
             save(cfg, step, val_loss, **checkpoint_args)
         if last:
@@ -545,20 +626,19 @@ def train(cfg, world):
         for micro, (x, y) in enumerate(batches):
             # the micro-batch's share of the step's targets (1/grad_accum for full token batches):
             # the weighted sum over micro-steps and ranks is the mean over every target of the
-            # step. x world.size because DDP averages the ranks' gradients instead of adding them.
+            # step. x world.size because DDP (and FSDP) average the ranks' gradients, not add them.
             weight = int((y != -1).sum()) * world.size / step_targets
             if pin:
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
-            # DDP all-reduces gradients during backward: only on the last micro-step
-            sync = model.no_sync() if world.ddp and micro < len(batches) - 1 else nullcontext()
-            with sync:
+            with grad_sync(model, raw_model, world, last_micro=micro == len(batches) - 1):
                 with autocast:
                     _, loss = model(x, y)  # the mean over this micro-batch's targets
                     loss = loss * weight
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        # under FSDP the gradients are sharded DTensors: the norm is summed over the ranks' shards
         norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
         scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
         scaler.update()
@@ -583,8 +663,8 @@ def train(cfg, world):
             t_now = time.time()
             dt = (t_now - t_last) / steps_since_log
             tok_per_s = tokens_since_log / (t_now - t_last)  # real tokens: SFT padding is not counted
-            values = dict(train=loss_val, lr=lr, norm=norm.item(), dt_ms=dt * 1000, tok_per_s=tok_per_s,
-                          epoch=train_loader.epoch)
+            values = dict(train=loss_val, lr=lr, norm=(norm.full_tensor() if world.fsdp else norm).item(),
+                          dt_ms=dt * 1000, tok_per_s=tok_per_s, epoch=train_loader.epoch)
             if peak is not None:
                 values["mfu"] = raw_model.estimate_mfu(tokens_since_log / steps_since_log, dt, peak,
                                                        seq_len=cfg["block_size"])

@@ -63,6 +63,18 @@ def read_log(path, stream):
 
 
 @pytest.fixture
+def workdir(tmp_path):
+    """A folder with data/tiny/: a character-level dataset of a few thousand characters."""
+    import random
+    rnd = random.Random(0)
+    words = ["the", "king", "shall", "speak", "to", "thee", "my", "lord", "and", "good", "night"]
+    text = "\n".join(" ".join(rnd.choice(words) for _ in range(8)) for _ in range(600))
+    (tmp_path / "input.txt").write_text(text)
+    run_script([os.path.join(ROOT, "prepare_shakespeare.py"), "--input=input.txt", "--out_dir=data/tiny"], cwd=tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
 def tiny_hf_folder(tmp_path):
     """A small random transformers GPT2LMHeadModel saved with save_pretrained: (folder, hf_model)."""
     import torch

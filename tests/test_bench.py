@@ -78,6 +78,7 @@ def test_sample_numbers_and_summary(capsys):
     (["--n_embd=30", "--n_head=4"], "not a multiple of n_head"),
     (["--dtype=fp8"], "unknown --dtype=fp8"),
     (["--device=gpu"], "unknown --device=gpu"),
+    (["--fsdp"], "torchrun"),  # a plain process has nothing to shard over
 ])
 def test_bad_settings_say_what_is_wrong(args, message, capsys):
     cfg = configure(bench.DEFAULTS, TINY + args)
@@ -96,3 +97,17 @@ def test_command_line(monkeypatch, capsys):
     bench.main()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench train | CPU")]
     assert len(lines) == 1 and "ms/step" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_report_memory_per_rank(fsdp):
+    import os
+    from conftest import ROOT, torchrun
+    p = torchrun([os.path.join(ROOT, "bench.py"), "--batch_size=2", "--block_size=16", "--grad_accum=2",
+                  "--warmup=1", "--steps=1"] + TINY + (["--fsdp"] if fsdp else []), cwd=ROOT)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("bench train | CPU")]
+    assert len(lines) == 1, p.stdout  # rank 0 prints the summary, with both ranks' memory
+    assert f"{'FSDP' if fsdp else 'DDP'} x2 ranks" in lines[0]
+    per_rank = lines[0].split("peak RSS per rank ")[1].split(" |")[0].split(", ")
+    assert len(per_rank) == 2 and all(m.endswith(" GiB") and float(m.split()[0]) > 0 for m in per_rank)

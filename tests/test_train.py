@@ -16,18 +16,6 @@ TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_s
         "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2", "--min_lr=1e-3"]
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A folder with data/tiny/: a character-level dataset of a few thousand characters."""
-    import random
-    rnd = random.Random(0)
-    words = ["the", "king", "shall", "speak", "to", "thee", "my", "lord", "and", "good", "night"]
-    text = "\n".join(" ".join(rnd.choice(words) for _ in range(8)) for _ in range(600))
-    (tmp_path / "input.txt").write_text(text)
-    run_script([os.path.join(ROOT, "prepare_shakespeare.py"), "--input=input.txt", "--out_dir=data/tiny"], cwd=tmp_path)
-    return tmp_path
-
-
 def train(workdir, *args, check=True):
     return run_script([os.path.join(ROOT, "train.py")] + TINY + list(args), cwd=workdir, check=check)
 

@@ -1,0 +1,144 @@
+"""train.py with fsdp=True (FSDP2, CPU, gloo) in subprocesses: the same training as one process,
+exact resume, checkpoints that every script reads and that DDP runs resume (and the reverse),
+two "nodes" on localhost, and the refusals."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_log, run_script, torchrun
+from test_train import TINY, train
+
+TRAIN = os.path.join(ROOT, "train.py")
+# 256 tokens per step = 4 x 32 x 2 ranks, or 2 accumulation steps in one process; dropout on,
+# so that the per-rank RNG streams have to come back on resume
+COMMON = ["--total_batch_size=256", "--eval_interval=3", "--dropout=0.1"]
+
+
+def same(a, b, tol=1e-5):
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) < tol, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_process_with_accumulation(workdir):
+    common = COMMON + ["--max_iters=6", "--dropout=0.0"]
+    train(workdir, *common, "--out_dir=out_one", "--eval_iters=4")  # the val batches of both ranks
+    p = torchrun([TRAIN] + TINY + common + ["--out_dir=out_fsdp", "--fsdp"], cwd=workdir)
+    assert "FSDP" in p.stdout and "2 rank(s)" in p.stdout
+    one, two = workdir / "out_one" / "log.txt", workdir / "out_fsdp" / "log.txt"
+    same(read_log(one, "train"), read_log(two, "train"))
+    same(read_log(one, "norm"), read_log(two, "norm"))  # the clipped norm, summed over the shards
+    same(read_log(one, "val"), read_log(two, "val"))
+    # the checkpoint is the single-process one: full tensors, the tied weight stored once
+    a = torch.load(workdir / "out_one" / "ckpt.pt", weights_only=True)
+    b = torch.load(workdir / "out_fsdp" / "ckpt.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert b["model"]["lm_head.weight"] is b["model"]["transformer.wte.weight"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=0)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k, s in a["optimizer"]["state"].items():
+        torch.testing.assert_close(s["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"], atol=1e-7, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_is_exact_and_crosses_with_ddp(workdir):
+    common = COMMON + ["--lr_decay_iters=8", "--eval_interval=4"]
+    fsdp = [TRAIN] + TINY + common + ["--fsdp"]
+    ddp = [TRAIN] + TINY + common
+    torchrun(fsdp + ["--max_iters=8", "--out_dir=full"], cwd=workdir)
+    # FSDP: 4 steps, stop, resume for 4 more: bit for bit the uninterrupted run
+    torchrun(fsdp + ["--max_iters=4", "--out_dir=f"], cwd=workdir)
+    os.makedirs(workdir / "f_to_ddp")
+    (workdir / "f_to_ddp" / "ckpt.pt").write_bytes((workdir / "f" / "ckpt.pt").read_bytes())
+    (workdir / "f_to_ddp" / "log.txt").write_bytes((workdir / "f" / "log.txt").read_bytes())
+    torchrun(fsdp + ["--max_iters=8", "--out_dir=f", "--init_from=resume"], cwd=workdir)
+    full = read_log(workdir / "full" / "log.txt", "train")
+    assert read_log(workdir / "f" / "log.txt", "train") == full
+    assert read_log(workdir / "f" / "log.txt", "val") == read_log(workdir / "full" / "log.txt", "val")
+    # an FSDP checkpoint resumed under DDP, and a DDP one under FSDP: the same training, up to
+    # the order of float additions (DDP all-reduces, FSDP reduce-scatters)
+    p = torchrun(ddp + ["--max_iters=8", "--out_dir=f_to_ddp", "--init_from=resume"], cwd=workdir)
+    assert "fsdp=False (was True)" in p.stdout
+    torchrun(ddp + ["--max_iters=4", "--out_dir=d"], cwd=workdir)
+    torchrun(fsdp + ["--max_iters=8", "--out_dir=d", "--init_from=resume"], cwd=workdir)
+    same(read_log(workdir / "f_to_ddp" / "log.txt", "train"), full)
+    same(read_log(workdir / "d" / "log.txt", "train"), full)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_loads_in_sample_and_hellaswag(workdir):
+    torchrun([TRAIN] + TINY + COMMON + ["--max_iters=4", "--eval_iters=2", "--out_dir=out_fsdp", "--fsdp"],
+             cwd=workdir)
+    p = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=out_fsdp", "--start=the king", "--num_samples=1",
+                    "--max_new_tokens=20", "--device=cpu"], cwd=workdir)
+    assert p.stdout.startswith("the king") and len(p.stdout) >= len("the king") + 20
+    # hellaswag.py's val-loss mode on the same val batches as the run's last evaluation (2 per
+    # rank, 2 ranks: the first 4 batches of 4 x 32)
+    p = run_script([os.path.join(ROOT, "hellaswag.py"), "--out_dir=out_fsdp", "--val_dataset=tiny", "--device=cpu",
+                    "--batch_size=4", "--block_size=32", "--eval_iters=4"], cwd=workdir)
+    logged = read_log(workdir / "out_fsdp" / "log.txt", "val")[4]
+    printed = [float(w) for w in p.stdout.replace(",", " ").split() if w.replace(".", "", 1).isdigit() and "." in w]
+    assert any(abs(v - logged) < 1e-4 for v in printed), (logged, p.stdout)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_nodes_on_localhost_equal_one_process(workdir, fsdp):
+    """Two torchrun launchers, one process each, meeting through a c10d rendezvous as two
+    nodes would (slurm/train.sbatch starts them so)."""
+    common = COMMON + ["--max_iters=4", "--dropout=0.0"]
+    train(workdir, *common, "--out_dir=out_one", "--eval_iters=4")
+    common += ["--fsdp"] if fsdp else []
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}", "--rdzv_id=test",
+         TRAIN] + TINY + common + ["--out_dir=out_nodes"],
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert any("2 rank(s)" in out for out in outs)
+    for stream in ("train", "val"):
+        same(read_log(workdir / "out_one" / "log.txt", stream), read_log(workdir / "out_nodes" / "log.txt", stream))
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp_equals_one_process(tmp_path):
+    import json
+    from checkpoint import make_checkpoint, save_checkpoint
+    from test_sft import make_sft, tiny_model
+    make_sft(str(tmp_path / "data" / "sft"), n_train=8, n_val=8)
+    os.makedirs(tmp_path / "base")
+    meta = json.load(open(tmp_path / "data" / "sft" / "meta.json"))
+    save_checkpoint(make_checkpoint(tiny_model(), meta, {}), str(tmp_path / "base" / "ckpt.pt"))
+    common = [TRAIN, "--dataset=sft", "--init_from=base", "--block_size=32", "--device=cpu", "--dtype=float32",
+              "--batch_size=4", "--total_batch_size=8", "--max_iters=3", "--eval_interval=0", "--eval_iters=1",
+              "--warmup_iters=1", "--learning_rate=1e-2", "--min_lr=1e-3"]
+    run_script(common + ["--out_dir=one", "--eval_iters=2"], cwd=tmp_path)
+    torchrun(common + ["--out_dir=fsdp", "--fsdp"], cwd=tmp_path)
+    for stream in ("train", "val"):
+        same(read_log(tmp_path / "one" / "log.txt", stream), read_log(tmp_path / "fsdp" / "log.txt", stream))
+
+
+def test_fsdp_refusals_are_one_line(workdir):
+    p = train(workdir, "--max_iters=2", "--fsdp", check=False)  # no torchrun: nothing to shard over
+    assert p.returncode == 2 and "under torchrun" in p.stderr and "Traceback" not in p.stderr
+    # under torchrun (RANK set), settings FSDP does not take are refused before any work
+    for extra, message in ((["--lora_rank=4", "--init_from=gpt2"], "LoRA"),
+                           (["--hellaswag_interval=10"], "HellaSwag")):
+        p = run_script([TRAIN] + TINY + ["--fsdp"] + extra, cwd=workdir, env=dict(RANK="0"), check=False)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
