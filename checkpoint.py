@@ -14,7 +14,9 @@ numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run
                  absolute path of another run's out_dir or of a Hugging Face folder)
     meta         the tokenizer (the dataset's meta.json)
     config       the run's settings                  step      optimizer steps done
-    optimizer    the optimizer's state dict          scaler    the fp16 GradScaler's, or None
+    optimizer    the optimizers' state dicts, a list: [AdamW's] or [Muon's, AdamW's] (older
+                 checkpoints: AdamW's alone, a dict)
+    scaler       the fp16 GradScaler's, or None
     loader       the training loader's position      rng       every rank's RNG states
     val_loss     the last validation loss, or None
 The last six make a training state that --init_from=resume continues exactly; a merged
