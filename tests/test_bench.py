@@ -96,3 +96,13 @@ def test_command_line(monkeypatch, capsys):
     bench.main()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench train | CPU")]
     assert len(lines) == 1 and "ms/step" in lines[0]
+
+
+@pytest.mark.skipif(not hasattr(__import__("torch").optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_train_with_muon_and_the_options_reports_the_update_share(capsys):
+    cfg = configure(bench.DEFAULTS, TINY + ["--batch_size=2", "--block_size=16", "--warmup=1", "--steps=2",
+                                            "--optimizer=muon", "--qk_norm", "--mlp=relu2", "--tie_embeddings=False"])
+    r = bench.bench_train(cfg)
+    assert 0 < r["optimizer_share"] < 1  # a share of the step, not a time
+    assert "muon update" in r["summary"] and "qk_norm relu2 untied" in r["summary"]
+    assert summary_printed(capsys.readouterr().out, r["summary"])
