@@ -409,6 +409,19 @@ def set_lr(optimizers, step, cfg):
     return lr
 
 
+def step_optimizers(optimizers, scaler, params, grad_clip):
+    """Clip the global gradient norm (0 = no clipping), step every optimizer (AdamW, or Muon
+    and AdamW) and clear the gradients. Returns the norm before clipping."""
+    for opt in optimizers:
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        scaler.step(opt)  # skipped by the scaler if fp16 gradients overflowed
+        opt.zero_grad(set_to_none=True)
+    scaler.update()  # once per step, after every optimizer's
+    return norm
+
+
 def nonfinite(cfg, step):
     """A NaN/inf loss: stop without saving, so ckpt.pt stays the last good one."""
     return UserError(f"the loss is not finite at step {step}: stopping without saving (the last good checkpoint "
@@ -567,13 +580,7 @@ def train(cfg, world):
                     loss = loss * weight
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
-        for opt in optimizers:
-            scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
-        for opt in optimizers:
-            scaler.step(opt)  # skipped by the scaler if fp16 gradients overflowed
-            opt.zero_grad(set_to_none=True)
-        scaler.update()
+        norm = step_optimizers(optimizers, scaler, params, cfg["grad_clip"])
         bad_loss |= ~torch.isfinite(loss_accum)  # no sync here: checked at log and save time
         step += 1
         steps_since_log += 1
