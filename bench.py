@@ -7,10 +7,12 @@ into an issue:
     torchrun --standalone --nproc_per_node=2 bench.py --model=gpt2 --fsdp   # per-rank memory, FSDP (or DDP without --fsdp)
 
 train   times whole optimizer steps on random tokens: host-to-device copy, forward, backward
-        (gradient accumulation if grad_accum > 1), gradient clipping, AdamW. The same path as
-        train.py, so its ms/step is what a real run costs minus the data loading.
-        Reports ms/step, tokens/s, MFU and peak memory. Under torchrun it trains as train.py does
-        on several ranks, in DDP or (--fsdp) FSDP2, and reports every rank's peak memory.
+        (gradient accumulation if grad_accum > 1), gradient clipping, AdamW (or Muon + AdamW
+        with --optimizer=muon). The same path as train.py, so its ms/step is what a real run
+        costs minus the data loading. Reports ms/step, tokens/s, MFU, peak memory, and the
+        optimizer update's share of the step (timed apart, in a second round of steps). Under
+        torchrun it trains as train.py does on several ranks, in DDP or (--fsdp) FSDP2, and
+        reports every rank's peak memory.
 sample  times model.generate, with the KV cache and with a full recompute of the context for
         every new token, at batch 1 and batch N. Reports tokens/s and the cache's speed-up.
 
@@ -47,6 +49,10 @@ DEFAULTS = dict(
     n_embd=0,  # > 0: override the preset's width
     vocab_size=50304,  # 50257 is GPT-2's own; 50304 (a multiple of 128) gives faster matmuls
     rope=False,  # rotary position embeddings instead of the learned position table
+    qk_norm=False,  # RMS-normalised queries and keys (train.py's setting of the same name)
+    mlp="gelu",  # gelu | relu2
+    tie_embeddings=True,  # False: a separate lm_head
+    optimizer="adamw",  # train mode: adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
     # train mode
     batch_size=16,  # micro-batch: sequences per forward/backward
     block_size=1024,  # tokens per sequence, and the model's context (sample mode too)
@@ -69,6 +75,7 @@ DEFAULTS = dict(
 
 # the optimizer settings of train.py's defaults; they do not change the speed, only the numbers
 WEIGHT_DECAY, LEARNING_RATE, BETAS, GRAD_CLIP = 0.1, 6e-4, (0.9, 0.95), 1.0
+MUON = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -88,6 +95,12 @@ def setup(cfg):
             die(f"--{key} must be at least 1, got {cfg[key]}")
     if cfg["warmup"] < 0 or cfg["peak_flops"] < 0:
         die("--warmup and --peak_flops cannot be negative")
+    if cfg["optimizer"] not in ("adamw", "muon"):
+        die(f"--optimizer must be adamw or muon, got {cfg['optimizer']!r}")
+    if cfg["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
+        die(f"--optimizer=muon needs torch.optim.Muon, in PyTorch 2.9 and later (this is {torch.__version__})")
+    if cfg["mlp"] not in ("gelu", "relu2"):
+        die(f"--mlp must be gelu or relu2, got {cfg['mlp']!r}")
     n_head = cfg["n_head"] or PRESETS[cfg["model"]]["n_head"]
     n_embd = cfg["n_embd"] or PRESETS[cfg["model"]]["n_embd"]
     if n_embd % n_head:
@@ -116,7 +129,8 @@ def build_model(cfg, device):
     """A randomly initialised GPT of the chosen preset and overrides, on device."""
     overrides = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd") if cfg[k] > 0}
     config = preset(cfg["model"], block_size=cfg["block_size"], vocab_size=cfg["vocab_size"],
-                    rope=cfg["rope"], **overrides)
+                    rope=cfg["rope"], qk_norm=cfg["qk_norm"], mlp=cfg["mlp"],
+                    tie_embeddings=cfg["tie_embeddings"], **overrides)
     return GPT(config).to(device)
 
 
@@ -219,8 +233,10 @@ def device_name(device, device_type):
 def describe(model, cfg, dtype):
     """The config part of the summary line: enough to reproduce the row."""
     c = model.config
+    options = "".join([" rope"] * c.rope + [" qk_norm"] * c.qk_norm + [" relu2"] * (c.mlp == "relu2")
+                      + [" untied"] * (not c.tie_embeddings))
     return (f"{cfg['model']} {model.num_params() / 1e6:.4g}M L{c.n_layer} H{c.n_head} C{c.n_embd} "
-            f"V{c.vocab_size}{' rope' if c.rope else ''} | {str(dtype).replace('torch.', '')}")
+            f"V{c.vocab_size}{options} | {str(dtype).replace('torch.', '')}")
 
 
 def cores_used(device_type, wall, cpu):
@@ -283,8 +299,9 @@ def bench_train(cfg):
     if cfg["fsdp"]:  # before the optimizer, so that AdamW's moments are sharded too
         raw_model.fully_shard(param_dtype=dtype)
     raw_model.train()
-    # train.py's optimizer: AdamW, decay on matrices only, the fused CUDA kernel on a GPU
-    optimizer = raw_model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device_type)
+    # train.py's optimizers: AdamW (decay on matrices only, fused), or Muon + AdamW
+    optimizers = raw_model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device_type,
+                                                muon=MUON if cfg["optimizer"] == "muon" else None, verbose=rank == 0)
     # fp16 has too little range for small gradients: scale the loss up, unscale before the step.
     # Disabled (every call a no-op) for bf16 and fp32.
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -302,7 +319,9 @@ def bench_train(cfg):
     if device_type == "cuda":
         xs, ys = xs.pin_memory(), ys.pin_memory()
 
-    def step():
+    def step(clock=None):
+        """One optimizer step. clock: a list to which the seconds of the update (unscale, clip,
+        optimizer steps) are added; it waits for the device on both sides of the update."""
         for micro in range(accum):
             x = xs[micro].to(device, non_blocking=True)  # (B, T)
             y = ys[micro].to(device, non_blocking=True)
@@ -315,11 +334,19 @@ def bench_train(cfg):
                     _, loss = model(x, y)
                 # the mean over the step's micro-batches, as one big batch would give
                 scaler.scale(loss / accum).backward()
-        scaler.unscale_(optimizer)
+        if clock is not None:
+            synchronize(device_type)
+            t = time.perf_counter()
+        for opt in optimizers:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP)
-        scaler.step(optimizer)
+        for opt in optimizers:
+            scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        if clock is not None:
+            synchronize(device_type)
+            clock.append(time.perf_counter() - t)
         return loss  # a GPU tensor: reading it (.item()) would wait for the GPU, so we don't here
 
     print(f"warm-up: {cfg['warmup']} steps{' (the first compiles the model)' if cfg['compile'] else ''}")
@@ -339,18 +366,28 @@ def bench_train(cfg):
     if distributed:  # every rank's peak, to rank 0
         mems = [None] * ranks
         dist.all_gather_object(mems, mem)
+    # the update's share, in a second round: the synchronisations around it would slow the
+    # first round's GPU pipeline down, so they are kept out of the ms/step above
+    clock = []
+    synchronize(device_type)
+    t0 = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        step(clock)
+    synchronize(device_type)
+    opt_share = sum(clock) / (time.perf_counter() - t0)
 
     tokens = B * T * accum  # tokens per optimizer step on one rank
     peak = peak_flops_for(cfg, device, device_type, dtype)
     mfu = None if peak is None else raw_model.estimate_mfu(tokens, dt, peak, seq_len=T)  # per GPU
     r = dict(ms_per_step=dt * 1000, tokens_per_s=tokens * ranks / dt, mfu=mfu, peak_flops=peak,
              peak_mem_bytes=mem, peak_mem_per_rank=mems, loss=loss.item(),
-             cores_used=cores_used(device_type, wall, cpu))
+             cores_used=cores_used(device_type, wall, cpu), optimizer_share=opt_share)
     mfu_text = "MFU n/a (give --peak_flops)" if mfu is None else f"MFU {100 * mfu:.1f}% of {peak / 1e12:.1f} TFLOP/s"
     r["summary"] = (f"bench train | {device_name(device, device_type)} | torch {torch.__version__} | "
                     f"{describe(raw_model, cfg, dtype)} compile={cfg['compile']} | B={B} T={T} accum={accum} | "
                     + (f"{'FSDP' if cfg['fsdp'] else 'DDP'} x{ranks} ranks | " if distributed else "")
-                    + f"{r['ms_per_step']:.1f} ms/step | {rate(r['tokens_per_s'])} tok/s | {mfu_text} | "
+                    + f"{r['ms_per_step']:.1f} ms/step ({cfg['optimizer']} update {100 * opt_share:.0f}%) | "
+                    + f"{rate(r['tokens_per_s'])} tok/s | {mfu_text} | "
                     + (f"{mem_what} per rank {', '.join(gib(m) for m in mems)}" if distributed else f"{mem_what} {gib(mem)}")
                     + load_text(r["cores_used"]))
     if rank == 0:

@@ -14,7 +14,8 @@ numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run
                  absolute path of another run's out_dir or of a Hugging Face folder)
     meta         the tokenizer (the dataset's meta.json)
     config       the run's settings                  step      optimizer steps done
-    optimizer    the optimizer's full state dict, keyed by parameter name (FSDP and DDP alike)
+    optimizer    the optimizers' full state (AdamW's, and Muon's with optimizer=muon) in one
+                 dict keyed by parameter name, so FSDP and DDP runs resume each other
     scaler       the fp16 GradScaler's, or None
     loader       the training loader's position      rng       every rank's RNG states
     val_loss     the last validation loss, or None

@@ -20,7 +20,10 @@ What changes on the way out, and why it is exact:
   - a model without biases gets zero biases, which add nothing;
   - our Linear weights are (out, in); GPT-2's Conv1D stores (in, out), so four are transposed.
 What cannot be exported is refused, before anything is written: a RoPE model (transformers'
-GPT-2 has a learned position table, nothing to put rotations in), and a character-level
+GPT-2 has a learned position table, nothing to put rotations in), a model with any of the
+from-scratch options qk_norm, mlp="relu2" or tie_embeddings=False (GPT-2's block has no
+query/key norms, its MLP is GELU, and its lm_head is wte; zero_init_proj only changes the
+initialisation, so such a model exports), and a character-level
 model (its ids are not GPT-2's tokens: the tokenizer, and every score computed through it,
 would be nonsense).
 
@@ -64,6 +67,11 @@ def why_not_exportable(model, meta):
     if cfg.rope:
         return ("this model uses RoPE (rope=True), but GPT-2 in transformers has learned positions (wpe) "
                 "and no rotary embeddings: only models trained with rope=False can be exported")
+    modern = [name for name, on in (("qk_norm=True", cfg.qk_norm), ("mlp='relu2'", cfg.mlp != "gelu"),
+                                     ("tie_embeddings=False", not cfg.tie_embeddings)) if on]
+    if modern:
+        return (f"this model uses {', '.join(modern)}, which transformers' GPT-2 has no place for (no query/key "
+                "norms, a GELU MLP, lm_head tied to wte): only models trained without these options can be exported")
     if meta.get("tokenizer") == "char":
         return (f"this is a character-level model ({len(meta.get('chars', []))} characters), not GPT-2 BPE: "
                 "its ids mean nothing to a GPT-2 tokenizer, so transformers' tokenizer and lm-eval's "

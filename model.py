@@ -9,6 +9,12 @@ F.scaled_dot_product_attention, which picks flash attention on a GPU. The lm_hea
 weight with the token embedding wte (weight tying, as in GPT-2). With rope=True there is no
 position table wpe: queries and keys are rotated by their position instead (RoPE).
 
+Four more options, all off by default (then the model is exactly GPT-2 and OpenAI's weights
+load and export), come from recent from-scratch recipes (modded-nanogpt, nanochat):
+qk_norm (RMS-normalised queries and keys per head), mlp="relu2" (ReLU squared instead of
+GELU), zero_init_proj (every block starts as the identity) and tie_embeddings=False (a
+separate lm_head). docs/modern.md says what each does and what it measured.
+
 Names follow OpenAI's GPT-2 checkpoints (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f), so from_pretrained is a copy with a few transposes.
 
@@ -38,6 +44,11 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings instead of the learned wpe
     rope_theta: float = 10000.0  # RoPE's base: wavelengths go from 2*pi to 2*pi*theta
     gelu: str = "tanh"  # GPT-2 used GELU's tanh approximation; "none" is the exact erf form
+    # from-scratch options (off = GPT-2)
+    qk_norm: bool = False  # RMSNorm queries and keys per head before attention: bounded logits, stabler at high lr
+    mlp: str = "gelu"  # gelu (GPT-2) | relu2: ReLU(x)^2, sparse and cheaper, trains faster in small models
+    zero_init_proj: bool = False  # residual projections (c_proj) start at zero: each block the identity at step 0
+    tie_embeddings: bool = True  # False: lm_head gets its own weight instead of sharing wte's
 
 
 # The OpenAI GPT-2 family, and a 1.3B model of GPT-3 XL's shape (head size 128).
@@ -105,6 +116,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_PROJ = True  # init scaled by 1/sqrt(2*n_layer), see GPT._init_weights
         self.n_head, self.n_embd = config.n_head, config.n_embd
         self.dropout = config.dropout
+        if config.qk_norm:
+            # every head's query and key scaled to RMS 1 (times a learned gain per channel, shared
+            # by the heads): attention logits cannot grow without bound as the weights do, which
+            # lets higher learning rates (and Muon) train without loss spikes
+            hs = config.n_embd // config.n_head
+            self.q_norm = nn.RMSNorm(hs, eps=1e-6)
+            self.k_norm = nn.RMSNorm(hs, eps=1e-6)
+        self.qk_norm = config.qk_norm
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, cache=None, pos=0):
@@ -117,6 +136,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # over the last dim, hs: each head of each token on its own
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
@@ -151,12 +172,17 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate=config.gelu)
+        # ReLU^2 (Primer, So et al. 2021): zero for half the inputs, quadratic above; in
+        # modded-nanogpt's speedrun it beat GELU at equal steps and costs less to compute
+        self.relu2 = config.mlp == "relu2"
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_PROJ = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -193,9 +219,12 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the output layer scores a token by how well the final hidden state
-        # matches its embedding. One tensor, so it is counted, stored and updated once.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying: the output layer scores a token by how well the final hidden state
+            # matches its embedding. One tensor, so it is counted, stored and updated once.
+            self.transformer.wte.weight = self.lm_head.weight
+        # untied, reading tokens and predicting them are separate jobs with separate weights:
+        # V x C more parameters, but no extra compute per token (wte is a lookup)
 
         self.apply(self._init_weights)
 
@@ -208,17 +237,25 @@ class GPT(nn.Module):
             if getattr(module, "RESIDUAL_PROJ", False):
                 std /= math.sqrt(2 * self.config.n_layer)
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "RESIDUAL_PROJ", False) and self.config.zero_init_proj:
+                # the block adds nothing until it has learned something: the untrained model is
+                # embeddings -> ln_f -> lm_head, and depth cannot hurt at init. The gradient still
+                # reaches c_proj (its input is not zero), so it moves at the first step.
+                torch.nn.init.zeros_(module.weight)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=False):
-        """Parameters, the tied wte/lm_head counted once. non_embedding=True leaves out the
-        position table (the token table stays: as lm_head it does real work per token)."""
+        """Parameters, a tied wte/lm_head counted once. non_embedding=True leaves out the
+        tables that are only looked up: the position table, and wte when lm_head has its own
+        weight (tied, the one tensor stays: as lm_head it does real work per token)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         if non_embedding and not self.config.rope:
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return n
 
     def hidden_states(self, idx, kv_cache=None, pos=0):
@@ -312,23 +349,43 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # training helpers
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
-        """AdamW with weight decay on the matrices (2-D and up: Linear weights, embeddings)
-        and none on biases and LayerNorm gains, which only shift and scale. Only parameters
-        that require grad are optimised (a LoRA run freezes the base)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        if verbose:
-            print(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-            print(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
-            print(f"using fused AdamW: {fused}")
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=None, verbose=True):
+        """The optimizers, as a list: [AdamW], or with muon (a dict: lr, momentum, weight_decay)
+        [Muon, AdamW]. The caller steps every one of them.
+
+        AdamW puts weight decay on the matrices (2-D and up: Linear weights, embeddings) and
+        none on biases and norm gains, which only shift and scale. With muon, the 2-D weights
+        inside the blocks (c_attn, c_proj, c_fc) go to torch.optim.Muon instead, which
+        orthogonalises each matrix's momentum (Newton-Schulz) so that every direction of the
+        matrix moves by about the same amount; embeddings and lm_head stay with AdamW (a
+        lookup table and a classifier are not the linear maps Muon's argument is about).
+        Only parameters that require grad are optimised (a LoRA run freezes the base).
+        Every param group records its starting lr as base_lr: the schedule multiplies it."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        in_blocks = lambda n: n.startswith("transformer.h.")
+        matrices = [p for n, p in params.items() if muon is not None and in_blocks(n) and p.dim() == 2]
+        rest = [p for p in params.values() if not any(p is m for m in matrices)]
+        decay = [p for p in rest if p.dim() >= 2]
+        no_decay = [p for p in rest if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay, "base_lr": learning_rate},
+                  {"params": no_decay, "weight_decay": 0.0, "base_lr": learning_rate}]
         # the fused kernel updates all tensors in a few passes instead of one op per tensor and
         # step: on CUDA far fewer launches, on CPU (torch >= 2.4) half the optimizer time
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        say = print if verbose else (lambda *a: None)
+        say(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+        say(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        say(f"using fused AdamW: {fused}")
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        if muon is None:
+            return [adamw]
+        say(f"Muon tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters")
+        # adjust_lr_fn="original": the update of an (A, B) matrix is scaled by sqrt(max(1, A/B)),
+        # as in Keller Jordan's Muon (the speedrun's learning rates are for this scaling)
+        opt = torch.optim.Muon([{"params": matrices, "base_lr": muon["lr"]}], lr=muon["lr"],
+                               momentum=muon["momentum"], weight_decay=muon["weight_decay"],
+                               adjust_lr_fn="original")
+        return [opt, adamw]
 
     def fully_shard(self, param_dtype=torch.float32):
         """Shard this model across the ranks of the process group with FSDP2 (train.py and
@@ -355,7 +412,8 @@ class GPT(nn.Module):
 
         6N: every parameter takes part in one multiply-add (2 FLOPs) in the forward pass and
         two in the backward pass (gradients of inputs and of weights); N leaves out the
-        position table (a lookup, no matmul) and counts the tied wte once, as the lm_head.
+        position table (a lookup, no matmul) and counts the token table once, as the lm_head
+        (untied: wte is a lookup too, lm_head's matmul is what costs).
         The second term is attention's two matmuls (QK^T and AV) over T keys, also x6/2 per
         layer and channel. LayerNorm, GELU and softmax are left out, as is customary.
         """

@@ -9,7 +9,8 @@ Train a GPT: from a laptop CPU to several 8-GPU nodes, with one script.
 
 One optimizer step reads grad_accum micro-batches on every rank, runs forward and backward on
 each under autocast, clips the gradient norm, sets the learning rate (warmup, then cosine) and
-steps AdamW. Around it: validation, HellaSwag, checkpoints, a log line. Ctrl-C or SIGTERM
+steps AdamW (or, with optimizer=muon, Muon on the blocks' matrices and AdamW on the rest).
+Around it: validation, HellaSwag, checkpoints, a log line. Ctrl-C or SIGTERM
 finishes the step, saves and exits (a second one exits at once); --init_from=resume continues
 exactly where the run stopped.
 """
@@ -68,18 +69,27 @@ DEFAULTS = dict(
     dropout=0.0,  # 0 for pretraining, 0.1+ for fine-tuning / small data
     bias=True,  # biases in Linears and LayerNorms, like GPT-2
     rope=False,  # rotary position embeddings instead of learned ones
+    # from-scratch options (docs/modern.md); all off = GPT-2, so OpenAI's weights load and export
+    qk_norm=False,  # RMS-normalise queries and keys per head before attention (stabler at high lr)
+    mlp="gelu",  # gelu (GPT-2) | relu2 (ReLU squared: trains faster from scratch)
+    zero_init_proj=False,  # the residual projections start at zero: every block the identity at step 0
+    tie_embeddings=True,  # False: lm_head gets its own weight instead of sharing wte's
     # LoRA (lora.py): rank 0 = off, train all weights
     lora_rank=0,
     lora_alpha=16.0,  # the update is scaled by lora_alpha / lora_rank
     lora_dropout=0.0,
     lora_targets="q,v",  # which linears get adapters: q, k, v, attn_proj, mlp_fc, mlp_proj
-    # AdamW
-    learning_rate=6e-4,  # the peak learning rate
+    # optimizer
+    optimizer="adamw",  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (torch >= 2.9)
+    learning_rate=6e-4,  # AdamW's peak learning rate
     max_iters=5000,  # optimizer steps in all
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,  # clip the global gradient norm to this (0 = no clipping)
+    muon_lr=0.02,  # Muon's peak learning rate (the schedule scales it like learning_rate)
+    muon_momentum=0.95,  # Muon's (Nesterov) momentum
+    muon_weight_decay=0.0,  # Muon's decoupled weight decay (lr * wd per step)
     # learning-rate schedule
     decay_lr=True,  # False: constant learning_rate after warmup
     warmup_iters=100,  # linear warmup from 0 over this many steps
@@ -94,7 +104,7 @@ DEFAULTS = dict(
 )
 
 # the settings that decide the model's shape: a resumed run must keep them
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "rope")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "mlp", "zero_init_proj", "tie_embeddings")
 
 # -----------------------------------------------------------------------------
 # helpers, in the order main() uses them
@@ -121,6 +131,22 @@ def check_settings(cfg):
             lora.parse_targets(cfg["lora_targets"])
         except ValueError as e:
             die(str(e))
+    if cfg["mlp"] not in ("gelu", "relu2"):
+        die(f"--mlp must be gelu or relu2, got {cfg['mlp']!r}")
+    if cfg["optimizer"] not in ("adamw", "muon"):
+        die(f"--optimizer must be adamw or muon, got {cfg['optimizer']!r}")
+    if cfg["optimizer"] == "muon":
+        if cfg["lora_rank"] > 0:  # the adapters are thin (r x C) matrices: AdamW's job
+            die("LoRA runs train with AdamW: drop --optimizer=muon (or set lora_rank=0 to train every weight)")
+        if not hasattr(torch.optim, "Muon"):
+            die(f"optimizer=muon needs torch.optim.Muon, in PyTorch 2.9 and later (this is {torch.__version__}): "
+                "pip install -U 'torch>=2.9', or use --optimizer=adamw")
+        for key in ("muon_lr", "muon_momentum", "muon_weight_decay"):
+            if cfg[key] < 0:
+                die(f"--{key} must not be negative, got {cfg[key]}")
+    if cfg["fsdp"] and cfg["optimizer"] == "muon":  # Newton-Schulz of a shard is not that of the matrix
+        die("Muon orthogonalises whole matrices, and under FSDP each rank holds a shard of each: use DDP "
+            "(drop --fsdp) with optimizer=muon")
     if cfg["fsdp"]:  # FSDP shards over the ranks torchrun starts; alone it would only hide a missing launcher
         if "RANK" not in os.environ:
             die("fsdp=True shards the model over the processes torchrun starts: run it under torchrun "
@@ -207,7 +233,8 @@ def build_model(cfg, meta, say):
         say(f"a new model: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide")
         model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=vocab_size_of(meta), n_layer=cfg["n_layer"],
                               n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
-                              bias=cfg["bias"], rope=cfg["rope"]))
+                              bias=cfg["bias"], rope=cfg["rope"], qk_norm=cfg["qk_norm"], mlp=cfg["mlp"],
+                              zero_init_proj=cfg["zero_init_proj"], tie_embeddings=cfg["tie_embeddings"]))
         if cfg["lora_rank"] > 0:
             raise UserError("LoRA adapts a trained model: set init_from to gpt2* or another run's out_dir")
         return model, None
@@ -248,10 +275,13 @@ def check_resume(ckpt, cfg, meta, say):
                         f"{', '.join(sorted(missing))}); start a new run from it with --init_from={cfg['out_dir']}")
     old = ckpt["config"]
     check_same_tokenizer(ckpt["meta"], meta, cfg["out_dir"], cfg["dataset"])
-    shape = [k for k in SHAPE_KEYS if old[k] != cfg[k]]
+    shape = [k for k in SHAPE_KEYS if old.get(k, DEFAULTS[k]) != cfg[k]]  # .get: runs from before a key existed
     if shape:
-        raise UserError(f"resuming {cfg['out_dir']} with another model shape ({', '.join(f'{k}={cfg[k]} vs {old[k]}' for k in shape)}); "
+        raise UserError(f"resuming {cfg['out_dir']} with another model shape ({', '.join(f'{k}={cfg[k]} vs {old.get(k, DEFAULTS[k])}' for k in shape)}); "
                         "give the settings (config file) the run was started with")
+    if old.get("optimizer", "adamw") != cfg["optimizer"]:  # the saved state belongs to the other one
+        raise UserError(f"{cfg['out_dir']} was trained with optimizer={old.get('optimizer', 'adamw')}; resume it with "
+                        "the same (start a new run, init_from=OUT_DIR, to switch)")
     changed = [f"{k}={cfg[k]!r} (was {old[k]!r})" for k in cfg if k not in ("init_from", "overwrite") and old.get(k) != cfg[k]]
     if changed:
         say(f"note: resuming with changed settings: {', '.join(changed)}")
@@ -306,9 +336,10 @@ def set_rng_state(state):
 
 
 def setup_model(cfg, world, meta, ckpt, ptdtype, say):
-    """The model on its device with its optimizer and fp16 gradient scaler: a new one, one
+    """The model on its device with its optimizers and fp16 gradient scaler: a new one, one
     fine-tuned from init_from, or (ckpt given) the checkpoint's. Returns (raw_model, base,
-    optimizer, scaler); base names a LoRA run's frozen weights."""
+    optimizers, scaler): optimizers is [AdamW] or [Muon, AdamW]; base names a LoRA run's
+    frozen weights."""
     if world.fsdp and ptdtype == torch.float16:  # GradScaler's overflow check would see one shard per rank
         raise UserError("fsdp=True trains in bfloat16 or float32, not float16: set --dtype=bfloat16 (Ampere and newer) or float32")
     # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's)
@@ -329,17 +360,26 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
     else:
         raw_model.to(world.device)
     torch.manual_seed(cfg["seed"] + world.rank)  # then a stream per rank: different dropout masks
-    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                               (cfg["beta1"], cfg["beta2"]), world.device_type, verbose=world.master)
+    muon = None
+    if cfg["optimizer"] == "muon":
+        if lora.has_lora(raw_model):  # a resumed LoRA run; check_settings refuses the rest
+            raise UserError("LoRA runs train with AdamW: drop --optimizer=muon")
+        muon = dict(lr=cfg["muon_lr"], momentum=cfg["muon_momentum"], weight_decay=cfg["muon_weight_decay"])
+    optimizers = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                                world.device_type, muon=muon, verbose=world.master)
     # fp16 needs loss scaling (its small range underflows gradients); bf16 and fp32 do not
     scaler = torch.amp.GradScaler(world.device_type, enabled=(ptdtype == torch.float16))
-    return raw_model, base, optimizer, scaler
+    return raw_model, base, optimizers, scaler
 
 
-def restore(ckpt, raw_model, optimizer, scaler, train_loader, world, say):
-    """Put a checkpoint's training state back: optimizer, scaler, data position, RNG. Returns
+def restore(ckpt, raw_model, optimizers, scaler, train_loader, world, say):
+    """Put a checkpoint's training state back: optimizers, scaler, data position, RNG. Returns
     the step to continue from. The weights came back in setup_model."""
-    load_optimizer(raw_model, optimizer, ckpt["optimizer"])
+    base_lrs = [[group["base_lr"] for group in opt.param_groups] for opt in optimizers]
+    load_optimizer(raw_model, optimizers, ckpt["optimizer"])  # this brings back the saved group settings...
+    for opt, lrs in zip(optimizers, base_lrs):
+        for group, base_lr in zip(opt.param_groups, lrs):
+            group["base_lr"] = base_lr  # ...but the peak lr is this run's setting, as for the schedule
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
@@ -387,25 +427,25 @@ def local(t):
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the host
 
 
-def gather_state(raw_model, optimizer, world):
-    """(model state dict or None, optimizer state dict) to save, whole, on rank 0 (other ranks
+def gather_state(raw_model, optimizers, world):
+    """(model state dict or None, the optimizers' state dict) to save, whole, on rank 0 (other ranks
     get empty dicts). Under FSDP it gathers the shards: every rank must call it. None for the
     model means make_checkpoint takes it from the model itself (not sharded)."""
     if world.fsdp:  # after evaluation (forward only) the root unit still holds its gathered weights
         raw_model.reshard()
-    optim = get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    optim = get_optimizer_state_dict(raw_model, optimizers, options=FULL)  # one dict for all of them
     if not world.fsdp:
         return None, optim
     model = get_model_state_dict(raw_model, options=FULL)
-    if model:  # the tied weight as one tensor under both names, as model.state_dict() has it
+    if model and raw_model.config.tie_embeddings:  # the tied weight under both names, as model.state_dict() has it
         model["lm_head.weight"] = model["transformer.wte.weight"]
     return model, optim
 
 
-def load_optimizer(raw_model, optimizer, state):
+def load_optimizer(raw_model, optimizers, state):
     """Load a full, name-keyed optimizer state (every rank read the file); under FSDP each
     rank keeps its shard of the moments."""
-    set_optimizer_state_dict(raw_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(raw_model, optimizers, state, options=StateDictOptions(full_state_dict=True))
 
 
 def evaluate(model, loader, eval_iters, world, autocast, stop):
@@ -434,10 +474,10 @@ def evaluate(model, loader, eval_iters, world, autocast, stop):
     return (totals[0] / totals[1]).item()
 
 
-def save(cfg, step, val_loss, *, model, optimizer, scaler, loader, meta, base, world):
+def save(cfg, step, val_loss, *, model, optimizers, scaler, loader, meta, base, world):
     """Write out_dir/ckpt.pt (atomically). Every rank must call it: the RNG states (and under
     FSDP the weights and optimizer state) are gathered."""
-    model_state, optim_state = gather_state(model, optimizer, world)
+    model_state, optim_state = gather_state(model, optimizers, world)
     rngs = [None] * world.size
     if world.ddp:
         dist.all_gather_object(rngs, rng_state())
@@ -476,6 +516,30 @@ def all_finite(bad_loss, params, world):
     if world.ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bad.item()
+
+
+def set_lr(optimizers, step, cfg):
+    """Every param group follows the same schedule, scaled to its own peak (base_lr): AdamW's
+    learning_rate, Muon's muon_lr. Returns AdamW's lr, the one logged."""
+    lr = get_lr(step, cfg)
+    scale = lr / cfg["learning_rate"] if cfg["learning_rate"] > 0 else 0.0
+    for opt in optimizers:
+        for group in opt.param_groups:  # (AdamW's groups take lr itself: no rounding from the scale)
+            group["lr"] = lr if group["base_lr"] == cfg["learning_rate"] else group["base_lr"] * scale
+    return lr
+
+
+def step_optimizers(optimizers, scaler, params, grad_clip):
+    """Clip the global gradient norm (0 = no clipping), step every optimizer (AdamW, or Muon
+    and AdamW) and clear the gradients. Returns the norm before clipping."""
+    for opt in optimizers:
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        scaler.step(opt)  # skipped by the scaler if fp16 gradients overflowed
+        opt.zero_grad(set_to_none=True)
+    scaler.update()  # once per step, after every optimizer's
+    return norm
 
 
 def nonfinite(cfg, step):
@@ -570,13 +634,13 @@ def train(cfg, world):
         print_config(cfg)
     say(f"device {world.device}, dtype {str(ptdtype).replace('torch.', '')}, {world.size} rank(s), {layout}")
 
-    raw_model, base, optimizer, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)
-    step = restore(ckpt, raw_model, optimizer, scaler, train_loader, world, say) if resume else 0
+    raw_model, base, optimizers, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)
+    step = restore(ckpt, raw_model, optimizers, scaler, train_loader, world, say) if resume else 0
     model = wrap(raw_model, cfg, world, say)
     autocast = autocast_context(world.device_type, ptdtype)
     hella_examples = load_hellaswag(cfg, meta)
     log = RunLog(cfg, world, append=resume)
-    checkpoint_args = dict(model=raw_model, optimizer=optimizer, scaler=scaler, loader=train_loader, meta=meta,
+    checkpoint_args = dict(model=raw_model, optimizers=optimizers, scaler=scaler, loader=train_loader, meta=meta,
                            base=base, world=world)
 
     # --- the loop ------------------------------------------------------------------------
@@ -618,9 +682,7 @@ def train(cfg, world):
 
         # one optimizer step: this rank's micro-batches, and the count of loss targets in the
         # whole step (every micro-batch of every rank)
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizers, step, cfg)
         batches, step_targets, step_tokens = train_loader.next_step()
         loss_accum = torch.zeros((), device=world.device)
         for micro, (x, y) in enumerate(batches):
@@ -637,12 +699,7 @@ def train(cfg, world):
                     loss = loss * weight
                 loss_accum += loss.detach()
                 scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        # under FSDP the gradients are sharded DTensors: the norm is summed over the ranks' shards
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
-        scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        norm = step_optimizers(optimizers, scaler, params, cfg["grad_clip"])  # FSDP: over the ranks' shards
         bad_loss |= ~torch.isfinite(loss_accum)  # no sync here: checked at log and save time
         step += 1
         steps_since_log += 1

@@ -111,3 +111,13 @@ def test_two_ranks_report_memory_per_rank(fsdp):
     assert f"{'FSDP' if fsdp else 'DDP'} x2 ranks" in lines[0]
     per_rank = lines[0].split("peak RSS per rank ")[1].split(" |")[0].split(", ")
     assert len(per_rank) == 2 and all(m.endswith(" GiB") and float(m.split()[0]) > 0 for m in per_rank)
+
+
+@pytest.mark.skipif(not hasattr(__import__("torch").optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_train_with_muon_and_the_options_reports_the_update_share(capsys):
+    cfg = configure(bench.DEFAULTS, TINY + ["--batch_size=2", "--block_size=16", "--warmup=1", "--steps=2",
+                                            "--optimizer=muon", "--qk_norm", "--mlp=relu2", "--tie_embeddings=False"])
+    r = bench.bench_train(cfg)
+    assert 0 < r["optimizer_share"] < 1  # a share of the step, not a time
+    assert "muon update" in r["summary"] and "qk_norm relu2 untied" in r["summary"]
+    assert summary_printed(capsys.readouterr().out, r["summary"])

@@ -31,7 +31,7 @@ def logits_of(model, idx):
 
 def train_steps(model, n=3, lr=1e-2):
     """A few AdamW steps through the model's own optimizer set-up (requires_grad params only)."""
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=lr, betas=(0.9, 0.95), device_type="cpu")
+    [opt] = model.configure_optimizers(weight_decay=0.1, learning_rate=lr, betas=(0.9, 0.95), device_type="cpu")
     model.train()
     for step in range(n):
         idx, targets = batch(seed=10 + step)

@@ -251,9 +251,12 @@ def test_generate_stops_each_sequence_at_the_stop_token():
 
 
 @pytest.mark.slow
-def test_train_loss_accumulation_ddp_and_resume(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=pytest.mark.skipif(
+    not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9"))])
+def test_train_loss_accumulation_ddp_and_resume(tmp_path, optimizer):
     """The step's loss is the mean over all its response tokens, and the same with two
-    accumulated micro-batches as with two ranks; resuming continues exactly."""
+    accumulated micro-batches as with two ranks; resuming continues exactly (with either
+    optimizer)."""
     splits = make_sft(str(tmp_path / "data" / "sft"), n_train=8, n_val=8)
     base = tiny_model()
     os.makedirs(tmp_path / "base")
@@ -262,7 +265,7 @@ def test_train_loss_accumulation_ddp_and_resume(tmp_path):
     common = ["--dataset=sft", "--init_from=base", "--block_size=32", "--device=cpu", "--dtype=float32",
               "--batch_size=4", "--total_batch_size=8",  # 8 examples a step: the whole train split
               "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", "--log_interval=1", "--warmup_iters=1",
-              "--learning_rate=1e-2", "--min_lr=1e-3"]
+              "--learning_rate=1e-2", "--min_lr=1e-3", f"--optimizer={optimizer}"]
     train = os.path.join(ROOT, "train.py")
     # one process, 2 accumulation steps: 2 steps, stop, resume for 2 more; val on all 8 examples
     p = run_script([train] + common + ["--out_dir=acc", "--eval_iters=2", "--max_iters=2"], cwd=tmp_path)

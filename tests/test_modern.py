@@ -1,0 +1,266 @@
+"""The from-scratch options (qk_norm, mlp=relu2, zero_init_proj, tie_embeddings=False) and the
+Muon optimizer: each does what it says, and the rest of the project still holds with them on
+(KV cache, checkpoints, export refusal, exact resume, DDP = accumulation)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import export_hf
+import train as train_script
+from checkpoint import load_model, make_checkpoint, save_checkpoint
+from conftest import ROOT, read_log, torchrun
+from model import GPT, GPTConfig
+from test_train import TINY, train
+
+ALL_ON = dict(qk_norm=True, mlp="relu2", zero_init_proj=True, tie_embeddings=False)
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+
+
+def tiny(**kw):
+    args = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    args.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args)).eval()
+
+
+def randomise(model):
+    """Move every tensor off its init (zero projections, unit gains), as training would."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the architecture options
+
+
+def test_defaults_are_gpt2():
+    cfg = GPTConfig()
+    assert (cfg.qk_norm, cfg.mlp, cfg.zero_init_proj, cfg.tie_embeddings) == (False, "gelu", False, True)
+
+
+def test_kv_cache_equals_recompute_with_every_option_on():
+    for rope in (False, True):
+        model = randomise(tiny(rope=rope, **ALL_ON))
+        prompt = torch.randint(0, 64, (2, 5))
+        # 30 new tokens with block_size 16: the context is cropped from step 12 on
+        a = model.generate(prompt, 30, temperature=0, use_cache=True)
+        b = model.generate(prompt, 30, temperature=0, use_cache=False)
+        assert torch.equal(a, b), f"rope={rope}"
+        # a chunk after cached tokens equals the full forward
+        x = torch.randint(0, 64, (1, 12))
+        cache = [{"size": 16} for _ in range(2)]
+        with torch.no_grad():
+            full, _ = model(x)
+            first, _ = model(x[:, :7], kv_cache=cache, pos=0)
+            second, _ = model(x[:, 7:], kv_cache=cache, pos=7)
+        assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-5)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_each_heads_queries_and_keys():
+    x = torch.randint(0, 64, (2, 16))
+    for qk_norm in (False, True):
+        model = tiny(qk_norm=qk_norm)
+        with torch.no_grad():
+            before, _ = model(x)
+            w = model.transformer.h[0].attn.c_attn.weight  # (3C, C): rows of q, then k, then v
+            w[0:16] *= 7.0  # head 0's queries (hs = 16)
+            w[32 + 16:64] *= 3.0  # head 1's keys
+            after, _ = model(x)
+        if qk_norm:  # the norms are per head, over hs
+            assert model.transformer.h[0].attn.q_norm.weight.shape == (16,)
+            assert torch.allclose(before, after, atol=1e-5)
+        else:
+            assert not torch.allclose(before, after, atol=1e-3)
+
+
+def test_relu2_mlp_is_relu_squared():
+    model = randomise(tiny(mlp="relu2"))
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = mlp.c_proj(F.relu(mlp.c_fc(x)) ** 2)
+        assert torch.allclose(mlp(x), expected, atol=1e-6)
+        assert not torch.allclose(tiny()(torch.zeros(1, 1, dtype=torch.long))[0],
+                                  tiny(mlp="relu2")(torch.zeros(1, 1, dtype=torch.long))[0])
+
+
+def test_zero_init_makes_every_block_the_identity_at_init():
+    model = tiny(zero_init_proj=True)
+    for block in model.transformer.h:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+        assert block.attn.c_attn.weight.std() > 0.01  # only the residual projections are zero
+    idx = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        emb = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(10))
+        # the whole network is embeddings -> ln_f: the blocks add exact zeros
+        assert torch.equal(model.hidden_states(idx), model.transformer.ln_f(emb))
+
+
+def test_untied_head_has_its_own_weight_and_is_counted_right():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert "lm_head.weight" in untied.state_dict() and "transformer.wte.weight" in untied.state_dict()
+    assert untied.num_params() == tied.num_params() + 64 * 32
+    # training the head leaves the embedding alone
+    logits, loss = untied(torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8)))
+    loss.backward()
+    wte_before = untied.transformer.wte.weight.detach().clone()
+    with torch.no_grad():
+        untied.lm_head.weight -= untied.lm_head.weight.grad
+    assert torch.equal(untied.transformer.wte.weight, wte_before)
+
+
+def test_flops_per_token_counts_an_untied_head_once():
+    model = GPT(GPTConfig(vocab_size=50257, tie_embeddings=False))
+    # 124,439,808 (GPT-2 small) + a second 50257 x 768 table
+    assert model.num_params() == 124_439_808 + 38_597_376
+    # wte and wpe are lookups; lm_head's matmul stays: the same FLOPs as the tied model,
+    # 6 * 123,653,376 + 12 * 12 * 768 * 1024 = 741,920,256 + 113,246,208
+    assert model.num_params(non_embedding=True) == 123_653_376
+    assert model.flops_per_token(1024) == 855_166_464
+    assert model.estimate_mfu(1000, 1.0, 1e12) == pytest.approx(0.855166464)
+    # and a tiny one by hand: blocks 2 x 12,704 + ln_f 64 + lm_head 64 x 32 = 27,520
+    small = tiny(tie_embeddings=False)
+    assert small.num_params() == 27_520 + 512 + 2048  # + wpe + wte
+    assert small.flops_per_token(16) == 6 * 27_520 + 12 * 2 * 32 * 16
+
+
+def test_checkpoint_round_trip_keeps_the_options(tmp_path):
+    model = randomise(tiny(rope=True, **ALL_ON))
+    save_checkpoint(make_checkpoint(model, {"tokenizer": "gpt2"}, {}, step=1), str(tmp_path / "ckpt.pt"))
+    loaded, _ = load_model(out_dir=str(tmp_path))
+    for key, value in ALL_ON.items():
+        assert getattr(loaded.config, key) == value
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("option", ["qk_norm", "mlp", "tie_embeddings"])
+def test_export_refuses_what_gpt2_cannot_hold_in_one_line(tmp_path, monkeypatch, capsys, option):
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    model = tiny(vocab_size=50304, **{option: ALL_ON[option]})
+    save_checkpoint(make_checkpoint(model, {"tokenizer": "gpt2"}, {}, step=3), str(run / "ckpt.pt"))
+    monkeypatch.setattr("sys.argv", ["export_hf.py", f"--out_dir={run}", f"--hf_dir={hf_dir}"])
+    with pytest.raises(SystemExit) as e:
+        export_hf.main()
+    assert e.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "transformers' GPT-2 has no place" in lines[0], lines
+    assert os.listdir(tmp_path) == ["run"]  # neither the folder nor a temporary one
+
+
+def test_zero_init_alone_exports(tmp_path):
+    # an initialisation, not an architecture: such a model is plain GPT-2
+    assert export_hf.why_not_exportable(tiny(vocab_size=50304, zero_init_proj=True), {"tokenizer": "gpt2"}) is None
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+
+@needs_muon
+def test_muon_gets_exactly_the_block_matrices():
+    model = tiny(**ALL_ON)
+    muon, adamw = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu",
+                                             muon=dict(lr=0.02, momentum=0.95, weight_decay=0.0))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    expected = sorted(f"transformer.h.{i}.{m}.weight" for i in range(2)
+                      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert in_muon == expected
+    decay, no_decay = [sorted(names[id(p)] for p in g["params"]) for g in adamw.param_groups]
+    assert decay == ["lm_head.weight", "transformer.wpe.weight", "transformer.wte.weight"]
+    assert "transformer.h.0.attn.q_norm.weight" in no_decay and "transformer.ln_f.bias" in no_decay
+    assert all(names[id(p)].endswith((".bias", "norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
+               for g in adamw.param_groups[1:] for p in g["params"])
+    # every parameter is in exactly one optimizer
+    assert len(in_muon) + len(decay) + len(no_decay) == len(list(model.parameters()))
+    assert muon.param_groups[0]["base_lr"] == 0.02 and adamw.param_groups[0]["base_lr"] == 1e-3
+
+
+@needs_muon
+def test_the_schedule_scales_both_optimizers():
+    cfg = dict(train_script.DEFAULTS, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100,
+               lr_decay_iters=0)
+    optimizers = tiny().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu",
+                                              muon=dict(lr=0.02, momentum=0.95, weight_decay=0.0))
+    for step in (0, 5, 50, 100):
+        lr = train_script.set_lr(optimizers, step, cfg)
+        assert lr == train_script.get_lr(step, cfg)
+        assert optimizers[0].param_groups[0]["lr"] == pytest.approx(0.02 * lr / 1e-3)  # Muon
+        assert all(g["lr"] == pytest.approx(lr) for g in optimizers[1].param_groups)  # AdamW
+    assert optimizers[0].param_groups[0]["lr"] == pytest.approx(0.002)  # at the floor: min_lr / learning_rate
+
+
+def check_one_line_refusal(cfg, capsys, *words):
+    with pytest.raises(SystemExit) as e:
+        train_script.check_settings(cfg)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+
+
+@needs_muon
+def test_muon_with_lora_is_refused_in_one_line(capsys):
+    check_one_line_refusal(dict(train_script.DEFAULTS, optimizer="muon", lora_rank=8), capsys, "LoRA", "AdamW")
+
+
+def test_muon_on_an_old_torch_names_the_release(capsys, monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    check_one_line_refusal(dict(train_script.DEFAULTS, optimizer="muon"), capsys, "2.9", "adamw")
+
+
+def test_bad_choices_are_one_line(capsys):
+    check_one_line_refusal(dict(train_script.DEFAULTS, optimizer="sgd"), capsys, "adamw or muon")
+    check_one_line_refusal(dict(train_script.DEFAULTS, mlp="swiglu"), capsys, "gelu or relu2")
+
+
+# -----------------------------------------------------------------------------
+# end to end (subprocesses)
+
+MODERN = ["--optimizer=muon", "--muon_lr=0.02", "--qk_norm", "--mlp=relu2", "--zero_init_proj", "--tie_embeddings=False"]
+
+
+@pytest.mark.slow
+@needs_muon
+def test_exact_resume_with_muon_and_every_option(workdir):  # noqa: F811
+    train(workdir, *MODERN, "--max_iters=20", "--out_dir=out_full", "--dropout=0.1")
+    train(workdir, *MODERN, "--max_iters=10", "--lr_decay_iters=20", "--out_dir=out_stop", "--dropout=0.1")
+    ckpt = torch.load(workdir / "out_stop" / "ckpt.pt", weights_only=True)
+    assert len(ckpt["optimizer"]) == 2  # Muon's state (momentum buffers), then AdamW's
+    assert ckpt["model_args"]["mlp"] == "relu2" and ckpt["model_args"]["tie_embeddings"] is False
+    train(workdir, *MODERN, "--max_iters=20", "--lr_decay_iters=20", "--out_dir=out_stop", "--dropout=0.1",
+          "--init_from=resume")
+    full = read_log(workdir / "out_full" / "log.txt", "train")
+    resumed = read_log(workdir / "out_stop" / "log.txt", "train")
+    assert sorted(resumed) == list(range(20))
+    assert [resumed[i] for i in range(20)] == [full[i] for i in range(20)]  # identical, CPU fp32
+    assert read_log(workdir / "out_stop" / "log.txt", "val")[20] == read_log(workdir / "out_full" / "log.txt", "val")[20]
+    # the other optimizer cannot take over a run: one line
+    p = train(workdir, "--max_iters=30", "--out_dir=out_stop", "--init_from=resume", *MODERN[2:], check=False)
+    assert p.returncode == 2 and "optimizer=muon" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+@needs_muon
+def test_ddp_two_processes_equal_accumulation_with_muon(workdir):  # noqa: F811
+    common = MODERN + ["--max_iters=6", "--total_batch_size=256", "--eval_interval=3"]  # 256 = 4 x 32 x 2
+    train(workdir, *common, "--out_dir=out_single", "--eval_iters=4")
+    p = torchrun([os.path.join(ROOT, "train.py")] + TINY + common + ["--out_dir=out_ddp"], cwd=workdir)
+    assert "2 rank(s)" in p.stdout and "x 1 accumulation" in p.stdout
+    single = read_log(workdir / "out_single" / "log.txt", "train")
+    ddp = read_log(workdir / "out_ddp" / "log.txt", "train")
+    assert sorted(single) == sorted(ddp) == list(range(6))
+    for step in single:
+        assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
+    v1, v2 = read_log(workdir / "out_single" / "log.txt", "val"), read_log(workdir / "out_ddp" / "log.txt", "val")
+    assert abs(v1[6] - v2[6]) < 1e-5
