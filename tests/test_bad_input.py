@@ -31,6 +31,12 @@ CASES = [
      ["GPU", "--device=cpu"]),
     ("resume from a merged checkpoint", TRAIN + ["--init_from=resume", "--out_dir=merged"], ["no training state"]),
     ("resume with another model shape", TRAIN + ["--init_from=resume", "--out_dir=run", "--n_layer=3"], ["n_layer"]),
+    ("total_batch_size not a multiple", TRAIN + ["--total_batch_size=100"], ["not a multiple"]),
+    ("a negative total_batch_size", TRAIN + ["--total_batch_size=-128"], ["must not be negative"]),
+    ("log_interval 0", TRAIN + ["--log_interval=0"], ["--log_interval must be at least 1"]),
+    ("n_embd not a multiple of n_head", TRAIN + ["--n_embd=100", "--n_head=3"], ["multiple of n_head"]),
+    ("a missing dataset", TRAIN + ["--dataset=missing"], ["data/missing"]),
+    ("resume with no checkpoint", TRAIN + ["--init_from=resume", "--out_dir=nowhere"], ["no checkpoint"]),
     # meta.json and shards
     ("meta.json: too few chars for the tokens", TRAIN + ["--dataset=fewchars", "--out_dir=o1"], ["token id", "train.bin"]),
     ("meta.json: not JSON", TRAIN + ["--dataset=badjson", "--out_dir=o2"], ["meta.json", "JSON"]),
@@ -134,17 +140,31 @@ def run_case(w, root, command):
     return p.returncode, p.stderr, damaged
 
 
+def run_all(base, root, workers=2):
+    """{name: run_case's result} for every row, each in its own copy of the folder `base`, two
+    at a time (each row is mostly a Python and torch start-up)."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        w = base.parent / f"{base.name}_{i}"
+        shutil.copytree(base, w)
+        return run_case(w, root, CASES[i][1])
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip([c[0] for c in CASES], pool.map(one, range(len(CASES)))))
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    w = tmp_path_factory.mktemp("bad")
-    make_workdir(w)
-    return w
+def results(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad")
+    make_workdir(base)
+    return run_all(base, ROOT)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, command, words", CASES, ids=[c[0] for c in CASES])
-def test_one_clear_line_and_nothing_damaged(workdir, name, command, words):
-    code, err, damaged = run_case(workdir, ROOT, command)
+def test_one_clear_line_and_nothing_damaged(results, name, command, words):
+    code, err, damaged = results[name]
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert len(lines) == 1 and all(w in lines[0] for w in words), err[-2000:]
@@ -157,11 +177,13 @@ def main():
     import pathlib
     import tempfile
     root = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else ROOT
-    w = pathlib.Path(tempfile.mkdtemp())
+    w = pathlib.Path(tempfile.mkdtemp()) / "base"
+    os.makedirs(w)
     make_workdir(w)
+    results = run_all(w, root)
     tracebacks = accepted = damaged_rows = 0
     for name, command, words in CASES:
-        code, err, damaged = run_case(w, root, command)
+        code, err, damaged = results[name]
         tb = "Traceback" in err
         tracebacks += tb
         accepted += code == 0

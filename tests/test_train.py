@@ -166,21 +166,8 @@ def test_sigint_to_one_ddp_rank_stops_all_at_a_log_step(workdir):
     assert step % 50 == 0 and f"stopped at step {step}" in out
 
 
-def test_bad_settings_are_one_line(workdir):
-    p = train(workdir, "--max_iters=2", "--total_batch_size=100", check=False)
-    assert p.returncode == 2 and "not a multiple" in p.stderr and "Traceback" not in p.stderr
-    p = train(workdir, "--max_iters=2", "--dataset=missing", check=False)
-    assert p.returncode == 2 and "data/missing" in p.stderr and "Traceback" not in p.stderr
-    p = train(workdir, "--init_from=resume", "--out_dir=nowhere", check=False)
-    assert p.returncode == 2 and "no checkpoint" in p.stderr
-    # values that parse but cannot work: refused before any work, not a ZeroDivisionError later
-    p = train(workdir, "--log_interval=0", check=False)
-    assert p.returncode == 2 and "--log_interval must be at least 1" in p.stderr and "Traceback" not in p.stderr
-    p = train(workdir, "--n_embd=100", "--n_head=3", check=False)
-    assert p.returncode == 2 and "multiple of n_head" in p.stderr and "Traceback" not in p.stderr
-    p = train(workdir, "--total_batch_size=-128", check=False)  # would divide, and run no micro-steps
-    assert p.returncode == 2 and "must not be negative" in p.stderr
-    # max_iters=0: evaluate the starting model, write nothing
+def test_max_iters_0_evaluates_and_writes_nothing(workdir):
+    # (settings that cannot work are rows of tests/test_bad_input.py)
     p = train(workdir, "--max_iters=0", "--out_dir=out_eval")
     assert "step 0: val loss" in p.stdout and not (workdir / "out_eval" / "ckpt.pt").exists()
 
