@@ -289,6 +289,7 @@ def bench_train(cfg):
     peak_mem_bytes, loss (of the last micro-batch), summary (the one line)."""
     device, device_type, dtype = setup(cfg)
     device, rank, ranks, distributed = start_ranks(cfg, device, device_type)
+    say = print if rank == 0 else (lambda *a, **k: None)
     if distributed and device_type == "cpu":
         rss_follows_tensors()  # the per-rank memory is the point of a run under torchrun
     if cfg["fsdp"] and dtype == torch.float16:
@@ -349,7 +350,7 @@ def bench_train(cfg):
             clock.append(time.perf_counter() - t)
         return loss  # a GPU tensor: reading it (.item()) would wait for the GPU, so we don't here
 
-    print(f"warm-up: {cfg['warmup']} steps{' (the first compiles the model)' if cfg['compile'] else ''}")
+    say(f"warm-up: {cfg['warmup']} steps{' (the first compiles the model)' if cfg['compile'] else ''}")
     for _ in range(cfg["warmup"]):
         step()
     synchronize(device_type)

@@ -19,8 +19,9 @@ numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run
     scaler       the fp16 GradScaler's, or None
     loader       the training loader's position      rng       every rank's RNG states
     val_loss     the last validation loss, or None
-The last six make a training state that --init_from=resume continues exactly; a merged
-checkpoint has none of them.
+Optimizer, scaler, loader, rng and val_loss make the training state that --init_from=resume
+continues exactly; a merged checkpoint (python checkpoint.py --merged_dir) has none of them, and
+names its LoRA run in merged_from.
 """
 
 import glob
@@ -56,13 +57,14 @@ def save_checkpoint(ckpt, path):
             raise OSError(f"torch.save failed: {e}") from None
 
 
-def load_checkpoint(path, mmap=False):
+def load_checkpoint(path):
     """The checkpoint dict at path, loaded with weights_only=True and checked to be one of
-    ours; any problem is a UserError naming the file."""
+    ours; any problem is a UserError naming the file. Memory-mapped: a tensor is read from
+    disk when it is used, and the ranks of a node share one copy in the page cache."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one first, or check --out_dir")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise UserError(f"{path} could not be read ({type(e).__name__}); it is not a checkpoint of this project, "
                         "or it is corrupt") from None
@@ -139,7 +141,10 @@ def main():
         die(str(e))
     lora.merge_lora(model)
     path = os.path.join(cfg["merged_dir"], "ckpt.pt")
-    save_checkpoint(make_checkpoint(model, meta, ckpt["config"], step=ckpt["step"], merged_from=cfg["out_dir"]), path)
+    try:
+        save_checkpoint(make_checkpoint(model, meta, ckpt["config"], step=ckpt["step"], merged_from=cfg["out_dir"]), path)
+    except UserError as e:  # a full disk, a read-only folder
+        die(str(e))
     print(f"wrote {path}: {cfg['out_dir']}'s adapters merged into its base {ckpt['base']!r}")
 
 

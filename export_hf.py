@@ -307,6 +307,8 @@ def main():
         export(model.eval(), enc, cfg["hf_dir"], cfg["dtype"])
     except ValueError as e:  # a model our checks let through but the format cannot hold
         die(str(e))
+    except OSError as e:  # a full disk, a read-only folder
+        die(f"cannot write {cfg['hf_dir']}: {e.strerror or e}")
     n_bytes = sum(os.path.getsize(os.path.join(cfg["hf_dir"], f)) for f in os.listdir(cfg["hf_dir"]))
     print(f"wrote {cfg['hf_dir']} ({n_bytes / 1e6:.1f} MB): load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({cfg['hf_dir']!r})")

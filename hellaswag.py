@@ -70,17 +70,23 @@ def download(split):
     import requests
 
     url = URL.format(split=split)
-    try:  # atomic: an interrupted download is never taken for the cached file
-        with requests.get(url, stream=True, timeout=30) as r, atomic_write(path) as f:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+    offline = f"could not download {url} ({{}}): be online once, or pass --data_file=PATH to a local copy"
+    try:
+        r = requests.get(url, stream=True, timeout=30)
+        r.raise_for_status()
+    except requests.RequestException as e:
+        raise UserError(offline.format(type(e).__name__)) from None
+    # atomic: an interrupted download is never taken for the cached file. (requests' errors are
+    # OSErrors, which atomic_write would report as a disk problem: they are told apart here.)
+    with r, atomic_write(path) as f:
+        total = int(r.headers.get("content-length", 0)) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            try:
                 for chunk in r.iter_content(chunk_size=1 << 16):
                     f.write(chunk)
                     bar.update(len(chunk))
-    except requests.RequestException as e:
-        raise UserError(f"could not download {url} ({type(e).__name__}): be online once, or pass "
-                        f"--data_file=PATH to a local copy") from None
+            except requests.RequestException as e:
+                raise UserError(offline.format(type(e).__name__)) from None
     return path
 
 

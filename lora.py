@@ -24,7 +24,7 @@ Targets are named for what they compute. GPT-2 computes queries, keys and values
 fused Linear, attn.c_attn, whose output rows are [q | k | v], C each; so q, k and v are
 adapted separately, each by its own A, B acting on one third of c_attn's output, and "q,k"
 leaves the values exactly as they were. attn_proj, mlp_fc and mlp_proj are attn.c_proj,
-mlp.c_fc and mlp.c_proj whole. The embedding (tied to lm_head) is never adapted.
+mlp.c_fc and mlp.c_proj whole. The embeddings and lm_head are never adapted.
 
 An adapted Linear is replaced by a LoRALinear that holds the *same* weight and bias
 Parameters under the same names, so the base keys of the state dict do not change

@@ -26,9 +26,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
@@ -104,7 +101,7 @@ DEFAULTS = dict(
 )
 
 # the settings that decide the model's shape: a resumed run must keep them
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "mlp", "zero_init_proj", "tie_embeddings")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "mlp", "tie_embeddings")
 
 # -----------------------------------------------------------------------------
 # helpers, in the order main() uses them
@@ -148,6 +145,11 @@ def check_settings(cfg):
         die("Muon orthogonalises whole matrices, and under FSDP each rank holds a shard of each: use DDP "
             "(drop --fsdp) with optimizer=muon")
     if cfg["fsdp"]:  # FSDP shards over the ranks torchrun starts; alone it would only hide a missing launcher
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401 (FSDP2: PyTorch 2.6 and later)
+        except ImportError:
+            die(f"fsdp=True needs FSDP2 (torch.distributed.fsdp.fully_shard), in PyTorch 2.6 and later (this is "
+                f"{torch.__version__}): pip install -U 'torch>=2.6', or drop --fsdp")
         if "RANK" not in os.environ:
             die("fsdp=True shards the model over the processes torchrun starts: run it under torchrun "
                 "(torchrun --standalone --nproc_per_node=N train.py ...), or drop --fsdp")
@@ -275,25 +277,59 @@ def check_resume(ckpt, cfg, meta, say):
                         f"{', '.join(sorted(missing))}); start a new run from it with --init_from={cfg['out_dir']}")
     old = ckpt["config"]
     check_same_tokenizer(ckpt["meta"], meta, cfg["out_dir"], cfg["dataset"])
-    shape = [k for k in SHAPE_KEYS if old.get(k, DEFAULTS[k]) != cfg[k]]  # .get: runs from before a key existed
+    shape = [k for k in SHAPE_KEYS if old[k] != cfg[k]]
     if shape:
-        raise UserError(f"resuming {cfg['out_dir']} with another model shape ({', '.join(f'{k}={cfg[k]} vs {old.get(k, DEFAULTS[k])}' for k in shape)}); "
+        raise UserError(f"resuming {cfg['out_dir']} with another model shape ({', '.join(f'{k}={cfg[k]} vs {old[k]}' for k in shape)}); "
                         "give the settings (config file) the run was started with")
-    if old.get("optimizer", "adamw") != cfg["optimizer"]:  # the saved state belongs to the other one
-        raise UserError(f"{cfg['out_dir']} was trained with optimizer={old.get('optimizer', 'adamw')}; resume it with "
-                        "the same (start a new run, init_from=OUT_DIR, to switch)")
-    changed = [f"{k}={cfg[k]!r} (was {old[k]!r})" for k in cfg if k not in ("init_from", "overwrite") and old.get(k) != cfg[k]]
+    if cfg["block_size"] > ckpt["model_args"]["block_size"]:
+        raise UserError(f"block_size={cfg['block_size']} is longer than the model's {ckpt['model_args']['block_size']} "
+                        "positions; resume with the run's block_size")
+    if old["optimizer"] != cfg["optimizer"]:  # the saved state belongs to the other one
+        raise UserError(f"{cfg['out_dir']} was trained with optimizer={old['optimizer']}; resume it with the same "
+                        "(start a new run, init_from=OUT_DIR, to switch)")
+    kept = ("group_by_length",)  # part of the data order: a run keeps the one it began with
+    changed = [f"{k}={cfg[k]!r} (was {old[k]!r})" for k in cfg if k not in ("init_from", "overwrite", *kept) and old[k] != cfg[k]]
     if changed:
         say(f"note: resuming with changed settings: {', '.join(changed)}")
+    if any(old[k] != cfg[k] for k in kept):
+        say(f"note: keeping the checkpoint's {', '.join(f'{k}={old[k]!r}' for k in kept)} (the data order of the run)")
 
 
-def claim_out_dir(out_dir, resume, overwrite):
-    """Lock out_dir for this run, and refuse to replace a run that is there. Returns the open
-    lock file: the OS releases the lock when the process ends, however it ends."""
+def agree(world, error):
+    """Every rank stops if one of them failed (rank 0 alone writes files): raise `error` here,
+    or exit quietly where another rank has it to say. Every rank must call it."""
+    if world.ddp:
+        failed = torch.tensor(float(error is not None), device=world.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            sys.exit(2)
+    if error is not None:
+        raise error
+
+
+def claim_out_dir(cfg, resume, world):
+    """Rank 0 locks out_dir for this run, refuses to replace a run that is there, and opens
+    log.txt. Returns (the open lock file, the RunLog); the OS releases the lock when the
+    process ends, however it ends."""
+    lock, log, error = None, RunLog(None, cfg), None
+    if world.master:
+        try:
+            lock = lock_out_dir(cfg["out_dir"], resume, cfg["overwrite"])
+            log = RunLog(os.path.join(cfg["out_dir"], "log.txt"), cfg, append=resume)
+        except UserError as e:
+            error = e
+    agree(world, error)
+    return lock, log
+
+
+def lock_out_dir(out_dir, resume, overwrite):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is a file; give a folder")
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, "train.lock"), "w")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, "train.lock"), "w")
+    except OSError as e:
+        raise UserError(f"cannot write into --out_dir={out_dir}: {e.strerror}") from None
     try:
         import fcntl  # not on Windows: no lock there
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -306,7 +342,7 @@ def claim_out_dir(out_dir, resume, overwrite):
         os.remove(stale)
     path = os.path.join(out_dir, "ckpt.pt")
     if not resume and not overwrite and os.path.exists(path):
-        step = load_checkpoint(path, mmap=True)["step"]  # mmap: reads the step, not the weights
+        step = load_checkpoint(path)["step"]  # (memory-mapped: the weights are not read)
         raise UserError(f"{out_dir} already holds a run (ckpt.pt at step {step}): continue it with "
                         "--init_from=resume, choose another --out_dir, or replace it with --overwrite")
     return lock
@@ -375,11 +411,13 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
 def restore(ckpt, raw_model, optimizers, scaler, train_loader, world, say):
     """Put a checkpoint's training state back: optimizers, scaler, data position, RNG. Returns
     the step to continue from. The weights came back in setup_model."""
-    base_lrs = [[group["base_lr"] for group in opt.param_groups] for opt in optimizers]
-    load_optimizer(raw_model, optimizers, ckpt["optimizer"])  # this brings back the saved group settings...
-    for opt, lrs in zip(optimizers, base_lrs):
-        for group, base_lr in zip(opt.param_groups, lrs):
-            group["base_lr"] = base_lr  # ...but the peak lr is this run's setting, as for the schedule
+    # the moments come from the checkpoint, the settings (peak lr, betas, weight decay, momentum)
+    # from this run: loading brings back the saved group settings, so they are put back after
+    settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups] for opt in optimizers]
+    load_optimizer(raw_model, optimizers, ckpt["optimizer"])
+    for opt, saved in zip(optimizers, settings):
+        for group, values in zip(opt.param_groups, saved):
+            group.update(values)
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
@@ -418,25 +456,27 @@ def grad_sync(model, raw_model, world, last_micro):
 
 def local(t):
     """This rank's part of a tensor: its shard under FSDP (a DTensor), the tensor otherwise."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if hasattr(t, "to_local") else t  # (a DTensor's method: no import needed)
 
 
 # The checkpoint holds full (unsharded) tensors in every run, so any script reads it. The
 # optimizer state is keyed by parameter name ("transformer.h.0.attn.c_attn.weight"), not by
-# position: an FSDP run resumes a DDP or single-process checkpoint, and the reverse.
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the host
+# position: an FSDP run resumes a DDP or single-process checkpoint, and the reverse. (The
+# torch.distributed.checkpoint helpers take most of a second to import: only when needed.)
 
 
 def gather_state(raw_model, optimizers, world):
     """(model state dict or None, the optimizers' state dict) to save, whole, on rank 0 (other ranks
     get empty dicts). Under FSDP it gathers the shards: every rank must call it. None for the
     model means make_checkpoint takes it from the model itself (not sharded)."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the host
     if world.fsdp:  # after evaluation (forward only) the root unit still holds its gathered weights
         raw_model.reshard()
-    optim = get_optimizer_state_dict(raw_model, optimizers, options=FULL)  # one dict for all of them
+    optim = dcp.get_optimizer_state_dict(raw_model, optimizers, options=full)  # one dict for all of them
     if not world.fsdp:
         return None, optim
-    model = get_model_state_dict(raw_model, options=FULL)
+    model = dcp.get_model_state_dict(raw_model, options=full)
     if model and raw_model.config.tie_embeddings:  # the tied weight under both names, as model.state_dict() has it
         model["lm_head.weight"] = model["transformer.wte.weight"]
     return model, optim
@@ -445,7 +485,8 @@ def gather_state(raw_model, optimizers, world):
 def load_optimizer(raw_model, optimizers, state):
     """Load a full, name-keyed optimizer state (every rank read the file); under FSDP each
     rank keeps its shard of the moments."""
-    set_optimizer_state_dict(raw_model, optimizers, state, options=StateDictOptions(full_state_dict=True))
+    from torch.distributed.checkpoint import state_dict as dcp
+    dcp.set_optimizer_state_dict(raw_model, optimizers, state, options=dcp.StateDictOptions(full_state_dict=True))
 
 
 def evaluate(model, loader, eval_iters, world, autocast, stop):
@@ -483,16 +524,20 @@ def save(cfg, step, val_loss, *, model, optimizers, scaler, loader, meta, base, 
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
-    if not world.master:
-        return
-    ckpt = make_checkpoint(model, meta, cfg, state_dict=model_state, step=step, optimizer=optim_state,
-                           scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                           loader=loader.state_dict(), rng=rngs, val_loss=val_loss, base=base)
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    save_checkpoint(ckpt, path)
-    if cfg["keep_interval"] and step % cfg["keep_interval"] == 0:
-        save_checkpoint(ckpt, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
-    print(f"saved {path} at step {step}")
+    error = None
+    if world.master:
+        ckpt = make_checkpoint(model, meta, cfg, state_dict=model_state, step=step, optimizer=optim_state,
+                               scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                               loader=loader.state_dict(), rng=rngs, val_loss=val_loss, base=base)
+        path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        try:  # a full disk: the last good checkpoint stays, and every rank stops
+            save_checkpoint(ckpt, path)
+            if cfg["keep_interval"] and step % cfg["keep_interval"] == 0:
+                save_checkpoint(ckpt, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
+            print(f"saved {path} at step {step}")
+        except UserError as e:
+            error = e
+    agree(world, error)
 
 
 def get_lr(step, cfg):
@@ -570,14 +615,18 @@ class StopFlag:
 
 
 class RunLog:
-    """out_dir/log.txt, one 'STEP STREAM VALUE' line per value, and wandb if asked. On ranks
-    other than 0 it writes nothing."""
+    """out_dir/log.txt, one 'STEP STREAM VALUE' line per value, and wandb if asked. With no
+    path (ranks other than 0) it writes nothing. A write that fails (a full disk) is said once
+    and logging stops; the training goes on, and the next checkpoint says whether it can be saved."""
 
-    def __init__(self, cfg, world, append):
+    def __init__(self, path, cfg, append=False):
         self.file = self.wandb = None
-        if not world.master:
+        if path is None:
             return
-        self.file = open(os.path.join(cfg["out_dir"], "log.txt"), "a" if append else "w")
+        try:
+            self.file = open(path, "a" if append else "w")
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror}") from None
         if cfg["wandb_log"]:
             try:
                 import wandb
@@ -588,9 +637,14 @@ class RunLog:
     def __call__(self, step, **values):
         if self.file is None:
             return
-        for k, v in values.items():
-            self.file.write(f"{step} {k} {v:.7g}\n" if isinstance(v, float) else f"{step} {k} {v}\n")
-        self.file.flush()
+        try:
+            for k, v in values.items():
+                self.file.write(f"{step} {k} {v:.7g}\n" if isinstance(v, float) else f"{step} {k} {v}\n")
+            self.file.flush()
+        except OSError as e:
+            print(f"warning: cannot write {self.file.name} ({e.strerror}); the log stops here, the training goes on")
+            self.file = None
+            return
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
@@ -626,7 +680,7 @@ def train(cfg, world):
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     out_dir, resume = cfg["out_dir"], cfg["init_from"] == "resume"
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt")) if resume else None
-    lock = claim_out_dir(out_dir, resume, cfg["overwrite"]) if world.master else None  # noqa: F841 (held)
+    lock, log = claim_out_dir(cfg, resume, world)  # noqa: F841 (the lock is held while the run lives)
     meta = read_meta(os.path.join("data", cfg["dataset"]))
     train_loader, val_loader, layout = make_loaders(cfg, meta, world)
     say("config:")
@@ -636,10 +690,11 @@ def train(cfg, world):
 
     raw_model, base, optimizers, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)
     step = restore(ckpt, raw_model, optimizers, scaler, train_loader, world, say) if resume else 0
+    val_loss = ckpt["val_loss"] if resume else None
+    del ckpt  # the file is memory-mapped: let it go before this run replaces it
     model = wrap(raw_model, cfg, world, say)
     autocast = autocast_context(world.device_type, ptdtype)
     hella_examples = load_hellaswag(cfg, meta)
-    log = RunLog(cfg, world, append=resume)
     checkpoint_args = dict(model=raw_model, optimizers=optimizers, scaler=scaler, loader=train_loader, meta=meta,
                            base=base, world=world)
 
@@ -648,7 +703,6 @@ def train(cfg, world):
     peak = peak_flops(torch.cuda.get_device_name(world.device)) if world.device_type == "cuda" else None
     params = [p for p in raw_model.parameters() if p.requires_grad]
     pin = world.device_type == "cuda"  # page-locked host memory lets the copy overlap with compute
-    val_loss = ckpt["val_loss"] if resume else None
     run_start = t_last = time.time()
     steps_since_log, tokens_since_log = 0, 0
     bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
