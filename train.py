@@ -470,7 +470,9 @@ def gather_state(raw_model, optimizers, world):
     get empty dicts). Under FSDP it gathers the shards: every rank must call it. None for the
     model means make_checkpoint takes it from the model itself (not sharded)."""
     from torch.distributed.checkpoint import state_dict as dcp
-    full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on the host
+    # FSDP: gathered to rank 0, on the host. Otherwise every rank already holds the whole state:
+    # no offload, no collective (an offloaded gather outside FSDP could abort a rank at exit, torch 2.14)
+    full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=world.fsdp)
     if world.fsdp:  # after evaluation (forward only) the root unit still holds its gathered weights
         raw_model.reshard()
     optim = dcp.get_optimizer_state_dict(raw_model, optimizers, options=full)  # one dict for all of them
