@@ -13,6 +13,7 @@ import train as train_script
 from checkpoint import load_model, make_checkpoint, save_checkpoint
 from conftest import ROOT, read_log, torchrun
 from model import GPT, GPTConfig
+from test_model import assert_chunked_prefill_matches_full_forward
 from test_train import TINY, train
 
 ALL_ON = dict(qk_norm=True, mlp="relu2", zero_init_proj=True, tie_embeddings=False)
@@ -52,14 +53,7 @@ def test_kv_cache_equals_recompute_with_every_option_on():
         a = model.generate(prompt, 30, temperature=0, use_cache=True)
         b = model.generate(prompt, 30, temperature=0, use_cache=False)
         assert torch.equal(a, b), f"rope={rope}"
-        # a chunk after cached tokens equals the full forward
-        x = torch.randint(0, 64, (1, 12))
-        cache = [{"size": 16} for _ in range(2)]
-        with torch.no_grad():
-            full, _ = model(x)
-            first, _ = model(x[:, :7], kv_cache=cache, pos=0)
-            second, _ = model(x[:, 7:], kv_cache=cache, pos=7)
-        assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-5)
+        assert_chunked_prefill_matches_full_forward(model)
 
 
 def test_qk_norm_makes_attention_blind_to_the_scale_of_each_heads_queries_and_keys():
