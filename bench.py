@@ -397,6 +397,7 @@ def bench_train(cfg):
         profile(step, device_type, repeats=3)
     if distributed:
         dist.destroy_process_group()
+        time.sleep(0.1)  # lets gloo free its last collective before exit (see train.close_world)
     return r
 
 

@@ -44,7 +44,8 @@ def torchrun(args, cwd, nproc=2, timeout=300):
     with its output unless it exits 0; returns the CompletedProcess."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     p = subprocess.run(torchrun_cmd(args, nproc), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    # the ranks' own errors come before torchrun's summary of them: keep enough of stderr
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
     return p
 
 
