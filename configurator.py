@@ -62,6 +62,29 @@ def atomic_write(path, mode="wb", **open_kwargs):
         raise
 
 
+def lock_folder(folder, busy):
+    """Lock `folder` for this process (the lock file stays open until the process ends, however
+    it ends: the OS then drops the lock), or raise UserError(busy) if another process holds it.
+    Then delete the *.tmp files that a killed writer left there: with the lock held, none of
+    them is being written. (Windows has no fcntl: no lock there.)"""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "w")
+    except OSError as e:
+        raise UserError(f"cannot write into {folder}: {e.strerror}") from None
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        raise UserError(busy) from None
+    for stale in glob.glob(os.path.join(folder, "*.tmp")):
+        print(f"removing {stale}, an unfinished write of a process that was killed")
+        os.remove(stale)
+    return lock
+
+
 def quiet_offline_hub(host="huggingface.co"):
     """If the Hugging Face Hub cannot be reached, tell its libraries so (HF_HUB_OFFLINE=1): they
     then use their cache at once, or fail at once, instead of retrying for half a minute."""

@@ -33,7 +33,7 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from configurator import UserError, atomic_write, configure, die, print_config, quiet_offline_hub
+from configurator import UserError, atomic_write, configure, die, lock_folder, print_config, quiet_offline_hub
 from dataloader import EOT, get_gpt2_encoding, read_tokens, write_meta, write_tokens
 
 # -----------------------------------------------------------------------------
@@ -209,7 +209,11 @@ def main():
     source = dict(data_files=files, text_field=cfg["text_field"], shard_size=shard_size, streaming=cfg["streaming"])
     if not files:
         source.update(dataset=cfg["dataset"], name=cfg["name"])
-    os.makedirs(out_dir, exist_ok=True)
+    try:  # one writer per folder; what a killed one half-wrote (*.tmp) is removed
+        lock = lock_folder(out_dir, f"another prepare_fineweb.py is writing into {out_dir}; wait for it or "
+                                    "choose another --out_dir")  # noqa: F841 (held while this process lives)
+    except UserError as e:
+        die(str(e))
     kept, finished = completed_shards(out_dir, source)
     done_tokens = sum(s["tokens"] for s in kept)
     if finished or (max_tokens and done_tokens >= max_tokens):

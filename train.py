@@ -15,7 +15,6 @@ finishes the step, saves and exits (a second one exits at once); --init_from=res
 exactly where the run stopped.
 """
 
-import glob
 import math
 import os
 import signal
@@ -31,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 import lora
 from checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint
-from configurator import UserError, autocast_context, configure, die, print_config, resolve_device, resolve_dtype
+from configurator import (UserError, autocast_context, configure, die, lock_folder, print_config, resolve_device,
+                          resolve_dtype)
 from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
 from model import GPT, GPTConfig, peak_flops
 
@@ -335,21 +335,8 @@ def claim_out_dir(cfg, resume, world):
 def lock_out_dir(out_dir, resume, overwrite):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is a file; give a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, "train.lock"), "w")
-    except OSError as e:
-        raise UserError(f"cannot write into --out_dir={out_dir}: {e.strerror}") from None
-    try:
-        import fcntl  # not on Windows: no lock there
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except OSError:
-        raise UserError(f"another run is training into {out_dir} right now; wait for it or choose another --out_dir") from None
-    for stale in glob.glob(os.path.join(out_dir, "*.tmp")):  # left by a killed run; the lock says none is live
-        print(f"removing {stale}, an unfinished write of a run that was killed")
-        os.remove(stale)
+    lock = lock_folder(out_dir, f"another run is training into {out_dir} right now; wait for it or choose "
+                                "another --out_dir")
     path = os.path.join(out_dir, "ckpt.pt")
     if not resume and not overwrite and os.path.exists(path):
         step = load_checkpoint(path)["step"]  # (memory-mapped: the weights are not read)

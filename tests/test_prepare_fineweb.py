@@ -140,14 +140,25 @@ def test_resume_gives_identical_files(corpus, tmp_path, monkeypatch):
         f.truncate(1024 + 100)
     prepare(monkeypatch, *common)
     got = folder_bytes(out)
-    got.pop("fineweb_train_000003.bin.tmp", None)  # an orphan temp file is not data (*.bin only)
-    assert got.keys() == want.keys()
+    assert got.keys() == want.keys()  # the orphan temp file is gone
     for name in want:
         assert got[name] == want[name], name
     # 3) a shard deleted from a finished folder is written again, the same
     os.remove(os.path.join(out, "fineweb_train_000002.bin"))
     prepare(monkeypatch, *common)
     assert folder_bytes(out)["fineweb_train_000002.bin"] == want["fineweb_train_000002.bin"]
+
+
+@needs_gpt2_bpe
+def test_a_folder_being_written_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from configurator import lock_folder
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    lock = lock_folder(str(tmp_path / "o"), "busy")  # as a live run holds it
+    with pytest.raises(SystemExit) as e:
+        prepare(monkeypatch, f"--data_files={tmp_path}/d.jsonl", f"--out_dir={tmp_path}/o")
+    lock.close()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "another prepare_fineweb.py is writing into" in err
 
 
 @pytest.mark.slow
