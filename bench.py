@@ -30,11 +30,15 @@ import sys
 import time
 from contextlib import nullcontext
 
+from configurator import autocast_context, configure, die, exit_on_ctrl_c, print_config, resolve_device, resolve_dtype
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import autocast_context, configure, die, print_config, resolve_device, resolve_dtype
 from model import GPT, PRESETS, peak_flops, preset
 
 # -----------------------------------------------------------------------------

@@ -27,10 +27,14 @@ names its LoRA run in merged_from.
 import glob
 import os
 
+from configurator import UserError, atomic_write, configure, die, exit_on_ctrl_c, print_config
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import torch
 
 import lora
-from configurator import UserError, atomic_write, configure, die, print_config
 from model import GPT, OPENAI_MODELS, GPTConfig, unwrap
 
 

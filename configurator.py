@@ -24,6 +24,7 @@ Anything wrong ends the run before any work: one line on stderr, exit code 2.
 import ast
 import glob
 import os
+import signal
 import sys
 import tokenize
 from contextlib import contextmanager
@@ -38,6 +39,18 @@ def die(msg):
     """One line to stderr, exit code 2: how every script here reports a UserError."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def exit_on_ctrl_c():
+    """From here on a Ctrl-C ends the process with one line and exit code 130 (128 + SIGINT)
+    instead of a KeyboardInterrupt traceback, wherever it lands. Scripts call it before they
+    import torch, which takes seconds. It raises SystemExit, so `finally` blocks and atomic_write's
+    clean-up still run; a second Ctrl-C kills at once. (train.py's loop has its own handler.)"""
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, handler)
 
 
 @contextmanager

@@ -35,11 +35,15 @@ import json
 import os
 import shutil
 
+from configurator import UserError, configure, die, exit_on_ctrl_c, print_config
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import torch
 
 import lora
 from checkpoint import load_model
-from configurator import UserError, configure, die, print_config
 from dataloader import EOT, get_gpt2_encoding
 
 # -----------------------------------------------------------------------------

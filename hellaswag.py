@@ -28,12 +28,17 @@ import os
 import time
 from contextlib import nullcontext
 
+from configurator import (UserError, atomic_write, autocast_context, configure, die, exit_on_ctrl_c, print_config,
+                          resolve_device, resolve_dtype)
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoint import load_model
-from configurator import UserError, atomic_write, autocast_context, configure, die, print_config, resolve_device, resolve_dtype
 from dataloader import EOT, DataLoader, get_gpt2_encoding, read_meta
 from model import unwrap
 

@@ -26,9 +26,13 @@ optional dependency, imported when the picture is drawn.
 import os
 import sys
 
+from configurator import configure, die, exit_on_ctrl_c
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # a Ctrl-C while numpy and matplotlib load ends in one line, not a traceback
+
 import numpy as np
 
-from configurator import configure, die
 
 # -----------------------------------------------------------------------------
 # settings (python plot.py OUT_DIR [OUT_DIR ...] --key=value)

@@ -31,11 +31,15 @@ train with (an example's last token, the <|endoftext|>, is only a target, hence 
 import json
 import os
 
+from configurator import UserError, atomic_write, configure, die, exit_on_ctrl_c, print_config
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import numpy as np
 import requests
 from tqdm import tqdm
 
-from configurator import UserError, atomic_write, configure, die, print_config
 from dataloader import EOT, get_gpt2_encoding, write_meta, write_sft
 
 DEFAULTS = dict(

@@ -28,12 +28,18 @@ resume point are skipped, not re-tokenized.
 import glob
 import json
 import os
+import signal
 import time
 from multiprocessing import Pool
 
+from configurator import (UserError, atomic_write, configure, die, exit_on_ctrl_c, lock_folder, print_config,
+                          quiet_offline_hub)
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import numpy as np
 
-from configurator import UserError, atomic_write, configure, die, lock_folder, print_config, quiet_offline_hub
 from dataloader import EOT, get_gpt2_encoding, read_tokens, write_meta, write_tokens
 
 # -----------------------------------------------------------------------------
@@ -249,7 +255,8 @@ def main():
 
     t0 = time.time()
     bar = tqdm(total=max_tokens or None, initial=total, unit="tok", unit_scale=True, desc="tokenizing")
-    pool = Pool(cfg["num_proc"]) if cfg["num_proc"] > 1 else None
+    # the workers ignore Ctrl-C: this process alone says so once, and ends them (below)
+    pool = Pool(cfg["num_proc"], signal.signal, (signal.SIGINT, signal.SIG_IGN)) if cfg["num_proc"] > 1 else None
     try:
         batches = document_batches(ds, cfg["text_field"], start_doc)
         # imap keeps the corpus order, whichever worker finishes first

@@ -13,9 +13,13 @@ tokenizer; the char-level one lists its characters, sorted, so a char's id is it
 
 import os
 
+from configurator import UserError, atomic_write, configure, die, exit_on_ctrl_c, print_config
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import requests
 
-from configurator import UserError, atomic_write, configure, die, print_config
 from dataloader import get_gpt2_encoding, write_meta, write_tokens
 
 DEFAULTS = dict(

@@ -16,10 +16,15 @@ instruction (SFT) dataset (--instruct=False to give the raw prompt).
 import os
 import sys
 
+from configurator import (UserError, autocast_context, configure, die, exit_on_ctrl_c, print_config, resolve_device,
+                          resolve_dtype)
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import torch
 
 from checkpoint import load_model, newest_checkpoint
-from configurator import UserError, autocast_context, configure, die, print_config, resolve_device, resolve_dtype
 from dataloader import EOT, get_tokenizer
 
 DEFAULTS = dict(

@@ -23,6 +23,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from configurator import (UserError, autocast_context, configure, die, exit_on_ctrl_c, lock_folder, print_config,
+                          resolve_device, resolve_dtype)
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -30,8 +36,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 import lora
 from checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint
-from configurator import (UserError, autocast_context, configure, die, lock_folder, print_config, resolve_device,
-                          resolve_dtype)
 from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
 from model import GPT, GPTConfig, peak_flops
 

@@ -171,6 +171,32 @@ def test_one_clear_line_and_nothing_damaged(results, name, command, words):
     assert not damaged, damaged
 
 
+# Runs `script` as __main__ after planting an import hook that sends this process a SIGINT the
+# moment numpy or torch starts to load: a Ctrl-C that lands while a script starts up.
+CTRL_C_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("numpy", "torch"):
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+SCRIPTS = ["train.py", "sample.py", "hellaswag.py", "export_hf.py", "checkpoint.py", "bench.py",
+           "prepare_shakespeare.py", "prepare_fineweb.py", "prepare_alpaca.py", "plot.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_while_starting_is_one_line(script, tmp_path):
+    p = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, os.path.join(ROOT, script)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130 and p.stderr.strip() == "interrupted (Ctrl-C)", p.stderr[-2000:]
+
+
 def main():
     """Print the catalogue as a table for the scripts in ROOT (default: this checkout): per row the
     exit code, whether a traceback came, and the files damaged; then the counts."""
