@@ -189,12 +189,13 @@ def ending_losses(model, examples, device, autocast_ctx=nullcontext()):
 
 
 def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), rank=0, world_size=1,
-             progress=False):
+             progress=False, stop=None):
     """HellaSwag accuracy: dict(acc, acc_norm, n). With DDP, rank r scores
     examples[r::world_size] and the counts are summed over ranks, so all ranks return the
     numbers of the whole set. The model may be wrapped in DDP and/or torch.compile; either way
     the scoring runs the plain model's hidden_states (compile that method itself for speed, as
-    main() does)."""
+    main() does). `stop`, if given, is asked before every batch (every rank asks it equally
+    often); when it says True the evaluation ends and returns None."""
     # not DDP's forward: it broadcasts buffers (RoPE's tables) every call, a collective, and
     # ranks holding different numbers of batches would wait on each other forever
     model = unwrap(model)
@@ -203,9 +204,14 @@ def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), ra
     model.eval()  # no dropout
     counts = [0, 0, 0]  # correct by summed loss, correct by mean loss, examples
     bar = tqdm(total=len(mine), unit="ex", desc="hellaswag", disable=not progress)
+    per_rank = -(-len(examples) // world_size)  # the most any rank has: ranks with one fewer loop as often
     try:
-        for i in range(0, len(mine), batch_size):
+        for i in range(0, per_rank, batch_size):
+            if stop is not None and stop():
+                return None
             batch = mine[i:i + batch_size]
+            if not batch:
+                continue
             sum_loss, n_tokens = ending_losses(model, batch, device, autocast_ctx)  # (n, 4) each
             labels = torch.tensor([ex["label"] for ex in batch])  # (n,)
             counts[0] += (sum_loss.argmin(dim=1) == labels).sum().item()

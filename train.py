@@ -492,17 +492,27 @@ def load_optimizer(raw_model, optimizers, state):
     dcp.set_optimizer_state_dict(raw_model, optimizers, state, options=dcp.StateDictOptions(full_state_dict=True))
 
 
+def stop_agreed(stop, world):
+    """Whether a stop was asked for on any rank. Under DDP every rank must call it at the same
+    point (one all-reduce), so that all of them leave an evaluation at the same batch."""
+    if not world.ddp:
+        return stop.requested
+    flag = torch.tensor(float(stop.requested), device=world.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def evaluate(model, loader, eval_iters, world, autocast, stop):
     """The mean validation loss per target token over eval_iters batches on every rank. The
     loader restarts each time, so every evaluation sees the same tokens. None if a stop was
-    asked for meanwhile (one process only: DDP ranks must run the same batches)."""
+    asked for meanwhile, on any rank."""
     model.eval()
     loader.reset()
     loss_sum = torch.zeros((), device=world.device)
     n_targets = 0
     with torch.no_grad():
         for _ in range(eval_iters):
-            if stop.requested and not world.ddp:
+            if stop_agreed(stop, world):
                 model.train()
                 return None
             x, y = loader.next_batch()
@@ -722,9 +732,13 @@ def train(cfg, world):
                 log(step, val=val_loss)
         if hella_examples and (step % cfg["hellaswag_interval"] == 0 or last) and not stopping:
             res = hellaswag.evaluate(raw_model, hella_examples, world.device, batch_size=max(1, cfg["batch_size"] // 4),
-                                 autocast_ctx=autocast, rank=world.rank, world_size=world.size)
-            say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
-            log(step, hella=res["acc_norm"])
+                                     autocast_ctx=autocast, rank=world.rank, world_size=world.size,
+                                     stop=lambda: stop_agreed(stop, world))
+            if res is None:  # a stop during HellaSwag, as during the val loss
+                last = stopping = True
+            else:
+                say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
+                log(step, hella=res["acc_norm"])
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0
         if (due or last) and step > start_step:
             if not all_finite(bad_loss, params, world):  # never overwrite a good checkpoint with a diverged model

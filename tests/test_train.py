@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, needs_gpt2_bpe, read_log, run_script, torchrun, torchrun_cmd
+from conftest import ROOT, gpt2_encoding_available, needs_gpt2_bpe, read_log, run_script, torchrun, torchrun_cmd
 
 TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=2", "--eval_interval=5",
@@ -172,9 +172,8 @@ def test_max_iters_0_evaluates_and_writes_nothing(workdir):
     assert "step 0: val loss" in p.stdout and not (workdir / "out_eval" / "ckpt.pt").exists()
 
 
-@pytest.mark.slow
-@needs_gpt2_bpe
-def test_hellaswag_inside_ddp_training_equals_one_process(tmp_path):
+def bpe_workdir(tmp_path, n_examples):
+    """data/bpe (random GPT-2 token ids) and hs.jsonl, n_examples HellaSwag-format examples."""
     import json
     import numpy as np
     from dataloader import write_meta, write_tokens
@@ -184,11 +183,17 @@ def test_hellaswag_inside_ddp_training_equals_one_process(tmp_path):
     write_tokens(str(d / "val.bin"), rng.integers(0, 50257, size=2000))
     write_meta(str(d), {"tokenizer": "gpt2"})
     with open(tmp_path / "hs.jsonl", "w") as f:
-        for i in range(7):
+        for i in range(n_examples):
             ending = ["a dog runs", "the cat sleeps on the mat", "rain", "it is over now, said he"]
             f.write(json.dumps({"ind": i, "activity_label": "x", "ctx_a": f"Scene {i}.", "ctx_b": "then",
                                 "ctx": f"Scene {i}. then", "split": "val", "split_type": "indomain",
                                 "label": i % 4, "endings": ending[i % 4:] + ending[:i % 4], "source_id": "s"}) + "\n")
+
+
+@pytest.mark.slow
+@needs_gpt2_bpe
+def test_hellaswag_inside_ddp_training_equals_one_process(tmp_path):
+    bpe_workdir(tmp_path, 7)
     args = TINY + ["--dataset=bpe", "--max_iters=2", "--eval_interval=0", "--total_batch_size=256",
                    "--hellaswag_interval=1", "--hellaswag_limit=5", "--hellaswag_file=hs.jsonl"]
     run_script([os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_one"], cwd=tmp_path)
@@ -241,16 +246,36 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_a_stop_during_evaluation_is_honoured_at_once(workdir):
-    # an evaluation that would take minutes: Ctrl-C ends it, and the run, within seconds
-    args = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + ["--out_dir=out_evalstop", "--eval_iters=1000000"]
-    proc = subprocess.Popen(args, cwd=workdir, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize("evaluation, ranks", [("val", 1), ("val", 2), ("hellaswag", 2)])
+def test_a_stop_during_evaluation_is_honoured_at_once(workdir, evaluation, ranks):
+    # an evaluation that would take minutes: Ctrl-C ends it, and the run, within seconds; under
+    # DDP the signal reaches one rank only, and the ranks agree to leave at the same batch
+    if evaluation == "val":
+        args, started = TINY + ["--eval_iters=1000000"], "using fused AdamW"  # the step-0 evaluation follows
+    else:
+        if not gpt2_encoding_available():
+            pytest.skip("GPT-2 BPE files unavailable")
+        bpe_workdir(workdir, 20000)  # 10,000 examples per rank: far longer than the test waits
+        args = TINY + ["--dataset=bpe", "--hellaswag_interval=1", "--hellaswag_file=hs.jsonl"]
+        started = "step 0: val loss"
+    cmd = [os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_evalstop"]
+    cmd = torchrun_cmd(cmd) if ranks > 1 else [sys.executable] + cmd
+    proc = subprocess.Popen(cmd, cwd=workdir, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # the evaluation at step 0 starts right after the optimizer is set up
-        if line.startswith("using fused AdamW"):
+    for line in proc.stdout:
+        if line.startswith(started):
             break
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    workers = [k for k in _children(proc.pid) if "train.py" in open(f"/proc/{k}/cmdline").read()] or [proc.pid]
+    assert len(workers) == ranks, workers
+    os.kill(max(workers), signal.SIGINT)  # one rank only
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        pytest.fail("the run did not stop: the evaluation went on, or the ranks hung")
     assert proc.returncode == 0 and "stopped at step 0" in out, out[-2000:]
-    assert "val loss" not in out
+    assert ("val loss" if evaluation == "val" else "HellaSwag acc_norm") not in out
