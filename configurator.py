@@ -45,8 +45,14 @@ def exit_on_ctrl_c():
     """From here on a Ctrl-C ends the process with one line and exit code 130 (128 + SIGINT)
     instead of a KeyboardInterrupt traceback, wherever it lands. Scripts call it before they
     import torch, which takes seconds. It raises SystemExit, so `finally` blocks and atomic_write's
-    clean-up still run; a second Ctrl-C kills at once. (train.py's loop has its own handler.)"""
+    clean-up still run; a second Ctrl-C kills at once. Worker processes forked from this one
+    (datasets' and multiprocessing's) get the same Ctrl-C from the terminal: they end silently
+    and leave the one line to this process. (train.py installs its own handler for training.)"""
+    parent = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != parent:
+            os._exit(130)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
@@ -76,22 +82,24 @@ def atomic_write(path, mode="wb", **open_kwargs):
 
 
 def lock_folder(folder, busy):
-    """Lock `folder` for this process (the lock file stays open until the process ends, however
-    it ends: the OS then drops the lock), or raise UserError(busy) if another process holds it.
-    Then delete the *.tmp files that a killed writer left there: with the lock held, none of
-    them is being written. (Windows has no fcntl: no lock there.)"""
+    """Lock the --out_dir `folder` for this process (the lock file stays open until the process
+    ends, however it ends: the OS then drops the lock), or raise UserError(busy) if another
+    process holds it. Then delete the *.tmp files that a killed writer left there: with the lock
+    held, none of them is being written. (Windows has no fcntl: no lock there.)"""
     try:
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "w")
     except OSError as e:
-        raise UserError(f"cannot write into {folder}: {e.strerror}") from None
+        raise UserError(f"cannot write into --out_dir={folder}: {e.strerror}") from None
     try:
         import fcntl
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:
         pass
-    except OSError:
+    except BlockingIOError:  # held by another process
         raise UserError(busy) from None
+    except OSError as e:  # a file system without locks (some network ones)
+        raise UserError(f"cannot lock --out_dir={folder}: {e.strerror}; choose a folder on a local disk") from None
     for stale in glob.glob(os.path.join(folder, "*.tmp")):
         print(f"removing {stale}, an unfinished write of a process that was killed")
         os.remove(stale)

@@ -28,7 +28,6 @@ resume point are skipped, not re-tokenized.
 import glob
 import json
 import os
-import signal
 import time
 from multiprocessing import Pool
 
@@ -208,6 +207,9 @@ def main():
     print(f"writing the shards to {out_dir}/ (train.py --dataset={os.path.basename(out_dir)})")
     try:
         get_gpt2_encoding()  # fail now, in one line, rather than inside every worker
+        # one writer per folder, held while this process lives; what a killed one half-wrote (*.tmp) is removed
+        busy = f"another prepare_fineweb.py is writing into {out_dir}; wait for it or choose another --out_dir"
+        lock = lock_folder(out_dir, busy)  # noqa: F841
     except UserError as e:
         die(str(e))
 
@@ -215,11 +217,6 @@ def main():
     source = dict(data_files=files, text_field=cfg["text_field"], shard_size=shard_size, streaming=cfg["streaming"])
     if not files:
         source.update(dataset=cfg["dataset"], name=cfg["name"])
-    try:  # one writer per folder; what a killed one half-wrote (*.tmp) is removed
-        lock = lock_folder(out_dir, f"another prepare_fineweb.py is writing into {out_dir}; wait for it or "
-                                    "choose another --out_dir")  # noqa: F841 (held while this process lives)
-    except UserError as e:
-        die(str(e))
     kept, finished = completed_shards(out_dir, source)
     done_tokens = sum(s["tokens"] for s in kept)
     if finished or (max_tokens and done_tokens >= max_tokens):
@@ -255,8 +252,7 @@ def main():
 
     t0 = time.time()
     bar = tqdm(total=max_tokens or None, initial=total, unit="tok", unit_scale=True, desc="tokenizing")
-    # the workers ignore Ctrl-C: this process alone says so once, and ends them (below)
-    pool = Pool(cfg["num_proc"], signal.signal, (signal.SIGINT, signal.SIG_IGN)) if cfg["num_proc"] > 1 else None
+    pool = Pool(cfg["num_proc"]) if cfg["num_proc"] > 1 else None
     try:
         batches = document_batches(ds, cfg["text_field"], start_doc)
         # imap keeps the corpus order, whichever worker finishes first

@@ -170,8 +170,11 @@ def check_gpu_recipe(cfg, device_type):
     (Under 10 hours, such as fine-tuning GPT-2 124M on Shakespeare, it just runs.)"""
     if cfg["device"] != "auto" or device_type != "cpu":
         return
+    data_dir = os.path.join("data", cfg["dataset"])
+    sft = os.path.isfile(os.path.join(data_dir, "meta.json")) and read_meta(data_dir).get("format") == "sft"
     params = 12 * cfg["n_layer"] * cfg["n_embd"] ** 2  # the blocks' weights, roughly
-    tokens = (cfg["total_batch_size"] or cfg["batch_size"] * cfg["block_size"]) * cfg["max_iters"]
+    per_step = cfg["total_batch_size"] or cfg["batch_size"] * (1 if sft else cfg["block_size"])  # tokens, or examples
+    tokens = per_step * (cfg["block_size"] if sft else 1) * cfg["max_iters"]  # an example: up to block_size tokens
     hours = 6 * params * tokens / 50e9 / 3600  # 6 FLOPs per weight and token; a CPU does very roughly 50 GFLOP/s
     if hours >= 10:
         die(f"this run is sized for a GPU but none was found; on this CPU it would take very roughly {hours:,.0f} "
@@ -625,8 +628,8 @@ class StopFlag:
             sys.exit(130)
         self.requested = True
         # (under DDP the ranks agree at the next log step, so that all of them stop at the same one)
-        print(f"\n{signal.Signals(signum).name}: finishing this step (with several GPUs: the next "
-              "log step), then saving and exiting (again to exit at once)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: finishing this step or evaluation batch (with several GPUs, "
+              "training: the next log step), then saving and exiting (again to exit at once)", flush=True)
 
 
 class RunLog:
@@ -678,8 +681,8 @@ def main():
     cfg = configure(DEFAULTS)
     check_settings(cfg)
     world = setup_world(cfg["device"], fsdp=cfg["fsdp"])
-    check_gpu_recipe(cfg, world.device_type)
     try:
+        check_gpu_recipe(cfg, world.device_type)
         train(cfg, world)
     except UserError as e:  # bad data, a missing checkpoint, a NaN loss: one line, no traceback
         die(str(e))
@@ -720,7 +723,8 @@ def train(cfg, world):
     run_start = t_last = time.time()
     steps_since_log, tokens_since_log = 0, 0
     bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
-    stopping = False  # a stop (Ctrl-C, SIGTERM) that every rank has agreed on
+    stopping = stop_agreed(stop, world)  # a stop (Ctrl-C, SIGTERM) that every rank has agreed on; one
+    # asked for during the set-up ends the run here, before any step
     while True:
         last = step >= max_iters or stopping
         t_pause = time.time()  # evaluation and saving are not counted in the step time

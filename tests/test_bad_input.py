@@ -141,22 +141,36 @@ def snapshot(w):
     return out
 
 
-def kept(old, new):
-    """A file is undamaged if it is still there and what it held still opens it (log.txt may
-    have had lines appended)."""
-    return new is not None and new[:len(old)] == old
+def kept(path, old, new):
+    """Whether a file is undamaged: still there, the same bytes (a run's log.txt may have had
+    lines appended)."""
+    if os.path.basename(path) == "log.txt":
+        return new is not None and new[:len(old)] == old
+    return new == old
+
+
+# `python -c LIMITED N SCRIPT ARGS...`: SCRIPT, with files limited to N bytes (set inside the child:
+# the rows run from threads, where subprocess's preexec_fn is unsafe)
+LIMITED = """
+import os, resource, runpy, sys
+n = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+sys.argv = sys.argv[2:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run_case(w, root, command, file_size_limit=None):
     """Run one row; return (exit code, stderr, the files that existed and were changed or removed)."""
-    import resource
     before = snapshot(w)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit,) * 2)) if file_size_limit else None
-    p = subprocess.run([sys.executable, os.path.join(root, command[0])] + command[1:], cwd=w, env=env,
-                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    # CPU only, also where a GPU is: the no-GPU rows test what device=auto does without one
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    limit = ["-c", LIMITED, str(file_size_limit)] if file_size_limit else []
+    p = subprocess.run([sys.executable] + limit + [os.path.join(root, command[0])] + command[1:], cwd=w, env=env,
+                       capture_output=True, text=True, timeout=300)
     after = snapshot(w)
-    damaged = sorted(path for path, data in before.items() if not kept(data, after.get(path)))
+    damaged = sorted(path for path, data in before.items() if not kept(path, data, after.get(path)))
     damaged += sorted(path for path in after if path.endswith(".tmp") and path not in before)  # left-over temp files
     return p.returncode, p.stderr, damaged
 
