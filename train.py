@@ -171,10 +171,11 @@ def check_gpu_recipe(cfg, device_type):
     if cfg["device"] != "auto" or device_type != "cpu":
         return
     data_dir = os.path.join("data", cfg["dataset"])
-    sft = os.path.isfile(os.path.join(data_dir, "meta.json")) and read_meta(data_dir).get("format") == "sft"
+    meta = read_meta(data_dir) if os.path.isfile(os.path.join(data_dir, "meta.json")) else {}
+    # instruction data counts examples (of up to block_size tokens each) where other data counts tokens
+    unit = cfg["block_size"] if meta.get("format") == "sft" else 1
     params = 12 * cfg["n_layer"] * cfg["n_embd"] ** 2  # the blocks' weights, roughly
-    per_step = cfg["total_batch_size"] or cfg["batch_size"] * (1 if sft else cfg["block_size"])  # tokens, or examples
-    tokens = per_step * (cfg["block_size"] if sft else 1) * cfg["max_iters"]  # an example: up to block_size tokens
+    tokens = (cfg["total_batch_size"] * unit or cfg["batch_size"] * cfg["block_size"]) * cfg["max_iters"]
     hours = 6 * params * tokens / 50e9 / 3600  # 6 FLOPs per weight and token; a CPU does very roughly 50 GFLOP/s
     if hours >= 10:
         die(f"this run is sized for a GPU but none was found; on this CPU it would take very roughly {hours:,.0f} "
