@@ -11,20 +11,13 @@ import torch.nn.functional as F
 import export_hf
 import train as train_script
 from checkpoint import load_model, make_checkpoint, save_checkpoint
-from conftest import ROOT, read_log, torchrun
+from conftest import read_log
 from model import GPT, GPTConfig
-from test_model import assert_chunked_prefill_matches_full_forward
-from test_train import TINY, train
+from test_model import assert_chunked_prefill_matches_full_forward, tiny
+from test_train import ddp_equals_accumulation, train
 
 ALL_ON = dict(qk_norm=True, mlp="relu2", zero_init_proj=True, tie_embeddings=False)
 needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
-
-
-def tiny(**kw):
-    args = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
-    args.update(kw)
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**args)).eval()
 
 
 def randomise(model):
@@ -247,14 +240,4 @@ def test_exact_resume_with_muon_and_every_option(workdir):  # noqa: F811
 @pytest.mark.slow
 @needs_muon
 def test_ddp_two_processes_equal_accumulation_with_muon(workdir):  # noqa: F811
-    common = MODERN + ["--max_iters=6", "--total_batch_size=256", "--eval_interval=3"]  # 256 = 4 x 32 x 2
-    train(workdir, *common, "--out_dir=out_single", "--eval_iters=4")
-    p = torchrun([os.path.join(ROOT, "train.py")] + TINY + common + ["--out_dir=out_ddp"], cwd=workdir)
-    assert "2 rank(s)" in p.stdout and "x 1 accumulation" in p.stdout
-    single = read_log(workdir / "out_single" / "log.txt", "train")
-    ddp = read_log(workdir / "out_ddp" / "log.txt", "train")
-    assert sorted(single) == sorted(ddp) == list(range(6))
-    for step in single:
-        assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
-    v1, v2 = read_log(workdir / "out_single" / "log.txt", "val"), read_log(workdir / "out_ddp" / "log.txt", "val")
-    assert abs(v1[6] - v2[6]) < 1e-5
+    ddp_equals_accumulation(workdir, *MODERN)

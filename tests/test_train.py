@@ -102,14 +102,14 @@ def test_nan_loss_stops_without_touching_checkpoint(workdir):
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_accumulation(workdir):
-    common = ["--max_iters=6", "--total_batch_size=256", "--eval_interval=3"]  # 256 = 4 x 32 x 2
+def ddp_equals_accumulation(workdir, *settings):
+    """Train 6 steps as 2 DDP processes and as one process with 2 accumulation steps: the same
+    losses (1e-5) and val loss. Returns the DDP run's CompletedProcess."""
+    common = list(settings) + ["--max_iters=6", "--total_batch_size=256", "--eval_interval=3"]  # 256 = 4 x 32 x 2
     # one process, 2 accumulation steps; twice the val batches, to see what the 2 ranks see
     train(workdir, *common, "--out_dir=out_single", "--eval_iters=4")
     p = torchrun([os.path.join(ROOT, "train.py")] + TINY + common + ["--out_dir=out_ddp"], cwd=workdir)
     assert "2 rank(s)" in p.stdout and "x 1 accumulation" in p.stdout
-    assert p.stdout.count("using fused AdamW") == 1  # rank 0 alone prints
     single = read_log(workdir / "out_single" / "log.txt", "train")
     ddp = read_log(workdir / "out_ddp" / "log.txt", "train")
     assert sorted(single) == sorted(ddp) == list(range(6))
@@ -117,6 +117,13 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(workdir):
         assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
     v1, v2 = read_log(workdir / "out_single" / "log.txt", "val"), read_log(workdir / "out_ddp" / "log.txt", "val")
     assert abs(v1[6] - v2[6]) < 1e-5  # the ranks' val losses are averaged
+    return p
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_accumulation(workdir):
+    p = ddp_equals_accumulation(workdir)
+    assert p.stdout.count("using fused AdamW") == 1  # rank 0 alone prints
 
 
 def _children(pid):
