@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, PRESETS, peak_flops, preset
+from model import GPT, PRESETS, configure_optimizers, estimate_mfu, fully_shard, peak_flops, preset
 
 # -----------------------------------------------------------------------------
 # settings: python bench.py [config/FILE.py] [--key=value ...]
@@ -302,11 +302,11 @@ def bench_train(cfg):
     # FSDP: built on the host, and each rank moves only its shards to the GPU
     raw_model = build_model(cfg, "cpu" if cfg["fsdp"] else device)
     if cfg["fsdp"]:  # before the optimizer, so that AdamW's moments are sharded too
-        raw_model.fully_shard(param_dtype=dtype)
+        fully_shard(raw_model, param_dtype=dtype)
     raw_model.train()
     # train.py's optimizers: AdamW (decay on matrices only, fused), or Muon + AdamW
-    optimizers = raw_model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device_type,
-                                                muon=MUON if cfg["optimizer"] == "muon" else None, verbose=rank == 0)
+    optimizers = configure_optimizers(raw_model, WEIGHT_DECAY, LEARNING_RATE, BETAS, device_type,
+                                      muon=MUON if cfg["optimizer"] == "muon" else None, verbose=rank == 0)
     # fp16 has too little range for small gradients: scale the loss up, unscale before the step.
     # Disabled (every call a no-op) for bf16 and fp32.
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
@@ -383,7 +383,7 @@ def bench_train(cfg):
 
     tokens = B * T * accum  # tokens per optimizer step on one rank
     peak = peak_flops_for(cfg, device, device_type, dtype)
-    mfu = None if peak is None else raw_model.estimate_mfu(tokens, dt, peak, seq_len=T)  # per GPU
+    mfu = None if peak is None else estimate_mfu(raw_model, tokens, dt, peak, seq_len=T)  # per GPU
     r = dict(ms_per_step=dt * 1000, tokens_per_s=tokens * ranks / dt, mfu=mfu, peak_flops=peak,
              peak_mem_bytes=mem, peak_mem_per_rank=mems, loss=loss.item(),
              cores_used=cores_used(device_type, wall, cpu), optimizer_share=opt_share)

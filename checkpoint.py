@@ -1,5 +1,7 @@
 """
-Checkpoints: the format in one place, written safely, and a model loaded from any run.
+Checkpoints: the format in one place, written safely, and a model loaded from any run; for
+train.py, a run's out_dir lock, the checks a resume must pass, and the training state saved
+(save_run) and put back (restore_run).
 
     python checkpoint.py --out_dir=RUN --merged_dir=DIR   # a LoRA run as an ordinary checkpoint
 
@@ -27,15 +29,17 @@ names its LoRA run in merged_from.
 import glob
 import os
 
-from configurator import UserError, atomic_write, configure, die, exit_on_ctrl_c, print_config
+from configurator import UserError, atomic_write, configure, die, exit_on_ctrl_c, lock_folder, print_config
 
 if __name__ == "__main__":
     exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
 
 import torch
+import torch.distributed as dist
 
 import lora
 from model import GPT, OPENAI_MODELS, GPTConfig, unwrap
+from runtime import agree
 
 
 def make_checkpoint(model, meta, config, state_dict=None, **training_state):
@@ -115,6 +119,155 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
         raise UserError(f"{path} does not fit this project's GPT ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None
     return model.to(device), ckpt["meta"]
+
+
+# -----------------------------------------------------------------------------
+# a training run's checkpoint: the out_dir it lives in, the checks a resume must pass, and the
+# training state (optimizer, scaler, data position, RNG) saved and put back. train.py calls these.
+
+# the settings that decide the model's shape: a resumed run must keep them
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "mlp", "tie_embeddings")
+
+
+def lock_out_dir(out_dir, resume, overwrite):
+    """Lock out_dir for this run (held while the process lives) and refuse to replace the run
+    already there unless resuming it or told to (overwrite). Returns the open lock file."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file; give a folder")
+    lock = lock_folder(out_dir, f"another run is training into {out_dir} right now; wait for it or choose "
+                                "another --out_dir")
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not resume and not overwrite and os.path.exists(path):
+        step = load_checkpoint(path)["step"]  # (memory-mapped: the weights are not read)
+        raise UserError(f"{out_dir} already holds a run (ckpt.pt at step {step}): continue it with "
+                        "--init_from=resume, choose another --out_dir, or replace it with --overwrite")
+    return lock
+
+
+def check_same_tokenizer(model_meta, data_meta, model_name, dataset):
+    """The same token ids must mean the same text for the model and the data."""
+    if (model_meta.get("tokenizer"), model_meta.get("chars")) != (data_meta.get("tokenizer"), data_meta.get("chars")):
+        raise UserError(f"{model_name} was trained with the {model_meta.get('tokenizer')} tokenizer (or other "
+                        f"characters) but data/{dataset} uses {data_meta.get('tokenizer')}; use a dataset "
+                        "of the same tokenizer")
+
+
+def check_resume(ckpt, cfg, meta, say):
+    """A resumed run keeps the checkpoint's model, and says which settings now differ."""
+    missing = {"config", "step", "optimizer", "scaler", "loader", "rng", "val_loss"} - ckpt.keys()
+    if missing:
+        raise UserError(f"{cfg['out_dir']}/ckpt.pt holds a model but no training state to resume (no "
+                        f"{', '.join(sorted(missing))}); start a new run from it with --init_from={cfg['out_dir']}")
+    old = ckpt["config"]
+    check_same_tokenizer(ckpt["meta"], meta, cfg["out_dir"], cfg["dataset"])
+    shape = [k for k in SHAPE_KEYS if old[k] != cfg[k]]
+    if shape:
+        raise UserError(f"resuming {cfg['out_dir']} with another model shape ({', '.join(f'{k}={cfg[k]} vs {old[k]}' for k in shape)}); "
+                        "give the settings (config file) the run was started with")
+    if cfg["block_size"] > ckpt["model_args"]["block_size"]:
+        raise UserError(f"block_size={cfg['block_size']} is longer than the model's {ckpt['model_args']['block_size']} "
+                        "positions; resume with the run's block_size")
+    if old["optimizer"] != cfg["optimizer"]:  # the saved state belongs to the other one
+        raise UserError(f"{cfg['out_dir']} was trained with optimizer={old['optimizer']}; resume it with the same "
+                        "(start a new run, init_from=OUT_DIR, to switch)")
+    kept = ("group_by_length",)  # part of the data order: a run keeps the one it began with
+    changed = [f"{k}={cfg[k]!r} (was {old[k]!r})" for k in cfg if k not in ("init_from", "overwrite", *kept) and old[k] != cfg[k]]
+    if changed:
+        say(f"note: resuming with changed settings: {', '.join(changed)}")
+    if any(old[k] != cfg[k] for k in kept):
+        say(f"note: keeping the checkpoint's {', '.join(f'{k}={old[k]!r}' for k in kept)} (the data order of the run)")
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# The checkpoint holds full (unsharded) tensors in every run, so any script reads it. The
+# optimizer state is keyed by parameter name ("transformer.h.0.attn.c_attn.weight"), not by
+# position: an FSDP run resumes a DDP or single-process checkpoint, and the reverse. (The
+# torch.distributed.checkpoint helpers take most of a second to import: only when needed.)
+
+
+def gather_state(raw_model, optimizers, world):
+    """(model state dict or None, the optimizers' state dict) to save, whole, on rank 0 (other ranks
+    get empty dicts). Under FSDP it gathers the shards: every rank must call it. None for the
+    model means make_checkpoint takes it from the model itself (not sharded)."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    # FSDP: gathered to rank 0, on the host. Otherwise every rank already holds the whole state:
+    # no offload, no collective (an offloaded gather outside FSDP could abort a rank at exit, torch 2.14)
+    full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=world.fsdp)
+    if world.fsdp:  # after evaluation (forward only) the root unit still holds its gathered weights
+        raw_model.reshard()
+    optim = dcp.get_optimizer_state_dict(raw_model, optimizers, options=full)  # one dict for all of them
+    if not world.fsdp:
+        return None, optim
+    model = dcp.get_model_state_dict(raw_model, options=full)
+    if model and raw_model.config.tie_embeddings:  # the tied weight under both names, as model.state_dict() has it
+        model["lm_head.weight"] = model["transformer.wte.weight"]
+    return model, optim
+
+
+def load_optimizer(raw_model, optimizers, state):
+    """Load a full, name-keyed optimizer state (every rank read the file); under FSDP each
+    rank keeps its shard of the moments."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    dcp.set_optimizer_state_dict(raw_model, optimizers, state, options=dcp.StateDictOptions(full_state_dict=True))
+
+
+def save_run(cfg, step, val_loss, *, model, optimizers, scaler, loader, meta, base, world):
+    """Write out_dir/ckpt.pt (atomically), and ckpt_STEP.pt every keep_interval steps. Every rank
+    must call it: the RNG states (and under FSDP the weights and optimizer state) are gathered."""
+    model_state, optim_state = gather_state(model, optimizers, world)
+    rngs = [None] * world.size
+    if world.ddp:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    error = None
+    if world.master:
+        ckpt = make_checkpoint(model, meta, cfg, state_dict=model_state, step=step, optimizer=optim_state,
+                               scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                               loader=loader.state_dict(), rng=rngs, val_loss=val_loss, base=base)
+        path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        try:  # a full disk: the last good checkpoint stays, and every rank stops
+            save_checkpoint(ckpt, path)
+            if cfg["keep_interval"] and step % cfg["keep_interval"] == 0:
+                save_checkpoint(ckpt, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
+            print(f"saved {path} at step {step}")
+        except UserError as e:
+            error = e
+    agree(world, error)
+
+
+def restore_run(ckpt, raw_model, optimizers, scaler, train_loader, world, say):
+    """Put a checkpoint's training state back: optimizers, scaler, data position, RNG. Returns
+    the step to continue from. (The weights are loaded with the model, by load_model.)"""
+    # the moments come from the checkpoint, the settings (peak lr, betas, weight decay, momentum)
+    # from this run: loading brings back the saved group settings, so they are put back after
+    settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups] for opt in optimizers]
+    load_optimizer(raw_model, optimizers, ckpt["optimizer"])
+    for opt, saved in zip(optimizers, settings):
+        for group, values in zip(opt.param_groups, saved):
+            group.update(values)
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    train_loader.load_state_dict(ckpt["loader"])
+    rngs = ckpt["rng"]
+    if len(rngs) == world.size:
+        set_rng_state(rngs[world.rank])
+    else:
+        say(f"note: the checkpoint has RNG states for {len(rngs)} ranks, this run has {world.size}: "
+            "dropout will not repeat the original run exactly")
+    return ckpt["step"]
 
 
 # -----------------------------------------------------------------------------

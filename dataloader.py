@@ -166,6 +166,15 @@ def get_tokenizer(meta):
 # the batch loader
 
 
+def to_device(batch, device):
+    """A CPU batch on `device`. To a GPU through page-locked (pinned) memory, copied without
+    blocking: the CPU goes on to the next micro-batch while the copy and the step run. The
+    batch is one contiguous tensor (pinning a strided view would copy it once more)."""
+    if str(device).startswith("cuda"):
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 class DataLoader:
     """Batches of (x, y), each (B, T) int64, from the token files of one split.
 
@@ -234,8 +243,8 @@ class DataLoader:
             n_seq = (n_tok - 1) // self.T
             self._order = np.arange(n_seq) * self.T
 
-    def next_batch(self):
-        """Return (x, y): (B, T) int64 CPU tensors, y being x shifted left by one token."""
+    def _next_rows(self):
+        """The next micro-batch of this rank as one (B, T + 1) int64 CPU tensor."""
         global_rows = self.B * self.world_size
         step_rows = global_rows * self.grad_accum  # a whole optimizer step comes from one shard
         while True:
@@ -256,15 +265,23 @@ class DataLoader:
         self.micro = (self.micro + 1) % self.grad_accum
         # fancy-index the memmap: only these B rows are read from disk
         rows = np.stack([self._tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)
-        buf = torch.from_numpy(rows)
+        return torch.from_numpy(rows)  # (B, T + 1): x and y are two views of it
+
+    def next_batch(self):
+        """Return (x, y): (B, T) int64 CPU tensors, y being x shifted left by one token."""
+        buf = self._next_rows()
         return buf[:, :-1], buf[:, 1:]
 
-    def next_step(self):
-        """This rank's grad_accum micro-batches of the next optimizer step, the loss targets
-        in the whole step (all ranks) and its real tokens: ([(x, y), ...], n_targets, n_tokens).
-        Here every token is a target and nothing is padding."""
-        n = self.B * self.T * self.world_size * self.grad_accum
-        return [self.next_batch() for _ in range(self.grad_accum)], n, n
+    def next_step(self, device="cpu"):
+        """This rank's grad_accum micro-batches of the next optimizer step, each (x, y, weight)
+        on `device`, and the step's real tokens (all ranks). weight is the micro-batch's share of
+        the step's loss targets, times world_size (DDP averages the ranks' gradients): here every
+        token is a target, so it is 1 / grad_accum."""
+        batches = []
+        for _ in range(self.grad_accum):
+            buf = to_device(self._next_rows(), device)  # one copy of (B, T + 1), then two views
+            batches.append((buf[:, :-1], buf[:, 1:], 1 / self.grad_accum))
+        return batches, self.B * self.T * self.world_size * self.grad_accum
 
 
 # -----------------------------------------------------------------------------
@@ -420,15 +437,21 @@ class SFTLoader:
             grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
         return np.concatenate(grouped + [order[whole:]])
 
-    def next_step(self):
-        """This rank's grad_accum micro-batches of the next optimizer step, the loss targets
-        in the whole step (all ranks) and its real tokens: ([(x, y), ...], n_targets, n_tokens).
-        Every rank knows the whole step's examples from the index, so train.py can weigh each
-        micro-batch by its share of the step's response tokens without asking the others."""
+    def next_step(self, device="cpu"):
+        """This rank's grad_accum micro-batches of the next optimizer step, each (x, y, weight)
+        on `device`, and the step's real tokens (all ranks, padding not counted). weight is the
+        micro-batch's share of the step's loss targets (its response tokens over the whole
+        step's), times world_size (DDP averages the ranks' gradients): the weighted sum of the
+        micro-batch losses over micro-steps and ranks is the mean over every target of the step.
+        Every rank knows the whole step's examples from the index, so no rank asks the others."""
         assert self.micro == 0, "next_step() must start at a step boundary"
-        batches = [self.next_batch() for _ in range(self.grad_accum)]
+        micro = [self.next_batch() for _ in range(self.grad_accum)]
         step_rows = self.B * self.world_size * self.grad_accum
         rows = self.index[self._order[self.pos - step_rows:self.pos]]  # the step's examples, every rank's
         n_targets = int((rows[:, 2] - rows[:, 1]).sum())  # response tokens (with <|endoftext|>)
         n_tokens = int((rows[:, 2] - 1).sum())  # input tokens, padding not counted
-        return batches, n_targets, n_tokens
+        batches = []
+        for x, y in micro:
+            xy = to_device(torch.stack([x, y]), device)  # one copy of (2, B, L)
+            batches.append((xy[0], xy[1], int((y != -1).sum()) * self.world_size / n_targets))
+        return batches, n_tokens

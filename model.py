@@ -347,86 +347,6 @@ class GPT(nn.Module):
             self.train(was_training)
 
     # -------------------------------------------------------------------------
-    # training helpers
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon=None, verbose=True):
-        """The optimizers, as a list: [AdamW], or with muon (a dict: lr, momentum, weight_decay)
-        [Muon, AdamW]. The caller steps every one of them.
-
-        AdamW puts weight decay on the matrices (2-D and up: Linear weights, embeddings) and
-        none on biases and norm gains, which only shift and scale. With muon, the 2-D weights
-        inside the blocks (c_attn, c_proj, c_fc) go to torch.optim.Muon instead, which
-        orthogonalises each matrix's momentum (Newton-Schulz) so that every direction of the
-        matrix moves by about the same amount; embeddings and lm_head stay with AdamW (a
-        lookup table and a classifier are not the linear maps Muon's argument is about).
-        Only parameters that require grad are optimised (a LoRA run freezes the base).
-        Every param group records its starting lr as base_lr: the schedule multiplies it."""
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        in_blocks = lambda n: n.startswith("transformer.h.")
-        matrices = [p for n, p in params.items() if muon is not None and in_blocks(n) and p.dim() == 2]
-        rest = [p for p in params.values() if not any(p is m for m in matrices)]
-        decay = [p for p in rest if p.dim() >= 2]
-        no_decay = [p for p in rest if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay, "base_lr": learning_rate},
-                  {"params": no_decay, "weight_decay": 0.0, "base_lr": learning_rate}]
-        # the fused kernel updates all tensors in a few passes instead of one op per tensor and
-        # step: on CUDA far fewer launches, on CPU (torch >= 2.4) half the optimizer time
-        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        say = print if verbose else (lambda *a: None)
-        say(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        say(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
-        say(f"using fused AdamW: {fused}")
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
-        if muon is None:
-            return [adamw]
-        say(f"Muon tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters")
-        # adjust_lr_fn="original": the update of an (A, B) matrix is scaled by sqrt(max(1, A/B)),
-        # as in Keller Jordan's Muon (the speedrun's learning rates are for this scaling)
-        opt = torch.optim.Muon([{"params": matrices, "base_lr": muon["lr"]}], lr=muon["lr"],
-                               momentum=muon["momentum"], weight_decay=muon["weight_decay"],
-                               adjust_lr_fn="original")
-        return [opt, adamw]
-
-    def fully_shard(self, param_dtype=torch.float32):
-        """Shard this model across the ranks of the process group with FSDP2 (train.py and
-        bench.py with fsdp=True, under torchrun). Each rank then keeps 1/N of every weight, of
-        its gradient and (the optimizer being built afterwards) of the AdamW moments; a
-        Block's full weights are all-gathered just before it runs and freed after, forward and
-        backward. One unit per Block, then the root for what is left (wte = lm_head, wpe, ln_f):
-        the tied weight stays one parameter, in the root's unit. The weights move to the
-        current device (cuda:LOCAL_RANK) as they are sharded. param_dtype bf16/fp16: the
-        gathered weights are cast for compute, while gradients are reduced and the shards
-        updated in fp32."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
-                                  reduce_dtype=torch.float32)
-        for block in self.transformer.h:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(self, mp_policy=mp)  # self's class becomes an FSDP subclass of GPT
-        return self
-
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (forward + backward), the estimate of the PaLM paper:
-
-            6 * N  +  12 * n_layer * n_embd * T
-
-        6N: every parameter takes part in one multiply-add (2 FLOPs) in the forward pass and
-        two in the backward pass (gradients of inputs and of weights); N leaves out the
-        position table (a lookup, no matmul) and counts the token table once, as the lm_head
-        (untied: wte is a lookup too, lm_head's matmul is what costs).
-        The second term is attention's two matmuls (QK^T and AV) over T keys, also x6/2 per
-        layer and channel. LayerNorm, GELU and softmax are left out, as is customary.
-        """
-        cfg = self.config
-        T = cfg.block_size if seq_len is None else seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
-
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops, seq_len=None):
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak
-        (e.g. 989.5e12 for an H100 SXM in bf16). dt: seconds per iteration."""
-        return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
-
-    # -------------------------------------------------------------------------
     # OpenAI's weights
 
     @classmethod
@@ -463,20 +383,9 @@ class GPT(nn.Module):
         config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
                            n_head=hc.n_head, n_embd=hc.n_embd, bias=True, dropout=0.0,
                            gelu="none" if hc.activation_function == "gelu" else "tanh")
-        sd_hf = hf.state_dict()
         config.dropout = override_args.get("dropout", 0.0)
         model = cls(config)
-        sd = model.state_dict()
-        # Hugging Face stores these four as Conv1D, weight (in, out): transpose to Linear's (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        keys = list(sd)  # ours has no mask buffers: SDPA builds the causal mask itself
-        hf_keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-        assert set(keys) == set(hf_keys), f"key mismatch: {sorted(set(keys) ^ set(hf_keys))[:5]}"
-        with torch.no_grad():
-            for k in keys:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
-                sd[k].copy_(w)
+        copy_gpt2_weights(model, hf.state_dict())
         if "block_size" in override_args:
             model.crop_block_size(override_args["block_size"])
         return model
@@ -489,6 +398,105 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+
+def copy_gpt2_weights(model, sd_hf):
+    """Copy a Hugging Face GPT2LMHeadModel's state dict into our GPT of the same shape."""
+    sd = model.state_dict()
+    # Hugging Face stores these four as Conv1D, weight (in, out): transpose to Linear's (out, in)
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    keys = list(sd)  # ours has no mask buffers: SDPA builds the causal mask itself
+    hf_keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    assert set(keys) == set(hf_keys), f"key mismatch: {sorted(set(keys) ^ set(hf_keys))[:5]}"
+    with torch.no_grad():
+        for k in keys:
+            w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+            assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
+            sd[k].copy_(w)
+
+
+# -----------------------------------------------------------------------------
+# training helpers: the optimizers, FSDP sharding, the FLOP count behind MFU
+
+
+
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, muon=None, verbose=True):
+    """The optimizers, as a list: [AdamW], or with muon (a dict: lr, momentum, weight_decay)
+    [Muon, AdamW]. The caller steps every one of them.
+
+    AdamW puts weight decay on the matrices (2-D and up: Linear weights, embeddings) and
+    none on biases and norm gains, which only shift and scale. With muon, the 2-D weights
+    inside the blocks (c_attn, c_proj, c_fc) go to torch.optim.Muon instead, which
+    orthogonalises each matrix's momentum (Newton-Schulz) so that every direction of the
+    matrix moves by about the same amount; embeddings and lm_head stay with AdamW (a
+    lookup table and a classifier are not the linear maps Muon's argument is about).
+    Only parameters that require grad are optimised (a LoRA run freezes the base).
+    Every param group records its starting lr as base_lr: the schedule multiplies it."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    in_blocks = lambda n: n.startswith("transformer.h.")
+    matrices = [p for n, p in params.items() if muon is not None and in_blocks(n) and p.dim() == 2]
+    rest = [p for p in params.values() if not any(p is m for m in matrices)]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay, "base_lr": learning_rate},
+              {"params": no_decay, "weight_decay": 0.0, "base_lr": learning_rate}]
+    # the fused kernel updates all tensors in a few passes instead of one op per tensor and
+    # step: on CUDA far fewer launches, on CPU (torch >= 2.4) half the optimizer time
+    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    say = print if verbose else (lambda *a: None)
+    say(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+    say(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+    say(f"using fused AdamW: {fused}")
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+    if muon is None:
+        return [adamw]
+    say(f"Muon tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters")
+    # adjust_lr_fn="original": the update of an (A, B) matrix is scaled by sqrt(max(1, A/B)),
+    # as in Keller Jordan's Muon (the speedrun's learning rates are for this scaling)
+    opt = torch.optim.Muon([{"params": matrices, "base_lr": muon["lr"]}], lr=muon["lr"],
+                           momentum=muon["momentum"], weight_decay=muon["weight_decay"],
+                           adjust_lr_fn="original")
+    return [opt, adamw]
+
+def fully_shard(model, param_dtype=torch.float32):
+    """Shard a GPT across the ranks of the process group with FSDP2 (train.py and
+    bench.py with fsdp=True, under torchrun). Each rank then keeps 1/N of every weight, of
+    its gradient and (the optimizer being built afterwards) of the AdamW moments; a
+    Block's full weights are all-gathered just before it runs and freed after, forward and
+    backward. One unit per Block, then the root for what is left (wte = lm_head, wpe, ln_f):
+    the tied weight stays one parameter, in the root's unit. The weights move to the
+    current device (cuda:LOCAL_RANK) as they are sharded. param_dtype bf16/fp16: the
+    gathered weights are cast for compute, while gradients are reduced and the shards
+    updated in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import fully_shard as fsdp_shard
+    mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
+                              reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fsdp_shard(block, mp_policy=mp)
+    fsdp_shard(model, mp_policy=mp)  # model's class becomes an FSDP subclass of GPT
+    return model
+
+def flops_per_token(model, seq_len=None):
+    """Training FLOPs per token (forward + backward), the estimate of the PaLM paper:
+
+        6 * N  +  12 * n_layer * n_embd * T
+
+    6N: every parameter takes part in one multiply-add (2 FLOPs) in the forward pass and
+    two in the backward pass (gradients of inputs and of weights); N leaves out the
+    position table (a lookup, no matmul) and counts the token table once, as the lm_head
+    (untied: wte is a lookup too, lm_head's matmul is what costs).
+    The second term is attention's two matmuls (QK^T and AV) over T keys, also x6/2 per
+    layer and channel. LayerNorm, GELU and softmax are left out, as is customary.
+    """
+    cfg = model.config
+    T = cfg.block_size if seq_len is None else seq_len
+    return 6 * model.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+
+def estimate_mfu(model, tokens_per_iter, dt, peak_flops, seq_len=None):
+    """Model FLOPs utilisation: achieved training FLOP/s over the device's peak
+    (e.g. 989.5e12 for an H100 SXM in bf16). dt: seconds per iteration."""
+    return flops_per_token(model, seq_len) * tokens_per_iter / dt / peak_flops
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. The first key

@@ -72,6 +72,21 @@ def test_ranks_are_disjoint_and_cover_the_single_process_batches(tmp_path):
         assert not set(b0[:, 0].tolist()) & set(b1[:, 0].tolist())
 
 
+def test_next_step_gives_the_micro_batches_with_their_weights(tmp_path):
+    # next_step() is next_batch() grad_accum times, each micro-batch weighing 1/grad_accum of
+    # the step (every token a target), and the step's tokens counted over every rank
+    d = make_dataset(tmp_path)
+    stepper = DataLoader(d, "train", 4, 16, rank=1, world_size=2, grad_accum=3)
+    batcher = DataLoader(d, "train", 4, 16, rank=1, world_size=2, grad_accum=3)
+    for _ in range(10):
+        batches, n_tokens = stepper.next_step()
+        assert n_tokens == 4 * 16 * 2 * 3 and len(batches) == 3
+        for x, y, weight in batches:
+            bx, by = batcher.next_batch()
+            assert torch.equal(x, bx) and torch.equal(y, by) and weight == 1 / 3
+    assert stepper.state_dict() == batcher.state_dict()
+
+
 def test_epochs_reshuffle_and_state_restores_exactly(tmp_path):
     d = make_dataset(tmp_path)
     loader = DataLoader(d, "train", 4, 16, seed=7)

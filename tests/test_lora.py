@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, configure_optimizers
 
 C = 16  # n_embd of the tiny model
 CFG = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=C, dropout=0.0)
@@ -31,7 +31,7 @@ def logits_of(model, idx):
 
 def train_steps(model, n=3, lr=1e-2):
     """A few AdamW steps through the model's own optimizer set-up (requires_grad params only)."""
-    [opt] = model.configure_optimizers(weight_decay=0.1, learning_rate=lr, betas=(0.9, 0.95), device_type="cpu")
+    [opt] = configure_optimizers(model, weight_decay=0.1, learning_rate=lr, betas=(0.9, 0.95), device_type="cpu")
     model.train()
     for step in range(n):
         idx, targets = batch(seed=10 + step)

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import export_hf
+import plan
 import train as train_script
 from checkpoint import load_model, make_checkpoint, save_checkpoint
 from conftest import read_log
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, configure_optimizers, estimate_mfu, flops_per_token
 from test_model import assert_chunked_prefill_matches_full_forward, tiny
 from test_train import ddp_equals_accumulation, train
 
@@ -111,12 +112,12 @@ def test_flops_per_token_counts_an_untied_head_once():
     # wte and wpe are lookups; lm_head's matmul stays: the same FLOPs as the tied model,
     # 6 * 123,653,376 + 12 * 12 * 768 * 1024 = 741,920,256 + 113,246,208
     assert model.num_params(non_embedding=True) == 123_653_376
-    assert model.flops_per_token(1024) == 855_166_464
-    assert model.estimate_mfu(1000, 1.0, 1e12) == pytest.approx(0.855166464)
+    assert flops_per_token(model, 1024) == 855_166_464
+    assert estimate_mfu(model, 1000, 1.0, 1e12) == pytest.approx(0.855166464)
     # and a tiny one by hand: blocks 2 x 12,704 + ln_f 64 + lm_head 64 x 32 = 27,520
     small = tiny(tie_embeddings=False)
     assert small.num_params() == 27_520 + 512 + 2048  # + wpe + wte
-    assert small.flops_per_token(16) == 6 * 27_520 + 12 * 2 * 32 * 16
+    assert flops_per_token(small, 16) == 6 * 27_520 + 12 * 2 * 32 * 16
 
 
 def test_checkpoint_round_trip_keeps_the_options(tmp_path):
@@ -156,7 +157,7 @@ def test_zero_init_alone_exports(tmp_path):
 @needs_muon
 def test_muon_gets_exactly_the_block_matrices():
     model = tiny(**ALL_ON)
-    muon, adamw = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu",
+    muon, adamw = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu",
                                              muon=dict(lr=0.02, momentum=0.95, weight_decay=0.0))
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -178,7 +179,7 @@ def test_muon_gets_exactly_the_block_matrices():
 def test_the_schedule_scales_both_optimizers():
     cfg = dict(train_script.DEFAULTS, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100,
                lr_decay_iters=0)
-    optimizers = tiny().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu",
+    optimizers = configure_optimizers(tiny(), 0.1, 1e-3, (0.9, 0.95), "cpu",
                                               muon=dict(lr=0.02, momentum=0.95, weight_decay=0.0))
     for step in (0, 5, 50, 100):
         lr = train_script.set_lr(optimizers, step, cfg)
@@ -190,7 +191,7 @@ def test_the_schedule_scales_both_optimizers():
 
 def check_one_line_refusal(cfg, capsys, *words):
     with pytest.raises(SystemExit) as e:
-        train_script.check_settings(cfg)
+        plan.check_settings(cfg)
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and all(w in lines[0] for w in words), lines

@@ -143,11 +143,13 @@ def test_loader_ranks_epochs_and_resume(tmp_path, group):
     ranks = [SFTLoader(d, "train", 3, 32, rank=r, world_size=2, seed=5, group_by_length=group) for r in range(2)]
     epochs = defaultdict(list)
     for _ in range(12):  # 26 // 6 = 4 steps per epoch (2 examples left over each time): 3 epochs
-        batches, n_targets, n_real = single.next_step()
-        (a0, ya0), (a1, ya1) = batches
+        batches, n_real = single.next_step()
+        (a0, ya0, w0), (a1, ya1, w1) = batches
         (b0, yb0), (b1, yb1) = ranks[0].next_batch(), ranks[1].next_batch()
         assert all(torch.equal(*pair) for pair in ((a0, b0), (a1, b1), (ya0, yb0), (ya1, yb1)))  # 2 ranks = accumulation
-        assert n_targets == int((ya0 != -1).sum() + (ya1 != -1).sum())  # the step's response tokens
+        n_targets = int((ya0 != -1).sum() + (ya1 != -1).sum())  # the step's response tokens
+        # each micro-batch weighs its share of them: the weighted losses add up to the step's mean
+        assert (w0, w1) == (int((ya0 != -1).sum()) / n_targets, int((ya1 != -1).sum()) / n_targets)
         # every example ends in a response token: its length is where its last target is, plus one
         last = [int(row.nonzero().max()) + 1 for y in (ya0, ya1) for row in (y != -1)]
         assert n_real == sum(last)  # real tokens, the padding not counted
@@ -172,7 +174,8 @@ def test_group_by_length_cuts_padding(tmp_path):
         loader = SFTLoader(d, "train", 8, 32, seed=1, group_by_length=group)
         computed, real, examples = 0, 0, []
         for _ in range(400 // 8):  # one epoch
-            [(x, y)], _, n_real = loader.next_step()
+            [(x, y, w)], n_real = loader.next_step()
+            assert w == 1.0  # one micro-batch holds all of the step's targets
             computed, real = computed + x.numel(), real + n_real
             last = [int((row != -1).nonzero().max()) + 1 for row in y]  # each example's length - 1
             examples += [tuple(row[:n].tolist()) for row, n in zip(x, last)]

@@ -1,0 +1,213 @@
+"""
+The bookkeeping of a training run, apart from the training itself: who this process is among
+the ranks and how the ranks agree (a failure, a stop, a non-finite loss), the stop flag that
+Ctrl-C and SIGTERM raise, the log file, and the console line. train.py uses all of it.
+
+Every function here that takes a World and does a collective must be called by every rank
+at the same point of the run: that is what keeps them in step.
+"""
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from configurator import UserError
+
+
+@dataclass
+class World:
+    """Who this process is: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
+    `python train.py` is rank 0 of 1."""
+    ddp: bool  # several processes: gradients (DDP) or shards (FSDP) are exchanged
+    rank: int
+    size: int
+    device: str  # cuda:LOCAL_RANK under torchrun on GPUs
+    device_type: str  # cuda, mps or cpu: what autocast takes
+    fsdp: bool = False  # the model is sharded with FSDP2 (fsdp=True) instead of wrapped in DDP
+
+    @property
+    def master(self):  # only rank 0 prints, logs and saves
+        return self.rank == 0
+
+
+def close_world(world):
+    """Leave the process group. gloo (the CPU backend) frees each finished collective on a thread
+    of its own, and freeing a tensor made in Python needs the GIL: a short sleep lets that thread
+    finish before the interpreter shuts down (else about 1 exit in 20 aborted with torch 2.14,
+    "terminate called without an active exception")."""
+    if world.ddp:
+        dist.destroy_process_group()
+        time.sleep(0.1)
+
+
+# -----------------------------------------------------------------------------
+# the ranks agree
+
+
+def agree(world, error):
+    """Every rank stops if one of them failed (rank 0 alone writes files): raise `error` here,
+    or exit quietly where another rank has it to say. Every rank must call it."""
+    if world.ddp:
+        failed = torch.tensor(float(error is not None), device=world.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            sys.exit(2)
+    if error is not None:
+        raise error
+
+
+def stop_agreed(stop, world):
+    """Whether a stop was asked for on any rank. Under DDP every rank must call it at the same
+    point (one all-reduce), so that all of them leave an evaluation at the same batch."""
+    if not world.ddp:
+        return stop.requested
+    flag = torch.tensor(float(stop.requested), device=world.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def agree_on_step(loss_accum, bad_loss, stop, world):
+    """At a log step: (the step's loss over every rank, whether any rank asked to stop, whether
+    any rank saw a non-finite loss since the last check). A signal may reach the ranks a step
+    apart and saving is collective, so under DDP no rank acts on a stop alone: they agree here.
+    The .item() waits for the device, so the step time measured after it is real."""
+    if world.ddp:
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # the loss of the whole global batch
+        flags = torch.stack([torch.tensor(float(stop.requested), device=world.device), bad_loss.float()])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stopping, bad_loss = bool(flags[0].item()), flags[1] > 0
+    else:
+        stopping = stop.requested
+    loss = loss_accum.item()
+    return loss, stopping, bool(bad_loss.item()) or not math.isfinite(loss)
+
+
+def local(t):
+    """This rank's part of a tensor: its shard under FSDP (a DTensor), the tensor otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t  # (a DTensor's method: no import needed)
+
+
+def all_finite(bad_loss, params, world):
+    """No non-finite loss since the last check and no non-finite weight, on any rank (every
+    rank must call it, and all get the same answer). Under FSDP each rank checks its shards."""
+    bad = (bad_loss | ~torch.stack([torch.isfinite(local(p)).all() for p in params]).all()).float()
+    if world.ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
+def nonfinite(out_dir, step):
+    """A NaN/inf loss: the error that stops the run without saving, so ckpt.pt stays the last good one."""
+    kept = (f"the last good checkpoint in {out_dir} is untouched" if os.path.exists(os.path.join(out_dir, "ckpt.pt"))
+            else "no checkpoint had been written yet")
+    return UserError(f"the loss is not finite at step {step}: stopping without saving ({kept}); lower "
+                     "learning_rate, check the data, or try dtype=float32")
+
+
+# -----------------------------------------------------------------------------
+# stopping, logging
+
+
+class StopFlag:
+    """SIGINT/SIGTERM: the first asks the loop to stop after this step (and save); the second
+    exits at once (a checkpoint being written is then abandoned; ckpt.pt is only replaced whole)."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            print("\nsecond signal: exiting now", flush=True)
+            sys.exit(130)
+        self.requested = True
+        # (under DDP the ranks agree at the next log step, so that all of them stop at the same one)
+        print(f"\n{signal.Signals(signum).name}: finishing this step or evaluation batch (with several GPUs, "
+              "training: the next log step), then saving and exiting (again to exit at once)", flush=True)
+
+
+class RunLog:
+    """out_dir/log.txt, one 'STEP STREAM VALUE' line per value, and wandb if asked. With no
+    path (ranks other than 0) it writes nothing. A write that fails (a full disk) is said once
+    and logging stops; the training goes on, and the next checkpoint says whether it can be saved."""
+
+    def __init__(self, path, cfg, append=False):
+        self.file = self.wandb = None
+        if path is None:
+            return
+        try:
+            self.file = open(path, "a" if append else "w")
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror}") from None
+        if cfg["wandb_log"]:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True needs wandb: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
+
+    def __call__(self, step, **values):
+        if self.file is None:
+            return
+        try:
+            for k, v in values.items():
+                self.file.write(f"{step} {k} {v:.7g}\n" if isinstance(v, float) else f"{step} {k} {v}\n")
+            self.file.flush()
+        except OSError as e:
+            print(f"warning: cannot write {self.file.name} ({e.strerror}); the log stops here, the training goes on")
+            self.file = None
+            return
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+
+class StepClock:
+    """The time of the training steps between two log lines, evaluation and saving left out
+    (pause/resume around them), and the time the run has left at the average pace so far."""
+
+    def __init__(self, start_step):
+        self.run_start = self.last = time.time()
+        self.start_step = start_step
+        self.steps = self.tokens = 0  # since the last lap
+
+    def pause(self):
+        self.paused_at = time.time()
+
+    def resume(self):
+        self.last += time.time() - self.paused_at
+
+    def count(self, tokens):
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+    def lap(self):
+        """(seconds per step, tokens per second, tokens per step) since the last lap. Call it
+        after something that waited for the device (an .item()), so the time is real."""
+        now = time.time()
+        dt, tok_per_s, per_step = (now - self.last) / self.steps, self.tokens / (now - self.last), self.tokens / self.steps
+        self.last, self.steps, self.tokens = now, 0, 0
+        return dt, tok_per_s, per_step
+
+    def left(self, step, max_iters):
+        return (max_iters - step) * (self.last - self.run_start) / max(1, step - self.start_step)
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def console_line(step, max_iters, values, left):
+    """The console's line for one logged step: the same values as log.txt, and the time left."""
+    mfu = f" | mfu {values['mfu'] * 100:.1f}%" if "mfu" in values else ""
+    return (f"step {step:5d}/{max_iters} | loss {values['train']:.4f} | lr {values['lr']:.2e} | "
+            f"norm {values['norm']:.4f} | {values['dt_ms']:.1f} ms | {values['tok_per_s']:,.0f} tok/s{mfu} | "
+            f"epoch {values['epoch']} | {format_time(left)} left")
