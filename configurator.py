@@ -295,18 +295,29 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device_type):
-    """auto: bf16 on GPUs that have it, else fp16 (trained with a GradScaler); fp32 on CPU and
-    MPS (CPUs without bf16 units run it slower than fp32)."""
+    """auto: bf16 on GPUs that have it in hardware, else fp16 (trained with a GradScaler); fp32 on
+    CPU and MPS (CPUs without bf16 units run it slower than fp32)."""
     import torch
 
     if name == "auto":
         if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16_gpu() else torch.float16
         return torch.float32
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in choices:
         die(f"unknown --dtype={name}; choose auto, float32, bfloat16 or float16")
     return choices[name]
+
+
+def native_bf16_gpu():
+    """Whether the current CUDA GPU computes bf16 in hardware: NVIDIA from Ampere on (compute
+    capability 8.0). torch.cuda.is_bf16_supported() is also True on older GPUs (V100, T4) that
+    only emulate it, slowly; fp16 with a GradScaler is the fast choice there."""
+    import torch
+
+    if torch.version.hip:  # AMD: torch's answer is the hardware's
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability()[0] >= 8
 
 
 def autocast_context(device_type, dtype):

@@ -494,8 +494,9 @@ def flops_per_token(model, seq_len=None):
     return 6 * model.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
 def estimate_mfu(model, tokens_per_iter, dt, peak_flops, seq_len=None):
-    """Model FLOPs utilisation: achieved training FLOP/s over the device's peak
-    (e.g. 989.5e12 for an H100 SXM in bf16). dt: seconds per iteration."""
+    """Model FLOPs utilisation of one device: achieved training FLOP/s over its peak (e.g.
+    989.5e12 for an H100 SXM in bf16). tokens_per_iter: this device's tokens per iteration (a
+    run's global tokens / ranks), dt: seconds per iteration."""
     return flops_per_token(model, seq_len) * tokens_per_iter / dt / peak_flops
 
 

@@ -170,12 +170,15 @@ class RunLog:
 
 class StepClock:
     """The time of the training steps between two log lines, evaluation and saving left out
-    (pause/resume around them), and the time the run has left at the average pace so far."""
+    (pause/resume around them), and the time the run has left at the average pace so far.
+    The run's first step (torch.compile, CUDA's caches and kernels warming up) is timed on
+    its own, as warmup_s, and is in no lap: the logged ms/step, tok/s and MFU are steady-state."""
 
-    def __init__(self, start_step):
+    def __init__(self, start_step, device_type):
         self.run_start = self.last = time.time()
-        self.start_step = start_step
+        self.start_step, self.device_type = start_step, device_type
         self.steps = self.tokens = 0  # since the last lap
+        self.warmup_s, self.warmup_logged = None, False  # the first step's seconds, once it is done
 
     def pause(self):
         self.paused_at = time.time()
@@ -184,15 +187,28 @@ class StepClock:
         self.last += time.time() - self.paused_at
 
     def count(self, tokens):
+        if self.warmup_s is None:  # the first step: wait for it (this once), then start the laps
+            if self.device_type == "cuda":
+                torch.cuda.synchronize()
+            now = time.time()
+            self.warmup_s, self.last = now - self.last, now
+            return
         self.steps, self.tokens = self.steps + 1, self.tokens + tokens
 
     def lap(self):
-        """(seconds per step, tokens per second, tokens per step) since the last lap. Call it
-        after something that waited for the device (an .item()), so the time is real."""
+        """The log values of the steps since the last lap: {dt_ms, tok_per_s} (none when the
+        first step is the only one since), with warmup_s at the first lap; and the tokens per
+        step (or None). Call it after something that waited for the device (an .item()), so
+        the time is real."""
         now = time.time()
-        dt, tok_per_s, per_step = (now - self.last) / self.steps, self.tokens / (now - self.last), self.tokens / self.steps
+        values, per_step = {}, None
+        if self.steps:
+            values = dict(dt_ms=(now - self.last) / self.steps * 1000, tok_per_s=self.tokens / (now - self.last))
+            per_step = self.tokens / self.steps
+        if self.warmup_s is not None and not self.warmup_logged:
+            values["warmup_s"], self.warmup_logged = self.warmup_s, True
         self.last, self.steps, self.tokens = now, 0, 0
-        return dt, tok_per_s, per_step
+        return values, per_step
 
     def left(self, step, max_iters):
         return (max_iters - step) * (self.last - self.run_start) / max(1, step - self.start_step)
@@ -208,6 +224,8 @@ def format_time(seconds):
 def console_line(step, max_iters, values, left):
     """The console's line for one logged step: the same values as log.txt, and the time left."""
     mfu = f" | mfu {values['mfu'] * 100:.1f}%" if "mfu" in values else ""
+    speed = f"{values['dt_ms']:.1f} ms | {values['tok_per_s']:,.0f} tok/s{mfu}" if "dt_ms" in values else ""
+    if "warmup_s" in values:  # the first step, timed apart
+        speed += f"{' | ' if speed else ''}first step {values['warmup_s']:.1f} s{' (compile)' if values.get('compiled') else ''}"
     return (f"step {step:5d}/{max_iters} | loss {values['train']:.4f} | lr {values['lr']:.2e} | "
-            f"norm {values['norm']:.4f} | {values['dt_ms']:.1f} ms | {values['tok_per_s']:,.0f} tok/s{mfu} | "
-            f"epoch {values['epoch']} | {format_time(left)} left")
+            f"norm {values['norm']:.4f} | {speed} | epoch {values['epoch']} | {format_time(left)} left")

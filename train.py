@@ -100,6 +100,7 @@ DEFAULTS = dict(
     dtype="auto",  # auto | float32 | bfloat16 | float16 (float16 uses a GradScaler)
     compile=False,  # torch.compile the model (first steps slower, then faster; GPU)
     fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies
+    peak_flops=0.0,  # one device's peak FLOP/s, for MFU; 0 = the GPU's bf16 peak from model.PEAK_FLOPS (CPU: no MFU)
     seed=1337,
 )
 
@@ -377,9 +378,9 @@ def train(cfg, world):
 
     # --- the loop ------------------------------------------------------------------------
     max_iters, start_step = cfg["max_iters"], step
-    peak = peak_flops(torch.cuda.get_device_name(world.device)) if world.device_type == "cuda" else None
+    peak = cfg["peak_flops"] or (peak_flops(torch.cuda.get_device_name(world.device)) if world.device_type == "cuda" else None)
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    clock = StepClock(start_step)
+    clock = StepClock(start_step, world.device_type)
     bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
     stopping = stop_agreed(stop, world)  # a stop every rank agreed on; one during the set-up ends the run here
     while True:
@@ -435,13 +436,15 @@ def train(cfg, world):
             loss_val, stopping, diverged = agree_on_step(loss_accum, bad_loss, stop, world)
             if diverged:
                 raise nonfinite(out_dir, step - 1)
-            dt, tok_per_s, tokens_per_step = clock.lap()
+            timing, tokens_per_step = clock.lap()  # the first step (compile, warm-up) apart, as warmup_s
             values = dict(train=loss_val, lr=lr, norm=(norm.full_tensor() if world.fsdp else norm).item(),
-                          dt_ms=dt * 1000, tok_per_s=tok_per_s, epoch=train_loader.epoch)
-            if peak is not None:
-                values["mfu"] = estimate_mfu(raw_model, tokens_per_step, dt, peak, seq_len=cfg["block_size"])
+                          **timing, epoch=train_loader.epoch)
+            if peak and tokens_per_step:  # tok_per_s counts every rank's tokens, mfu is per GPU
+                values["mfu"] = estimate_mfu(raw_model, tokens_per_step / world.size, values["dt_ms"] / 1000, peak,
+                                             seq_len=cfg["block_size"])
             log(step - 1, **values)
-            say(console_line(step - 1, max_iters, values, clock.left(step, max_iters)), flush=True)
+            say(console_line(step - 1, max_iters, dict(values, compiled=cfg["compile"]),
+                             clock.left(step, max_iters)), flush=True)
     say(f"done in {format_time(time.time() - clock.run_start)}")
 
 

@@ -30,5 +30,5 @@ eval_iters = 160  # 160 x 8 x 1024 tokens x ranks: as many validation tokens as 
 hellaswag_interval = 250
 checkpoint_interval = 250  # ckpt.pt (~16 GB with the optimizer) is overwritten: resume loses <= 250 steps
 keep_interval = 0  # no extra copies: each would take another ~16 GB of disk
-log_interval = 1
+log_interval = 10  # each log line syncs host and GPU (and all-reduces the loss): not every step
 compile = True

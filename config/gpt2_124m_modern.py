@@ -36,5 +36,5 @@ eval_iters = 20  # 20 x 64 x 1024 tokens x ranks of validation
 hellaswag_interval = 250
 checkpoint_interval = 250  # ckpt.pt is overwritten: resume loses at most 250 steps
 keep_interval = 2500  # and a copy is kept every 2500 steps
-log_interval = 1
+log_interval = 10  # each log line syncs host and GPU (and all-reduces the loss): not every step
 compile = True

@@ -30,5 +30,5 @@ eval_iters = 40  # 40 x 32 x 1024 tokens x ranks: as many validation tokens as t
 hellaswag_interval = 250
 checkpoint_interval = 1000  # ckpt.pt (~4 GB with the optimizer) is overwritten: resume loses <= 1000 steps
 keep_interval = 5000  # and a copy is kept every 5000 steps
-log_interval = 1
+log_interval = 10  # each log line syncs host and GPU (and all-reduces the loss): not every step
 compile = True

@@ -136,3 +136,22 @@ def test_help_from_the_command_line():
     assert p.returncode == 0 and "--smooth" in p.stdout and "OUT_DIR" in p.stdout
     p = run_script(["train.py", "--help"])
     assert p.returncode == 0 and "--total_batch_size" in p.stdout and "tokens per optimizer step" in p.stdout
+
+
+@pytest.mark.parametrize("capability, emulated, hip, expected", [
+    ((9, 0), True, None, "bfloat16"),  # H100: native
+    ((8, 0), True, None, "bfloat16"),  # A100: native
+    ((7, 0), True, None, "float16"),  # V100: torch says bf16 is supported, but only emulated
+    ((7, 5), False, None, "float16"),  # T4 on an older torch: no bf16 at all
+    ((9, 4), True, "6.2", "bfloat16"),  # ROCm: torch's own answer
+    ((9, 4), False, "6.2", "float16"),
+])
+def test_dtype_auto_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, emulated, hip, expected):
+    import torch
+
+    from configurator import resolve_dtype
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: emulated)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert resolve_dtype("auto", "cuda") == getattr(torch, expected)
+    assert resolve_dtype("auto", "cpu") == torch.float32  # the CPU stays fp32 whatever the GPU

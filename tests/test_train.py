@@ -42,6 +42,26 @@ def test_end_to_end_then_sample(workdir):
 
 
 @pytest.mark.slow
+def test_mfu_is_per_gpu_and_the_first_step_is_timed_apart(workdir):
+    # mfu = FLOPs per token x tok/s (every rank's tokens) / (ranks x one device's peak): the same
+    # formula on 1 and on 2 processes (before, 2 ranks printed twice their true MFU)
+    from checkpoint import load_model
+    from model import flops_per_token
+    args = ["--max_iters=6", "--log_interval=2", "--peak_flops=1e9", "--eval_interval=0"]
+    train(workdir, *args, "--out_dir=one")
+    torchrun([os.path.join(ROOT, "train.py")] + TINY + args + ["--out_dir=two"], cwd=workdir)
+    for out, ranks in (("one", 1), ("two", 2)):
+        fpt = flops_per_token(load_model(out_dir=str(workdir / out))[0], 32)
+        log = workdir / out / "log.txt"
+        mfu, tok_per_s, dt_ms = (read_log(log, s) for s in ("mfu", "tok_per_s", "dt_ms"))
+        assert sorted(mfu) == [1, 3, 5] and set(read_log(log, "warmup_s")) == {1}  # step 0: the warm-up
+        for step in mfu:
+            assert mfu[step] == pytest.approx(fpt * tok_per_s[step] / (ranks * 1e9), rel=1e-5)
+        # tok/s is the global batch's: 4 x 32 tokens per rank and step
+        assert tok_per_s[3] == pytest.approx(4 * 32 * ranks / (dt_ms[3] / 1000), rel=1e-5)
+
+
+@pytest.mark.slow
 def test_exact_resume(workdir):
     # 20 steps in one go...
     train(workdir, "--max_iters=20", "--out_dir=out_full", "--dropout=0.1")
