@@ -312,7 +312,8 @@ def bench_train(cfg):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if distributed and not cfg["fsdp"]:
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False,
+                    gradient_as_bucket_view=True)  # as train.py
     autocast = autocast_context(device_type, dtype)
 
     # Synthetic batches: random tokens, made once on the host. train.py's loader hands over
@@ -330,10 +331,8 @@ def bench_train(cfg):
         for micro in range(accum):
             x = xs[micro].to(device, non_blocking=True)  # (B, T)
             y = ys[micro].to(device, non_blocking=True)
-            # gradients exchanged on the last micro-step only, as train.py does
+            # as train.py: DDP exchanges gradients on the last micro-step only, FSDP on each
             last = micro == accum - 1
-            if cfg["fsdp"]:
-                raw_model.set_requires_gradient_sync(last)
             with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
                 with autocast:
                     _, loss = model(x, y)

@@ -177,10 +177,9 @@ def ending_losses(model, examples, device, autocast_ctx=nullcontext()):
     idx, targets = idx.to(device), targets.to(device)
     scored = targets != -1  # (4n, T): the endings' tokens, about a third of the positions
     with torch.no_grad(), autocast_ctx:
-        h = gpt.hidden_states(idx)  # (4n, T, C)
         # lm_head on the scored positions only: the context and padding positions would cost
         # as much and be thrown away (on a CPU this made the whole evaluation ~2x faster)
-        logits = gpt.lm_head(h[scored])  # (n_scored, V)
+        logits = gpt.logits_at(idx, scored)  # (n_scored, V)
     losses = torch.zeros(targets.shape, device=logits.device)  # (4n, T) fp32
     losses[scored] = F.cross_entropy(logits.float(), targets[scored], reduction="none")
     sum_loss = losses.sum(dim=1).view(-1, 4).cpu()  # (n, 4)
@@ -193,9 +192,10 @@ def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), ra
     """HellaSwag accuracy: dict(acc, acc_norm, n). With DDP, rank r scores
     examples[r::world_size] and the counts are summed over ranks, so all ranks return the
     numbers of the whole set. The model may be wrapped in DDP and/or torch.compile; either way
-    the scoring runs the plain model's hidden_states (compile that method itself for speed, as
-    main() does). `stop`, if given, is asked before every batch (every rank asks it equally
-    often); when it says True the evaluation ends and returns None."""
+    the scoring runs the plain model's logits_at, which runs hidden_states (compile that
+    method itself for speed, as main() does). An FSDP model scores too, its weights gathered
+    block by block as in training. `stop`, if given, is asked before every batch (every rank
+    asks it equally often); when it says True the evaluation ends and returns None."""
     # not DDP's forward: it broadcasts buffers (RoPE's tables) every call, a collective, and
     # ranks holding different numbers of batches would wait on each other forever
     model = unwrap(model)
@@ -211,6 +211,9 @@ def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), ra
                 return None
             batch = mine[i:i + batch_size]
             if not batch:
+                # under FSDP every forward gathers weights from all ranks, so a rank with
+                # nothing left still runs one (on the first example) and counts nothing
+                ending_losses(model, examples[:1], device, autocast_ctx)
                 continue
             sum_loss, n_tokens = ending_losses(model, batch, device, autocast_ctx)  # (n, 4) each
             labels = torch.tensor([ex["label"] for ex in batch])  # (n,)

@@ -290,6 +290,12 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def logits_at(self, idx, where):
+        """idx (B, T), where (B, T) bool -> the logits of the True positions only, (n, V):
+        hellaswag.py scores the endings' tokens, and lm_head is the largest matmul of a small
+        model. Under FSDP it is a forward of its own (fully_shard registers it)."""
+        return self.lm_head(self.hidden_states(idx)[where])
+
     # -------------------------------------------------------------------------
     # generation
 
@@ -468,13 +474,16 @@ def fully_shard(model, param_dtype=torch.float32):
     current device (cuda:LOCAL_RANK) as they are sharded. param_dtype bf16/fp16: the
     gathered weights are cast for compute, while gradients are reduced and the shards
     updated in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import MixedPrecisionPolicy, register_fsdp_forward_method
     from torch.distributed.fsdp import fully_shard as fsdp_shard
     mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
                               reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fsdp_shard(block, mp_policy=mp)
     fsdp_shard(model, mp_policy=mp)  # model's class becomes an FSDP subclass of GPT
+    # FSDP gathers the root's weights (wte = lm_head, wpe, ln_f) around forward() only: the
+    # HellaSwag scorer's own entry point gets the same gathering
+    register_fsdp_forward_method(model, "logits_at")
     return model
 
 def flops_per_token(model, seq_len=None):

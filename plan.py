@@ -62,9 +62,6 @@ def check_settings(cfg):
                 "(torchrun --standalone --nproc_per_node=N train.py ...), or drop --fsdp")
         if cfg["lora_rank"] > 0:
             die("LoRA trains a few MB of adapters: it needs no sharding; drop --fsdp (DDP) for lora_rank > 0")
-        if cfg["hellaswag_interval"]:
-            die("HellaSwag during training needs the whole model on every rank: with --fsdp set hellaswag_interval=0 "
-                "and score the checkpoint with hellaswag.py")
 
 
 def check_gpu_recipe(cfg, device_type):

@@ -140,6 +140,39 @@ def test_fsdp_refusals_are_one_line(workdir):
     assert p.returncode == 2 and "under torchrun" in p.stderr and "Traceback" not in p.stderr
     # under torchrun (RANK set), settings FSDP does not take are refused before any work
     for extra, message in ((["--lora_rank=4", "--init_from=gpt2"], "LoRA"),
-                           (["--hellaswag_interval=10"], "HellaSwag")):
+                           (["--optimizer=muon"], "Muon")):
         p = run_script([TRAIN] + TINY + ["--fsdp"] + extra, cwd=workdir, env=dict(RANK="0"), check=False)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+SHARD_CHECK = r'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from model import GPT, GPTConfig, fully_shard
+from runtime import World
+from train import grad_sync
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = fully_shard(GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
+world = World(True, dist.get_rank(), dist.get_world_size(), "cpu", "cpu", fsdp=True)
+total = sum(p.numel() for p in model.parameters())
+for micro in range(2):  # two micro-steps of one optimizer step, as train.py runs them
+    x = torch.randint(0, 64, (2, 16))
+    with grad_sync(model, world, last_micro=micro == 1):
+        model(x, x)[1].backward()
+    local = sum(p.grad.to_local().numel() for p in model.parameters())
+    print(f"micro {micro}: {local} of {total}")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_fsdp_gradients_stay_sharded_through_accumulation(tmp_path):
+    # after every micro-step (not only the last) each rank holds its shard of each gradient:
+    # about 1/ranks of the model's, never a full fp32 copy
+    (tmp_path / "shard_check.py").write_text(SHARD_CHECK)
+    p = torchrun([str(tmp_path / "shard_check.py"), ROOT], cwd=tmp_path)
+    lines = [line.split() for line in p.stdout.splitlines() if line.startswith("micro")]
+    assert len(lines) == 4, p.stdout  # 2 micro-steps x 2 ranks
+    for _, _, local, _, total in lines:
+        assert 0.45 < int(local) / int(total) < 0.55, (local, total)

@@ -228,15 +228,17 @@ def bpe_workdir(tmp_path, n_examples):
 
 @pytest.mark.slow
 @needs_gpt2_bpe
-def test_hellaswag_inside_ddp_training_equals_one_process(tmp_path):
+def test_hellaswag_inside_ddp_and_fsdp_training_equals_one_process(tmp_path):
     bpe_workdir(tmp_path, 7)
     args = TINY + ["--dataset=bpe", "--max_iters=2", "--eval_interval=0", "--total_batch_size=256",
                    "--hellaswag_interval=1", "--hellaswag_limit=5", "--hellaswag_file=hs.jsonl"]
     run_script([os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_one"], cwd=tmp_path)
-    p = torchrun([os.path.join(ROOT, "train.py")] + args + ["--out_dir=out_two"], cwd=tmp_path)
-    one, two = read_log(tmp_path / "out_one" / "log.txt", "hella"), read_log(tmp_path / "out_two" / "log.txt", "hella")
-    assert sorted(one) == [0, 1, 2] and one == two
-    assert "n=5" in p.stdout  # the counts of both ranks, summed
+    one = read_log(tmp_path / "out_one" / "log.txt", "hella")
+    assert sorted(one) == [0, 1, 2]
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # FSDP: each rank scores with its shards
+        p = torchrun([os.path.join(ROOT, "train.py")] + args + extra + [f"--out_dir=out_{name}"], cwd=tmp_path)
+        assert read_log(tmp_path / f"out_{name}" / "log.txt", "hella") == one, name
+        assert "n=5" in p.stdout  # the counts of both ranks, summed
 
 
 @pytest.mark.slow
