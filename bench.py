@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from runtime import ddp_wrap
 from model import GPT, PRESETS, configure_optimizers, estimate_mfu, fully_shard, peak_flops, preset
 
 # -----------------------------------------------------------------------------
@@ -312,8 +313,7 @@ def bench_train(cfg):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if distributed and not cfg["fsdp"]:
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False,
-                    gradient_as_bucket_view=True)  # as train.py
+        model = ddp_wrap(model, device, device_type)  # as train.py
     autocast = autocast_context(device_type, dtype)
 
     # Synthetic batches: random tokens, made once on the host. train.py's loader hands over

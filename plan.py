@@ -5,17 +5,23 @@ where none was found. Everything here is one line and exit code 2 when it fails 
 setting that cannot work never becomes a traceback minutes into a run.
 """
 
+import json
 import os
+import warnings
+from dataclasses import fields
 
 import torch
 
 import lora
 from configurator import die
-from dataloader import read_meta
+from dataloader import read_meta, vocab_size_of
+from model import GPT, PRESETS, GPTConfig, flops_per_token
+from runtime import format_time
 
 
-def check_settings(cfg):
-    """Settings that parse but cannot work: one line now, not a traceback minutes later."""
+def check_settings(cfg, under_torchrun):
+    """Settings that parse but cannot work: one line now, not a traceback minutes later.
+    under_torchrun: the run has ranks (RANK set, or a plan for more than one GPU)."""
     for key in ("batch_size", "block_size", "log_interval", "eval_iters", "n_layer", "n_head"):
         if cfg[key] < 1:
             die(f"--{key} must be at least 1, got {cfg[key]}")
@@ -31,6 +37,8 @@ def check_settings(cfg):
     if cfg["rope"] and (cfg["n_embd"] // cfg["n_head"]) % 2:
         die(f"rope=True needs an even head size, got n_embd/n_head = {cfg['n_embd'] // cfg['n_head']}")
     if cfg["lora_rank"] > 0:
+        if cfg["init_from"] == "scratch":
+            die("LoRA adapts a trained model: set init_from to gpt2* or another run's out_dir")
         try:
             lora.parse_targets(cfg["lora_targets"])
         except ValueError as e:
@@ -57,9 +65,11 @@ def check_settings(cfg):
         except ImportError:
             die(f"fsdp=True needs FSDP2 (torch.distributed.fsdp.fully_shard), in PyTorch 2.6 and later (this is "
                 f"{torch.__version__}): pip install -U 'torch>=2.6', or drop --fsdp")
-        if "RANK" not in os.environ:
+        if not under_torchrun:
             die("fsdp=True shards the model over the processes torchrun starts: run it under torchrun "
                 "(torchrun --standalone --nproc_per_node=N train.py ...), or drop --fsdp")
+        if cfg["dtype"] == "float16":  # GradScaler's overflow check would see one shard per rank
+            die("fsdp=True trains in bfloat16 or float32, not float16: set --dtype=bfloat16 (Ampere and newer) or float32")
         if cfg["lora_rank"] > 0:
             die("LoRA trains a few MB of adapters: it needs no sharding; drop --fsdp (DDP) for lora_rank > 0")
 
@@ -80,3 +90,188 @@ def check_gpu_recipe(cfg, device_type):
     if hours >= 10:
         die(f"this run is sized for a GPU but none was found; on this CPU it would take very roughly {hours:,.0f} "
             f"hours. To run it here anyway: --device=cpu" + (" --compile=False" if cfg["compile"] else ""))
+
+
+# -----------------------------------------------------------------------------
+# the batch arithmetic, shared by the real run and the plan
+
+
+def batch_layout(cfg, sft, world_size):
+    """(total, grad_accum, a line describing the step). total counts tokens, or examples for
+    SFT data; one micro-step is batch_size sequences (examples) on each of world_size ranks."""
+    B, T = cfg["batch_size"], cfg["block_size"]
+    per_micro = B * world_size * (1 if sft else T)  # examples or tokens per micro-step, all ranks
+    total = cfg["total_batch_size"] or per_micro
+    if total % per_micro != 0:
+        die(f"total_batch_size={total:,} is not a multiple of batch_size*{'' if sft else 'block_size*'}ranks "
+            f"= {per_micro:,}{' (examples: this is SFT data)' if sft else ''}; change one of them")
+    grad_accum = total // per_micro
+    if sft:
+        layout = (f"{total:,} examples per step = {B} x {world_size} ranks x {grad_accum} accumulation steps, "
+                  f"each micro-batch padded to its longest example (at most {T} tokens)")
+    else:
+        layout = f"{total:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum} accumulation steps"
+    return total, grad_accum, layout
+
+
+def model_config(cfg, vocab_size):
+    """The GPTConfig of a new model: the settings of the same names (n_layer, rope, ...)."""
+    return GPTConfig(vocab_size=vocab_size, **{f.name: cfg[f.name] for f in fields(GPTConfig)
+                                               if f.name in cfg and f.name != "vocab_size"})
+
+
+# -----------------------------------------------------------------------------
+# --plan: the run on paper, before any data, GPU or download is at hand
+
+# the datasets the prepare scripts write, for a plan on a machine that has not prepared them
+KNOWN_DATA = {"shakespeare_char": dict(tokenizer="char", chars=[""] * 65),  # Tiny Shakespeare's 65 characters
+              "alpaca": dict(tokenizer="gpt2", format="sft")}  # anything else: GPT-2 BPE tokens
+ASSUMED_MFU = 0.40  # a well-tuned GPT-2 run on H100s reaches 40-50% (llm.c, build-nanogpt report ~40-55%)
+ASSUMED_GPU = ("H100 SXM", 989.5e12)  # when --peak_flops is not given: its dense bf16 peak
+
+
+def plan_meta(cfg):
+    """meta.json of the dataset if it is prepared here, else what its prepare script writes."""
+    data_dir = os.path.join("data", cfg["dataset"])
+    if os.path.isfile(os.path.join(data_dir, "meta.json")):
+        return read_meta(data_dir), "prepared"
+    return KNOWN_DATA.get(cfg["dataset"], dict(tokenizer="gpt2")), "not prepared here"
+
+
+def plan_model(cfg, meta):
+    """The run's model on the meta device (shapes, no memory): a new one, a GPT-2 preset, or
+    the shape recorded in a run's checkpoint or a Hugging Face folder's config.json."""
+    init_from = cfg["init_from"]
+    folder = cfg["out_dir"] if init_from == "resume" else init_from
+    if init_from == "scratch":
+        config = model_config(cfg, vocab_size_of(meta))
+    elif init_from in PRESETS:
+        config = GPTConfig(block_size=1024, vocab_size=50257, **PRESETS[init_from])
+    elif os.path.isfile(os.path.join(folder, "ckpt.pt")):
+        config = GPTConfig(**torch.load(os.path.join(folder, "ckpt.pt"), map_location="meta", mmap=True,
+                                        weights_only=True)["model_args"])
+    elif os.path.isfile(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            hc = json.load(f)
+        config = GPTConfig(block_size=hc["n_positions"], vocab_size=hc["vocab_size"], n_layer=hc["n_layer"],
+                           n_head=hc["n_head"], n_embd=hc["n_embd"])
+    else:
+        die(f"--plan: init_from={init_from!r} has no model here to size (no {folder}/ckpt.pt or config.json); "
+            "plan with init_from=scratch or a GPT-2 name")
+    if cfg["block_size"] > config.block_size:
+        die(f"block_size={cfg['block_size']} is larger than {init_from}'s {config.block_size}")
+    config.block_size = cfg["block_size"]  # a fine-tuning run crops the position table
+    with torch.device("meta"):
+        model = GPT(config)
+        if cfg["lora_rank"] > 0:
+            lora.apply_lora(model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+                            targets=cfg["lora_targets"], verbose=False)
+    return model
+
+
+def saved_bytes(model, B, T, dtype, sharded):
+    """What autograd keeps for the backward pass of one forward at micro-batch (B, T), in
+    bytes, measured with saved-tensor hooks on the CPU (storages counted once; the weights
+    themselves and autocast's 16-bit weight copies left out: they are counted apart).
+    sharded: FSDP's 16-bit gathered weights, under which the residual stream is 16-bit too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    if sharded:
+        model = model.to(dtype)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    copies, seen = set(), {}
+
+    class WeightCasts(TorchDispatchMode):  # notes the storage of every cast of a weight
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in weights:
+                copies.add(out.untyped_storage().data_ptr())
+            return out
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    x = torch.randint(0, model.config.vocab_size, (B, T))
+    with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), WeightCasts():
+        warnings.simplefilter("ignore")  # CPU autocast's rms_norm dtype notice
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(x, x)  # (kept: the saved tensors stay alive until counted)
+    return sum(n for ptr, n in seen.items() if ptr not in weights and ptr not in copies)
+
+
+def activation_bytes(config, B, T, dtype, sharded):
+    """Activation memory of one micro-batch: (per block, after the blocks: ln_f, logits, loss).
+    Measured on two small CPU models of the same options (1 and 2 blocks, width 64, vocab
+    256), whose saved bytes grow as B*T*n_embd per block and B*T*vocab for the loss, and
+    scaled to this shape. Activations are all the same kind of tensor at any size, so the
+    per-token, per-channel bytes carry over (tests/test_plan.py checks this on a bigger model)."""
+    small = dict(vars(config), block_size=128, vocab_size=256, n_embd=64, n_head=4, dropout=0.0)
+    torch.manual_seed(0)
+    one, two = (saved_bytes(GPT(GPTConfig(**dict(small, n_layer=n))), 8, 128, dtype, sharded) for n in (1, 2))
+    per_block = (two - one) / (8 * 128 * 64)  # bytes per token and channel, per block
+    head = (one - (two - one)) / (8 * 128 * 256)  # bytes per token and vocab entry (ln_f's few are in it)
+    return per_block * B * T * config.n_embd, head * B * T * config.vocab_size
+
+
+def memory_per_gpu(model, cfg, world_size, fsdp, dtype):
+    """The per-GPU memory of the training step at its peak (the backward pass of a micro-batch),
+    {part: bytes}. A formula: 4 bytes per fp32 weight and gradient, AdamW's two moments 8
+    (Muon's momentum 4), the activations measured (activation_bytes). Left out: the CUDA
+    context (~0.5 GB), the allocator's slack, NCCL's buffers and compile's workspace."""
+    N = world_size if fsdp else 1  # FSDP divides the fp32 state over the ranks
+    P = sum(p.numel() for p in model.parameters())
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = sum(p.numel() for n, p in trained if cfg["optimizer"] == "muon" and ".h." in n and p.dim() == 2)
+    adam = sum(p.numel() for _, p in trained) - muon
+    half = dtype.itemsize  # 2 under bf16/fp16 autocast, 4 in fp32
+    per_block, head = activation_bytes(model.config, cfg["batch_size"], cfg["block_size"], dtype, fsdp)
+    mem = {"weights (fp32)": 4 * P / N, "gradients (fp32)": 4 * (muon + adam) / N,
+           "optimizer state": (8 * adam + 4 * muon) / N}
+    if fsdp:
+        block = sum(p.numel() for p in model.transformer.h[0].parameters())
+        root = P - block * model.config.n_layer
+        # the root's weights (wte, wpe, ln_f) stay gathered through forward and backward; two
+        # blocks at a time are gathered (one computing, the next prefetched), each with its
+        # unsharded 16-bit gradient and the fp32 copy reduce-scattered
+        mem["gathered weights"] = half * (root + 2 * block)
+        mem["unsharded gradients"] = (half + 4) * 2 * block
+    elif half == 2:
+        mem["16-bit weight copies"] = 2 * P  # autocast casts each weight once per forward and keeps it for backward
+    mem["activations"] = per_block * model.config.n_layer + head
+    mem["loss gradient"] = (4 + half) * cfg["batch_size"] * cfg["block_size"] * model.config.vocab_size  # fp32, then 16-bit
+    return mem
+
+
+def print_plan(cfg):
+    """python train.py CONFIG --plan: check every setting for the world size asked, then print
+    the model's size, the step, the per-GPU memory and the time to max_iters. Reads no data,
+    needs no GPU, writes nothing."""
+    world_size = cfg["plan_world"] or int(os.environ.get("WORLD_SIZE", 1))
+    check_settings(cfg, under_torchrun=world_size > 1 or "RANK" in os.environ)
+    meta, data_note = plan_meta(cfg)
+    if cfg["hellaswag_interval"] and meta["tokenizer"] != "gpt2":
+        die("HellaSwag needs a GPT-2 BPE model; set hellaswag_interval=0 for char-level data")
+    sft = meta.get("format") == "sft"
+    total, grad_accum, layout = batch_layout(cfg, sft, world_size)
+    model = plan_model(cfg, meta)
+    dtype = {"float32": torch.float32, "float16": torch.float16}.get(cfg["dtype"], torch.bfloat16)  # auto: bf16 on the GPUs planned for
+    mode = "FSDP" if cfg["fsdp"] else ("DDP" if world_size > 1 else "one GPU")
+    tokens = total * (cfg["block_size"] if sft else 1)  # SFT: at most, every example a full block
+    flops = flops_per_token(model, cfg["block_size"])
+    peak, gpu = (cfg["peak_flops"], "--peak_flops") if cfg["peak_flops"] else (ASSUMED_GPU[1], ASSUMED_GPU[0])
+    seconds = flops * tokens * cfg["max_iters"] / (world_size * peak * ASSUMED_MFU)
+    def size(n):  # GiB, as GPU memory is quoted; small runs in MiB
+        return f"{n / 2 ** 30:8.2f} GiB" if n >= 2 ** 28 else f"{n / 2 ** 20:8.1f} MiB"
+    print(f"plan: {cfg['init_from']} model, data/{cfg['dataset']} ({meta['tokenizer']}"
+          f"{', instruction examples' if sft else ''}; {data_note}), {world_size} GPU(s), {mode}, {dtype}".replace("torch.", ""))
+    print(f"  parameters       {model.num_params() / 1e6:,.2f}M ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:,.2f}M trained)")
+    print(f"  FLOPs per token  {flops / 1e9:,.3f} GFLOP (forward + backward, PaLM's 6N + 12LCT)")
+    print(f"  step             {layout}")
+    print(f"  max_iters        {cfg['max_iters']:,} steps, {tokens * cfg['max_iters'] / 1e9:,.3f}B tokens{' at most' if sft else ''}")
+    mem = memory_per_gpu(model, cfg, world_size, cfg["fsdp"], dtype)
+    print(f"  memory per GPU   {size(sum(mem.values())).strip()} at the peak of a step (estimate: plan.memory_per_gpu), of it:")
+    for part, n in mem.items():
+        print(f"    {part:<20} {size(n)}")
+    print("    (not counted: the CUDA context ~0.5 GB, allocator slack, NCCL buffers; compile usually saves activations)")
+    print(f"  time             {format_time(seconds)} to max_iters at {ASSUMED_MFU:.0%} MFU of a {gpu} "
+          f"({peak / 1e12:,.1f} TFLOP/s per GPU, assumed)")
+    print("  nothing was run or written; drop --plan to train")

@@ -7,11 +7,13 @@ Every function here that takes a World and does a collective must be called by e
 at the same point of the run: that is what keeps them in step.
 """
 
+import inspect
 import math
 import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,16 @@ class World:
         return self.rank == 0
 
 
+def ddp_wrap(model, device, device_type):
+    """The model in DDP, one GPU per process. Buffers are not re-sent before every forward:
+    the only ones are RoPE's tables, the same on every rank. gradient_as_bucket_view: the
+    gradients live in DDP's all-reduce buckets instead of beside them (one copy, not two)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device] if device_type == "cuda" else None, gradient_as_bucket_view=True,
+               **{buffers: False})  # (PyTorch 2.14 renamed broadcast_buffers)
+
+
 def close_world(world):
     """Leave the process group. gloo (the CPU backend) frees each finished collective on a thread
     of its own, and freeing a tensor made in Python needs the GIL: a short sleep lets that thread
@@ -44,6 +56,25 @@ def close_world(world):
     if world.ddp:
         dist.destroy_process_group()
         time.sleep(0.1)
+
+
+def rank_failed(world, error, timeout_s):
+    """An exception on one rank of several: print it, with the rank, and leave the process at
+    once, without destroy_process_group (it may wait on the others). The other ranks' next
+    collective then fails (the peer is gone) or times out after pg_timeout, and they leave the
+    same way, with one line; torchrun also ends the rest as soon as one rank exits with an
+    error. Either way no rank is left hanging."""
+    text = str(error)
+    if isinstance(error, dist.DistError) or any(s in text for s in ("closed by peer", "reset by peer", "Timed out")):
+        print(f"rank {world.rank}: another rank failed or stopped answering (a collective found it gone, or waited "
+              f"over pg_timeout={timeout_s} s); its error is above. ({type(error).__name__}: {text.splitlines()[0][:200]})",
+              file=sys.stderr)
+    else:  # the failure itself: its traceback is what is needed to fix it
+        print(f"rank {world.rank} failed:", file=sys.stderr)
+        traceback.print_exception(error)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 from configurator import UserError, autocast_context, configure, die, exit_on_ctrl_c, print_config, resolve_device, resolve_dtype
 
@@ -27,16 +28,15 @@ if __name__ == "__main__":
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 import lora
 from checkpoint import check_resume, check_same_tokenizer, load_checkpoint, load_model, lock_out_dir, restore_run, save_run
 from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
-from model import GPT, GPTConfig, configure_optimizers, estimate_mfu, fully_shard, peak_flops
-from plan import check_gpu_recipe, check_settings
-from runtime import (RunLog, StepClock, StopFlag, World, agree, agree_on_step, all_finite, close_world, console_line, format_time,
-                     nonfinite, stop_agreed)
+from model import GPT, configure_optimizers, estimate_mfu, fully_shard, peak_flops
+from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan
+from runtime import (RunLog, StepClock, StopFlag, World, agree, ddp_wrap, agree_on_step, all_finite, close_world, console_line, format_time,
+                     nonfinite, rank_failed, stop_agreed)
 
 # -----------------------------------------------------------------------------
 # settings: every one can be changed by a config file or --key=value (python train.py -h lists them)
@@ -100,15 +100,19 @@ DEFAULTS = dict(
     dtype="auto",  # auto | float32 | bfloat16 | float16 (float16 uses a GradScaler)
     compile=False,  # torch.compile the model (first steps slower, then faster; GPU)
     fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies
+    pg_timeout=600,  # seconds a rank waits in a collective for the others before the run is ended as stuck
     peak_flops=0.0,  # one device's peak FLOP/s, for MFU; 0 = the GPU's bf16 peak from model.PEAK_FLOPS (CPU: no MFU)
     seed=1337,
+    # --plan: check the settings and print the run's sizes, per-GPU memory and time, then exit
+    plan=False,  # no data, GPU or download needed; nothing is written
+    plan_world=0,  # the GPUs to plan for (0 = torchrun's WORLD_SIZE, else 1)
 )
 
 # -----------------------------------------------------------------------------
 # set-up: the world, the output folder, the data, the model
 
 
-def setup_world(device_setting, fsdp=False):
+def setup_world(device_setting, fsdp=False, timeout_s=600):
     """Who this process is (runtime.World): torchrun's RANK, LOCAL_RANK and WORLD_SIZE, one GPU
     per process, or rank 0 of 1 for a plain `python train.py`."""
     device, device_type = resolve_device(device_setting)
@@ -118,7 +122,9 @@ def setup_world(device_setting, fsdp=False):
     if device_type == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    # timeout: a collective that waits this long means a rank is stuck or gone; it then
+    # raises, instead of every other rank hanging forever (NCCL's own default is 10 minutes)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return World(True, rank, size, device, device_type, fsdp)
 
 
@@ -143,24 +149,16 @@ def make_loaders(cfg, meta, world):
     instruction examples (SFT data, from prepare_alpaca.py) whose batch sizes count examples."""
     sft = meta.get("format") == "sft"
     B, T = cfg["batch_size"], cfg["block_size"]
-    per_micro = B * world.size * (1 if sft else T)  # examples or tokens per micro-step, all ranks
-    total = cfg["total_batch_size"] or per_micro
-    if total % per_micro != 0:
-        die(f"total_batch_size={total:,} is not a multiple of batch_size*{'' if sft else 'block_size*'}ranks "
-            f"= {per_micro:,}{' (examples: this is SFT data)' if sft else ''}; change one of them")
-    grad_accum = total // per_micro
+    _, grad_accum, layout = batch_layout(cfg, sft, world.size)
     data_dir = os.path.join("data", cfg["dataset"])
     common = dict(rank=world.rank, world_size=world.size, vocab_size=vocab_size_of(meta))  # ids are checked
     if sft:
         train_loader = SFTLoader(data_dir, "train", B, T, seed=cfg["seed"], grad_accum=grad_accum,
                                  group_by_length=cfg["group_by_length"], **common)
         val_loader = SFTLoader(data_dir, "val", B, T, shuffle=False, **common)
-        layout = (f"{total:,} examples per step = {B} x {world.size} ranks x {grad_accum} accumulation steps, "
-                  f"each micro-batch padded to its longest example (at most {T} tokens)")
     else:
         train_loader = DataLoader(data_dir, "train", B, T, seed=cfg["seed"], grad_accum=grad_accum, **common)
         val_loader = DataLoader(data_dir, "val", B, T, shuffle=False, **common)
-        layout = f"{total:,} tokens per step = {B} x {T} x {world.size} ranks x {grad_accum} accumulation steps"
     return train_loader, val_loader, layout
 
 
@@ -170,13 +168,7 @@ def build_model(cfg, meta, say):
     init_from = cfg["init_from"]
     if init_from == "scratch":
         say(f"a new model: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide")
-        model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=vocab_size_of(meta), n_layer=cfg["n_layer"],
-                              n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
-                              bias=cfg["bias"], rope=cfg["rope"], qk_norm=cfg["qk_norm"], mlp=cfg["mlp"],
-                              zero_init_proj=cfg["zero_init_proj"], tie_embeddings=cfg["tie_embeddings"]))
-        if cfg["lora_rank"] > 0:
-            raise UserError("LoRA adapts a trained model: set init_from to gpt2* or another run's out_dir")
-        return model, None
+        return GPT(model_config(cfg, vocab_size_of(meta))), None  # (LoRA needs trained weights: refused before)
     # fine-tuning: another run of ours, or OpenAI's GPT-2 (by name or a local HF folder)
     say(f"initialising from {init_from}")
     ours = os.path.isfile(os.path.join(init_from, "ckpt.pt"))
@@ -213,8 +205,8 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
     fine-tuned from init_from, or (ckpt given) the checkpoint's. Returns (raw_model, base,
     optimizers, scaler): optimizers is [AdamW] or [Muon, AdamW]; base names a LoRA run's
     frozen weights."""
-    if world.fsdp and ptdtype == torch.float16:  # GradScaler's overflow check would see one shard per rank
-        raise UserError("fsdp=True trains in bfloat16 or float32, not float16: set --dtype=bfloat16 (Ampere and newer) or float32")
+    if world.fsdp and ptdtype == torch.float16:  # dtype=auto on a GPU without native bf16 (an explicit float16 is refused before)
+        raise UserError("this GPU has no native bfloat16 and FSDP does not train in float16: set --dtype=float32")
     # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's)
     torch.manual_seed(cfg["seed"])
     if ckpt is not None:
@@ -253,11 +245,7 @@ def wrap(raw_model, cfg, world, say):
         say("compiling the model (the first steps are slow)...")
         model = torch.compile(model)
     if world.ddp and not world.fsdp:
-        # broadcast_buffers=False: the only buffers are RoPE's tables, the same on every rank,
-        # which DDP would otherwise re-send before every forward. gradient_as_bucket_view: the
-        # gradients live in DDP's all-reduce buckets instead of beside them (one copy, not two)
-        model = DDP(model, device_ids=[world.device] if world.device_type == "cuda" else None,
-                    broadcast_buffers=False, gradient_as_bucket_view=True)
+        model = ddp_wrap(model, world.device, world.device_type)
     return model
 
 
@@ -345,13 +333,19 @@ def step_optimizers(optimizers, scaler, params, grad_clip):
 
 def main():
     cfg = configure(DEFAULTS)
-    check_settings(cfg)
-    world = setup_world(cfg["device"], fsdp=cfg["fsdp"])
+    if cfg["plan"]:
+        return print_plan(cfg)
+    check_settings(cfg, under_torchrun="RANK" in os.environ)
+    world = setup_world(cfg["device"], fsdp=cfg["fsdp"], timeout_s=cfg["pg_timeout"])
     try:
         check_gpu_recipe(cfg, world.device_type)
         train(cfg, world)
     except UserError as e:  # bad data, a missing checkpoint, a NaN loss: one line, no traceback
         die(str(e))
+    except Exception as e:
+        if world.ddp:  # one rank's failure (a bug, a full disk) must end every rank, never hang them
+            rank_failed(world, e, cfg["pg_timeout"])  # (exits)
+        raise
     finally:
         close_world(world)
 

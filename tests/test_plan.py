@@ -22,3 +22,101 @@ def test_no_gpu_estimate_counts_instruction_examples_as_whole_blocks(tmp_path, m
     else:
         plan.check_gpu_recipe(cfg, "cpu")  # returns
     plan.check_gpu_recipe(dict(cfg, device="cpu"), "cpu")  # asked for the CPU: always runs
+
+
+# -----------------------------------------------------------------------------
+# --plan
+
+import glob  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+from configurator import configure  # noqa: E402
+from conftest import ROOT, run_script  # noqa: E402
+from model import GPT, GPTConfig, configure_optimizers  # noqa: E402
+
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
+# the recipes sized for a node: their steps divide over 8 GPUs; the rest are one-GPU (or CPU) runs
+NODE_RECIPES = {"gpt2_124m.py", "gpt2_124m_modern.py", "gpt2_355m.py", "gpt2_1.3b.py"}
+
+
+def modes(path):
+    """The launches a recipe is made for: one GPU always; DDP and FSDP on 8 for node recipes,
+    FSDP except where it is refused by design (LoRA adapters, Muon's whole-matrix step)."""
+    cfg = configure(train.DEFAULTS, [path])
+    out = [["--plan_world=1"]]
+    if os.path.basename(path) in NODE_RECIPES:
+        out.append(["--plan_world=8"])
+        if cfg["lora_rank"] == 0 and cfg["optimizer"] != "muon":
+            out.append(["--plan_world=8", "--fsdp"])
+    return out
+
+
+def test_every_recipe_passes_plan_in_every_mode_it_is_made_for(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data prepared here: the plan needs none
+    monkeypatch.delenv("RANK", raising=False)
+    assert {os.path.basename(p) for p in RECIPES} >= NODE_RECIPES
+    planned = 0
+    for path in RECIPES:
+        for extra in modes(path):
+            cfg = configure(train.DEFAULTS, [path, "--plan"] + extra)
+            try:
+                plan.print_plan(cfg)
+            except SystemExit:
+                pytest.fail(f"{os.path.basename(path)} {' '.join(extra)} was refused: {capsys.readouterr().err}")
+            out = capsys.readouterr().out
+            assert "memory per GPU" in out and "time" in out, out
+            planned += 1
+    assert planned >= len(RECIPES) + 7  # the node recipes in DDP, and in FSDP but the Muon one
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_plan_of_the_sharded_1_3b_run_prints_its_memory_per_gpu(tmp_path):
+    p = run_script([os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "gpt2_1.3b.py"), "--fsdp", "--plan",
+                    "--plan_world=8"], cwd=tmp_path)
+    assert "8 GPU(s), FSDP" in p.stdout and "1,048,576 tokens per step = 8 x 1024 x 8 ranks x 16" in p.stdout
+    total = float(p.stdout.split("memory per GPU")[1].split()[0])
+    ddp = run_script([os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "gpt2_1.3b.py"), "--plan",
+                      "--plan_world=8"], cwd=tmp_path).stdout
+    assert 10 < total < float(ddp.split("memory per GPU")[1].split()[0])  # GiB: sharding saves memory
+    assert os.listdir(tmp_path) == []
+    # the checks are the real run's, for the world planned: FSDP on one GPU is refused
+    p = run_script([os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "gpt2_1.3b.py"), "--fsdp", "--plan"],
+                   cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "torchrun" in p.stderr and "Traceback" not in p.stderr
+
+
+def measured_saved_bytes(config, B, T, dtype, sharded):
+    torch.manual_seed(0)
+    return plan.saved_bytes(GPT(config), B, T, dtype, sharded)
+
+
+@pytest.mark.parametrize("options", [{}, dict(rope=True, qk_norm=True, mlp="relu2", bias=False)])
+@pytest.mark.parametrize("dtype, sharded", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
+def test_activation_estimate_scales_to_a_bigger_model(options, dtype, sharded):
+    # the plan measures two small models and scales; measured directly, a model of another
+    # depth, width, vocabulary and micro-batch saves what the scaled figure says
+    config = GPTConfig(block_size=96, vocab_size=300, n_layer=3, n_head=3, n_embd=96, **options)
+    per_block, head = plan.activation_bytes(config, 3, 96, dtype, sharded)
+    measured = measured_saved_bytes(config, 3, 96, dtype, sharded)
+    assert measured == pytest.approx(per_block * 3 + head, rel=0.05)
+
+
+def test_weights_gradients_and_optimizer_state_are_what_torch_allocates():
+    # one AdamW step on a CPU model: its parameters, gradients and moments, in bytes, are the
+    # plan's figures for one GPU (and FSDP's are those over the ranks)
+    cfg = dict(train.DEFAULTS, n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=2)
+    model = GPT(plan.model_config(cfg, vocab_size=64))
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)[0]
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    mem = plan.memory_per_gpu(model, cfg, 1, False, torch.bfloat16)
+    assert mem["weights (fp32)"] == nbytes(model.parameters())
+    assert mem["gradients (fp32)"] == nbytes(p.grad for p in model.parameters())
+    assert mem["optimizer state"] == nbytes(t for s in opt.state.values() for t in s.values() if t.dim() > 0)
+    sharded = plan.memory_per_gpu(model, cfg, 8, True, torch.bfloat16)
+    for part in ("weights (fp32)", "gradients (fp32)", "optimizer state"):
+        assert sharded[part] == mem[part] / 8

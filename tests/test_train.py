@@ -320,3 +320,35 @@ def test_a_stop_during_evaluation_is_honoured_at_once(workdir, evaluation, ranks
         pytest.fail("the run did not stop: the evaluation went on, or the ranks hung")
     assert proc.returncode == 0 and "stopped at step 0" in out, out[-2000:]
     assert ("val loss" if evaluation == "val" else "HellaSwag acc_norm") not in out
+
+
+FAILING_RANK = r'''
+import os, sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import dataloader, train
+how, calls, real = sys.argv.pop(1), [0], dataloader.DataLoader.next_step
+def next_step(self, device="cpu"):  # rank 1's third training step fails or never comes back
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 3:
+        if how == "raise":
+            raise OSError(28, "No space left on device")
+        time.sleep(600)
+    return real(self, device)
+dataloader.DataLoader.next_step = next_step
+train.main()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["raise", "stall"])
+def test_a_failing_or_stuck_rank_ends_every_rank(workdir, how):
+    # one rank raising (a full disk) or hanging: the run ends within seconds (raise) or
+    # pg_timeout (stall), never waits forever, and says what happened in one line per rank
+    (workdir / "failing_rank.py").write_text(FAILING_RANK)
+    args = ["failing_rank.py", ROOT, how] + TINY + ["--max_iters=10", "--out_dir=out", "--pg_timeout=10"]
+    p = subprocess.run(torchrun_cmd(args), cwd=workdir, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert p.returncode != 0
+    if how == "raise":
+        assert "rank 1 failed" in p.stderr and "No space left on device" in p.stderr
+    assert "rank 0: another rank failed or stopped answering" in p.stderr, p.stderr[-3000:]
