@@ -194,8 +194,8 @@ def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), ra
     numbers of the whole set. The model may be wrapped in DDP and/or torch.compile; either way
     the scoring runs the plain model's logits_at, which runs hidden_states (compile that
     method itself for speed, as main() does). An FSDP model scores too, its weights gathered
-    block by block as in training. `stop`, if given, is asked before every batch (every rank
-    asks it equally often); when it says True the evaluation ends and returns None."""
+    block by block as in training. `stop`, if given, is asked before every 16th batch (every
+    rank asks it equally often); when it says True the evaluation ends and returns None."""
     # not DDP's forward: it broadcasts buffers (RoPE's tables) every call, a collective, and
     # ranks holding different numbers of batches would wait on each other forever
     model = unwrap(model)
@@ -207,7 +207,7 @@ def evaluate(model, examples, device, batch_size, autocast_ctx=nullcontext(), ra
     per_rank = -(-len(examples) // world_size)  # the most any rank has: ranks with one fewer loop as often
     try:
         for i in range(0, per_rank, batch_size):
-            if stop is not None and stop():
+            if stop is not None and i % (16 * batch_size) == 0 and stop():  # every 16 batches: it may cost a sync
                 return None
             batch = mine[i:i + batch_size]
             if not batch:

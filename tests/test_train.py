@@ -352,3 +352,38 @@ def test_a_failing_or_stuck_rank_ends_every_rank(workdir, how):
     if how == "raise":
         assert "rank 1 failed" in p.stderr and "No space left on device" in p.stderr
     assert "rank 0: another rank failed or stopped answering" in p.stderr, p.stderr[-3000:]
+
+
+def host_syncs_of_a_run(workdir, monkeypatch, max_iters):
+    """Run train.py in this process and count the tensor-to-Python conversions it makes
+    (.item(), float(t), bool(t): each one waits for the GPU there), with where they came from."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import train as train_script
+
+    class Conversions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                self.where.append(traceback.format_stack(limit=6)[0].strip())
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["train.py"] + TINY + [
+        f"--max_iters={max_iters}", "--eval_interval=0", "--log_interval=1000", "--checkpoint_interval=0",
+        "--out_dir=out", "--overwrite", "--dtype=bfloat16"])
+    with Conversions() as conversions:
+        train_script.main()
+    return conversions.where
+
+
+def test_a_step_that_neither_logs_evaluates_nor_saves_makes_no_host_sync(workdir, monkeypatch):
+    # the runs differ by 5 plain steps, and the counts not at all: those steps convert nothing
+    # (on a GPU the same holds for transfers: tests/test_gpu.py checks with sync debug mode)
+    short, long_ = host_syncs_of_a_run(workdir, monkeypatch, 3), host_syncs_of_a_run(workdir, monkeypatch, 8)
+    assert len(short) > 0  # the last step's log line, evaluation and save do convert: the counter works
+    assert len(long_) == len(short), "\n".join(long_)
