@@ -4,8 +4,9 @@ Train a GPT: from a laptop CPU to several 8-GPU nodes, with one script.
     python train.py config/shakespeare_char_cpu.py                    # laptop, a few minutes
     python train.py config/shakespeare_char.py                        # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py   # one 8-GPU node
-    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_1.3b.py --fsdp  # sharded: 24 GB GPUs
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_1.3b.py --fsdp  # sharded: ~20 GiB per GPU
     python train.py config/finetune_alpaca.py                         # instruction fine-tuning
+    python train.py config/gpt2_1.3b.py --fsdp --plan --plan_world=8  # checks and sizes only: memory, time
 
 One optimizer step reads grad_accum micro-batches on every rank, runs forward and backward on
 each under autocast, clips the gradient norm, sets the learning rate (warmup, then cosine) and
