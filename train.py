@@ -239,10 +239,17 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
 
 
 def wrap(raw_model, cfg, world, say):
-    """The model the loop calls: compiled if asked, in DDP under torchrun (an FSDP model
-    needs no wrapper: it is sharded in place, and compiled after sharding)."""
+    """The model the loop calls: compiled if asked, in DDP under torchrun. An FSDP model needs
+    no wrapper (it is sharded in place); under FSDP each Block's forward is compiled on its
+    own: FSDP's gathering and freeing around every Block stay outside the compiled graphs,
+    which stay small (one Block's, the same for all of them) and let the next Block's
+    all-gather overlap with this one's compute."""
     model = raw_model
-    if cfg["compile"]:
+    if cfg["compile"] and world.fsdp:
+        say("compiling each Block (the first steps are slow)...")
+        for block in raw_model.transformer.h:
+            block.forward = torch.compile(block.forward)
+    elif cfg["compile"]:
         say("compiling the model (the first steps are slow)...")
         model = torch.compile(model)
     if world.ddp and not world.fsdp:

@@ -387,3 +387,35 @@ def test_a_step_that_neither_logs_evaluates_nor_saves_makes_no_host_sync(workdir
     short, long_ = host_syncs_of_a_run(workdir, monkeypatch, 3), host_syncs_of_a_run(workdir, monkeypatch, 8)
     assert len(short) > 0  # the last step's log line, evaluation and save do convert: the counter works
     assert len(long_) == len(short), "\n".join(long_)
+
+
+def compiles_of_a_run(workdir, monkeypatch, *args):
+    """Run train.py here under torch.compile (dynamo with its eager backend: the guards and
+    recompiles are dynamo's, whatever the backend) and return how many graphs it compiled."""
+    import functools
+
+    import torch._dynamo
+    import train as train_script
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["train.py"] + TINY + ["--dataset=bpe", "--compile=True", "--eval_interval=2",
+                                                            "--hellaswag_interval=2", "--hellaswag_file=hs.jsonl",
+                                                            "--out_dir=out"] + list(args))
+    train_script.main()
+    monkeypatch.undo()
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@needs_gpt2_bpe
+def test_compile_round_trip_recompiles_nothing_after_the_first_pass(tmp_path, monkeypatch):
+    # train -> eval -> HellaSwag -> train ... : every mode is compiled on its first pass (train
+    # and eval are two graphs), and 4 more steps with two more evaluations add none; a resumed
+    # run compiles what a fresh one does, no more
+    bpe_workdir(tmp_path, 8)
+    first = compiles_of_a_run(tmp_path, monkeypatch, "--max_iters=2", "--overwrite")
+    assert first >= 2, first
+    assert compiles_of_a_run(tmp_path, monkeypatch, "--max_iters=6", "--overwrite") == first
+    resumed = compiles_of_a_run(tmp_path, monkeypatch, "--max_iters=10", "--init_from=resume")
+    assert resumed == first
