@@ -331,9 +331,13 @@ def read_sft(data_dir, split):
     return tokens, index
 
 
+PAD_MULTIPLE = 64  # SFT micro-batches are padded to a multiple of this many tokens
+
+
 class SFTLoader:
     """Batches of whole instruction examples: (x, y), each (B, L) int64, L = the longest
-    example of the batch minus one (at most block_size: "dynamic padding").
+    example of the batch minus one, rounded up to a multiple of 64 and at most block_size
+    ("dynamic padding", in a few buckets).
 
     Row i is one example: x its tokens but the last, y its tokens but the first (the next
     token at every position), both padded on the right up to L. y is -1 on the prompt and on
@@ -407,7 +411,9 @@ class SFTLoader:
         rows = self.index[self._order[first:first + self.B]]  # (B, 3): start, prompt_len, length
         self.pos += self.B * self.world_size
         self.micro = (self.micro + 1) % self.grad_accum
-        L = int(rows[:, 2].max()) - 1
+        # padded to the longest example, rounded up to a multiple of 64 (at most block_size): a
+        # handful of shapes, so torch.compile and cuBLAS see the same few, not one per length
+        L = min(self.T, -(-(int(rows[:, 2].max()) - 1) // PAD_MULTIPLE) * PAD_MULTIPLE)
         x = torch.zeros(self.B, L, dtype=torch.long)  # padding: token 0, seen by nothing, never a target
         y = torch.full((self.B, L), -1, dtype=torch.long)
         for i, (start, p, n) in enumerate(rows.tolist()):

@@ -109,10 +109,12 @@ def make_sft(data_dir, n_train=24, n_val=8, vocab=16, seed=0):
 def test_loader_batches_whole_examples_with_response_targets(tmp_path):
     d = str(tmp_path / "d")
     examples = make_sft(d)["train"]
-    loader = SFTLoader(d, "train", 4, 32, shuffle=False)
+    loader = SFTLoader(d, "train", 4, 200, shuffle=False)
     x, y = loader.next_batch()
     lengths = [len(p) + len(r) for p, r in examples[:4]]
-    assert x.shape == y.shape == (4, max(lengths) - 1)  # padded to the longest, not to block_size
+    assert max(lengths) - 1 <= 64
+    assert x.shape == y.shape == (4, 64)  # the longest, rounded up to a multiple of 64, not block_size
+    assert SFTLoader(d, "train", 4, 32, shuffle=False).next_batch()[0].shape == (4, 32)  # at most block_size
     for i, (p, r) in enumerate(examples[:4]):
         tok = p + r
         n = len(tok)
@@ -166,7 +168,9 @@ def test_loader_ranks_epochs_and_resume(tmp_path, group):
     assert all(torch.equal(a, fresh.next_batch()[0]) for a in expected)
 
 
-def test_group_by_length_cuts_padding(tmp_path):
+def test_group_by_length_cuts_padding(tmp_path, monkeypatch):
+    import dataloader
+    monkeypatch.setattr(dataloader, "PAD_MULTIPLE", 1)  # these examples are short: no buckets, every length its own
     d = str(tmp_path / "d")
     make_sft(d, n_train=400)
     seen = {}
