@@ -102,8 +102,6 @@ def setup(cfg):
         die("--warmup and --peak_flops cannot be negative")
     if cfg["optimizer"] not in ("adamw", "muon"):
         die(f"--optimizer must be adamw or muon, got {cfg['optimizer']!r}")
-    if cfg["optimizer"] == "muon" and not hasattr(torch.optim, "Muon"):
-        die(f"--optimizer=muon needs torch.optim.Muon, in PyTorch 2.9 and later (this is {torch.__version__})")
     if cfg["mlp"] not in ("gelu", "relu2"):
         die(f"--mlp must be gelu or relu2, got {cfg['mlp']!r}")
     n_head = cfg["n_head"] or PRESETS[cfg["model"]]["n_head"]

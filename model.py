@@ -432,9 +432,9 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
 
     AdamW puts weight decay on the matrices (2-D and up: Linear weights, embeddings) and
     none on biases and norm gains, which only shift and scale. With muon, the 2-D weights
-    inside the blocks (c_attn, c_proj, c_fc) go to torch.optim.Muon instead, which
+    inside the blocks (c_attn, c_proj, c_fc) go to Muon (below) instead, which
     orthogonalises each matrix's momentum (Newton-Schulz) so that every direction of the
-    matrix moves by about the same amount; embeddings and lm_head stay with AdamW (a
+    matrix moves by about the same amount (c_attn as its three matrices, q, k and v); embeddings and lm_head stay with AdamW (a
     lookup table and a classifier are not the linear maps Muon's argument is about).
     Only parameters that require grad are optimised (a LoRA run freezes the base).
     Every param group records its starting lr as base_lr: the schedule multiplies it."""
@@ -456,13 +456,77 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
     if muon is None:
         return [adamw]
-    say(f"Muon tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters")
-    # adjust_lr_fn="original": the update of an (A, B) matrix is scaled by sqrt(max(1, A/B)),
-    # as in Keller Jordan's Muon (the speedrun's learning rates are for this scaling)
-    opt = torch.optim.Muon([{"params": matrices, "base_lr": muon["lr"]}], lr=muon["lr"],
-                           momentum=muon["momentum"], weight_decay=muon["weight_decay"],
-                           adjust_lr_fn="original")
+    # c_attn's (3C, C) weight is three maps, q, k and v, stacked: orthogonalised one by one
+    qkv = [p for n, p in params.items() if any(p is m for m in matrices) and n.endswith("c_attn.weight")]
+    others = [p for p in matrices if not any(p is m for m in qkv)]
+    groups = [{"params": qkv, "split": 3 if muon.get("split_qkv", True) else 1, "base_lr": muon["lr"]},
+              {"params": others, "split": 1, "base_lr": muon["lr"]}]
+    from configurator import native_bf16_gpu
+    ns_dtype = torch.bfloat16 if device_type == "cuda" and native_bf16_gpu() else torch.float32
+    say(f"Muon tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters; "
+        f"q, k, v apart: {groups[0]['split'] == 3}; Newton-Schulz in {str(ns_dtype).replace('torch.', '')}")
+    opt = Muon(groups, lr=muon["lr"], momentum=muon["momentum"], weight_decay=muon["weight_decay"], ns_dtype=ns_dtype)
     return [opt, adamw]
+
+
+def newton_schulz(G, steps=5, dtype=torch.bfloat16, eps=1e-7):
+    """G (A, B) -> about the nearest semi-orthogonal matrix, U V^T of G = U S V^T: every
+    singular value pushed to roughly 1 (0.7-1.2; exactly 1 is not needed) by five steps of the
+    quintic X <- aX + b(XX^T)X + c(XX^T)^2 X, with Keller Jordan's coefficients (they maximise
+    the slope at zero, so small singular values grow fastest). Works on the wide side (A <= B),
+    so XX^T is the smaller Gram matrix. dtype: bf16 where the hardware multiplies it natively
+    (Ampere and newer GPUs); fp32 elsewhere, where bf16 would be emulated and ~50x slower."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = G.size(0) > G.size(1)
+    X = G.to(dtype)
+    X = X.T if tall else X
+    X = X / X.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: singular values <= 1
+    for _ in range(steps):
+        A = X @ X.T  # (A, A)
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.addmm(X, B, X, beta=a)  # a X + B X
+    return (X.T if tall else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights: SGD with Nesterov momentum whose update is orthogonalised
+    (newton_schulz), so that every direction of the matrix moves by about the same amount,
+    whatever the gradient's spectrum. An (A, B) matrix's step is scaled by sqrt(max(1, A/B)),
+    as in Keller Jordan's Muon (the speedrun's learning rates assume it). A param group's
+    "split" cuts each matrix into that many equal row blocks, orthogonalised apart (c_attn's
+    q, k, v). Weight decay is decoupled: lr * weight_decay per step. The state is one
+    "momentum_buffer" per weight, as torch.optim.Muon's (with split=1 and bf16 the steps are
+    the same as torch.optim.Muon's, adjust_lr_fn="original": a test checks it)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, nesterov=True, ns_steps=5,
+                 ns_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      ns_steps=ns_steps, split=1))
+        self.ns_dtype = ns_dtype  # the device's, not the checkpoint's: not in the param groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # (the Optimizer interface; train.py passes none)
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mom, split = group["lr"], group["momentum"], group.get("split", 1)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mom)  # buf = mom * buf + (1 - mom) * grad
+                update = p.grad.lerp(buf, mom) if group["nesterov"] else buf  # Nesterov: look one step ahead
+                update = torch.cat([newton_schulz(u, group["ns_steps"], self.ns_dtype)
+                                    for u in update.chunk(split, dim=0)])
+                rows, cols = p.size(0) // split, p.size(1)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * max(1, rows / cols) ** 0.5)
+        return loss
 
 def fully_shard(model, param_dtype=torch.float32):
     """Shard a GPT across the ranks of the process group with FSDP2 (train.py and

@@ -50,9 +50,6 @@ def check_settings(cfg, under_torchrun):
     if cfg["optimizer"] == "muon":
         if cfg["lora_rank"] > 0:  # the adapters are thin (r x C) matrices: AdamW's job
             die("LoRA runs train with AdamW: drop --optimizer=muon (or set lora_rank=0 to train every weight)")
-        if not hasattr(torch.optim, "Muon"):
-            die(f"optimizer=muon needs torch.optim.Muon, in PyTorch 2.9 and later (this is {torch.__version__}): "
-                "pip install -U 'torch>=2.9', or use --optimizer=adamw")
         for key in ("muon_lr", "muon_momentum", "muon_weight_decay"):
             if cfg[key] < 0:
                 die(f"--{key} must not be negative, got {cfg[key]}")

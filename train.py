@@ -81,7 +81,7 @@ DEFAULTS = dict(
     lora_dropout=0.0,
     lora_targets="q,v",  # which linears get adapters: q, k, v, attn_proj, mlp_fc, mlp_proj
     # optimizer
-    optimizer="adamw",  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (torch >= 2.9)
+    optimizer="adamw",  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (model.Muon)
     learning_rate=6e-4,  # AdamW's peak learning rate
     max_iters=5000,  # optimizer steps in all
     weight_decay=0.1,

@@ -1,5 +1,5 @@
 # GPT-2 small (124M shape) on FineWeb-edu with Muon, RoPE and the from-scratch options.
-# torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m_modern.py   (torch >= 2.9)
+# torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m_modern.py
 # The step count is an ESTIMATE, not a measurement: modded-nanogpt's logs reach val 3.28 in
 # 3.25B tokens with Muon, 2.67B adding ReLU^2, QK-norm and zero-init projections, 2.40B with an
 # untied head (KellerJordan/modded-nanogpt records 2024-10-10, 2024-10-14, 2024-11-03), where

@@ -1,5 +1,5 @@
 # The laptop recipe (shakespeare_char_cpu.py) with Muon: the same model size, data and schedule,
-# and what did best on a CPU in docs/modern.md's measurements. Needs torch >= 2.9.
+# and what did best on a CPU in docs/modern.md's measurements.
 # First: python prepare_shakespeare.py    Then: python train.py config/shakespeare_char_cpu_modern.py
 out_dir = "out-shakespeare-char-modern"
 dataset = "shakespeare_char"  # 65 characters; data/shakespeare_char from prepare_shakespeare.py

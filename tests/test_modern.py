@@ -13,12 +13,12 @@ import plan
 import train as train_script
 from checkpoint import load_model, make_checkpoint, save_checkpoint
 from conftest import read_log
-from model import GPT, GPTConfig, configure_optimizers, estimate_mfu, flops_per_token
+from model import GPT, GPTConfig, Muon, configure_optimizers, estimate_mfu, flops_per_token, newton_schulz
 from test_model import assert_chunked_prefill_matches_full_forward, tiny
 from test_train import ddp_equals_accumulation, train
 
 ALL_ON = dict(qk_norm=True, mlp="relu2", zero_init_proj=True, tie_embeddings=False)
-needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+needs_torch_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
 
 def randomise(model):
@@ -154,12 +154,14 @@ def test_zero_init_alone_exports(tmp_path):
 # Muon
 
 
-@needs_muon
 def test_muon_gets_exactly_the_block_matrices():
     model = tiny(**ALL_ON)
     muon, adamw = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu",
                                              muon=dict(lr=0.02, momentum=0.95, weight_decay=0.0))
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert [g["split"] for g in muon.param_groups] == [3, 1]  # c_attn's q, k, v apart; the rest whole
+    assert all(names_of(model, g["params"]) == {f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)}
+               for g in muon.param_groups[:1])
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
     expected = sorted(f"transformer.h.{i}.{m}.weight" for i in range(2)
@@ -175,7 +177,6 @@ def test_muon_gets_exactly_the_block_matrices():
     assert muon.param_groups[0]["base_lr"] == 0.02 and adamw.param_groups[0]["base_lr"] == 1e-3
 
 
-@needs_muon
 def test_the_schedule_scales_both_optimizers():
     cfg = dict(train_script.DEFAULTS, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100,
                lr_decay_iters=0)
@@ -197,14 +198,68 @@ def check_one_line_refusal(cfg, capsys, *words):
     assert len(lines) == 1 and all(w in lines[0] for w in words), lines
 
 
-@needs_muon
 def test_muon_with_lora_is_refused_in_one_line(capsys):
     check_one_line_refusal(dict(train_script.DEFAULTS, optimizer="muon", lora_rank=8, init_from="gpt2"), capsys, "LoRA", "AdamW")
 
 
-def test_muon_on_an_old_torch_names_the_release(capsys, monkeypatch):
-    monkeypatch.delattr(torch.optim, "Muon", raising=False)
-    check_one_line_refusal(dict(train_script.DEFAULTS, optimizer="muon"), capsys, "2.9", "adamw")
+def names_of(model, params):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in params}
+
+
+def muon_steps(opt, params, grads):
+    """Run one Muon step per set of gradients; the weights after them."""
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@needs_torch_muon
+def test_muon_equals_torch_muon_where_the_settings_match():
+    # whole matrices, bf16 Newton-Schulz: the project's Muon takes torch.optim.Muon's steps exactly
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 128), (64, 64)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    ours = [torch.nn.Parameter(w.clone()) for w in start]
+    theirs = [torch.nn.Parameter(w.clone()) for w in start]
+    a = muon_steps(Muon(ours, lr=0.02, momentum=0.95, weight_decay=0.01, ns_dtype=torch.bfloat16), ours, grads)
+    b = muon_steps(torch.optim.Muon(theirs, lr=0.02, momentum=0.95, weight_decay=0.01, adjust_lr_fn="original"),
+                   theirs, grads)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_muon_split_orthogonalises_q_k_v_as_three_matrices():
+    # a (3C, C) weight with split=3 moves exactly as three (C, C) weights would, each on its own;
+    # the whole-matrix step is a different one
+    torch.manual_seed(0)
+    C = 16
+    start, grads = torch.randn(3 * C, C), [[torch.randn(3 * C, C)] for _ in range(2)]
+    fused = [torch.nn.Parameter(start.clone())]
+    after = muon_steps(Muon([{"params": fused, "split": 3}], lr=0.02, ns_dtype=torch.float32), fused, grads)[0]
+    parts = [torch.nn.Parameter(w.clone()) for w in start.chunk(3)]
+    apart = muon_steps(Muon(parts, lr=0.02, ns_dtype=torch.float32), parts, [[g.chunk(3)[i] for i in range(3)]
+                                                                             for [g] in grads])
+    torch.testing.assert_close(after, torch.cat(apart), rtol=0, atol=1e-6)
+    whole = [torch.nn.Parameter(start.clone())]
+    assert not torch.allclose(muon_steps(Muon(whole, lr=0.02, ns_dtype=torch.float32), whole, grads)[0], after)
+
+
+def test_newton_schulz_runs_in_bf16_only_where_it_is_native(monkeypatch):
+    import configurator
+    muon = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
+    assert configure_optimizers(tiny(), 0.1, 1e-3, (0.9, 0.95), "cpu", muon=muon, verbose=False)[0].ns_dtype == torch.float32
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):  # Ampere and newer / V100, T4
+        monkeypatch.setattr(configurator, "native_bf16_gpu", lambda: native)
+        assert configure_optimizers(tiny(), 0.1, 1e-3, (0.9, 0.95), "cuda", muon=muon, verbose=False)[0].ns_dtype == dtype
+    # either way the result is about orthogonal: singular values near 1
+    G = torch.randn(64, 32)
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.linalg.svdvals(newton_schulz(G, dtype=dtype).float())
+        assert 0.5 < s.min() and s.max() < 1.5
 
 
 def test_bad_choices_are_one_line(capsys):
@@ -219,7 +274,6 @@ MODERN = ["--optimizer=muon", "--muon_lr=0.02", "--qk_norm", "--mlp=relu2", "--z
 
 
 @pytest.mark.slow
-@needs_muon
 def test_exact_resume_with_muon_and_every_option(workdir):  # noqa: F811
     train(workdir, *MODERN, "--max_iters=20", "--out_dir=out_full", "--dropout=0.1")
     train(workdir, *MODERN, "--max_iters=10", "--lr_decay_iters=20", "--out_dir=out_stop", "--dropout=0.1")
@@ -239,6 +293,5 @@ def test_exact_resume_with_muon_and_every_option(workdir):  # noqa: F811
 
 
 @pytest.mark.slow
-@needs_muon
 def test_ddp_two_processes_equal_accumulation_with_muon(workdir):  # noqa: F811
     ddp_equals_accumulation(workdir, *MODERN)
