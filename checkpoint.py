@@ -20,7 +20,10 @@ numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run
                  dict keyed by parameter name, so FSDP and DDP runs resume each other
     scaler       the fp16 GradScaler's, or None
     loader       the training loader's position      rng       every rank's RNG states
-    val_loss     the last validation loss, or None
+    val_loss     the validation loss of these weights (evaluated at this step), or None when
+                 a stop cut the evaluation short
+    best_val_loss  the lowest val_loss of the run's checkpoints: out_dir/ckpt_best.pt is that one
+                 (a second name of the same file while it is also the latest)
 Optimizer, scaler, loader, rng and val_loss make the training state that --init_from=resume
 continues exactly; a merged checkpoint (python checkpoint.py --merged_dir) has none of them, and
 names its LoRA run in merged_from.
@@ -28,6 +31,7 @@ names its LoRA run in merged_from.
 
 import glob
 import os
+import shutil
 
 from configurator import UserError, atomic_write, configure, die, exit_on_ctrl_c, lock_folder, print_config
 
@@ -65,6 +69,26 @@ def save_checkpoint(ckpt, path):
             raise OSError(f"torch.save failed: {e}") from None
 
 
+def checkpoint_path(out_dir):
+    """out_dir/ckpt.pt, or out_dir itself where it names a checkpoint file (RUN/ckpt_best.pt)."""
+    return out_dir if out_dir.endswith(".pt") else os.path.join(out_dir, "ckpt.pt")
+
+
+def keep_copy(path, copy):
+    """Make `copy` a second name of the file at `path` (a hard link: no second write of gigabytes;
+    ckpt.pt is later replaced, never changed in place, so the copy keeps these bytes), or a copy
+    where the file system has no links. Atomic like every checkpoint write."""
+    tmp = f"{copy}.{os.getpid()}.tmp"
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, copy)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        with open(path, "rb") as src, atomic_write(copy) as dst:
+            shutil.copyfileobj(src, dst)
+
+
 def load_checkpoint(path):
     """The checkpoint dict at path, loaded with weights_only=True and checked to be one of
     ours; any problem is a UserError naming the file. Memory-mapped: a tensor is read from
@@ -88,16 +112,17 @@ def newest_checkpoint(pattern="out*/ckpt.pt"):
 
 
 def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
-    """Return (model, meta): from out_dir/ckpt.pt of a run of ours (a LoRA run's base is
-    loaded and its adapters applied), or OpenAI's weights when init_from is a GPT-2 name or a
-    local Hugging Face folder. meta names the tokenizer."""
+    """Return (model, meta): from out_dir/ckpt.pt of a run of ours, or from the .pt file that
+    out_dir names (RUN/ckpt_best.pt, RUN/ckpt_5000.pt); a LoRA run's base is loaded and its
+    adapters applied. Or OpenAI's weights when init_from is a GPT-2 name or a local Hugging Face
+    folder. meta names the tokenizer."""
     if out_dir is None:
         try:
             model = GPT.from_pretrained(init_from, {"dropout": dropout})
         except (OSError, ValueError, ImportError) as e:  # offline, unknown name, odd config
             raise UserError(str(e)) from None
         return model.to(device), {"tokenizer": "gpt2"}
-    path = os.path.join(out_dir, "ckpt.pt")
+    path = checkpoint_path(out_dir)
     ckpt = load_checkpoint(path)
     try:
         if "lora" in ckpt:
@@ -167,6 +192,12 @@ def check_resume(ckpt, cfg, meta, say):
     if cfg["block_size"] > ckpt["model_args"]["block_size"]:
         raise UserError(f"block_size={cfg['block_size']} is longer than the model's {ckpt['model_args']['block_size']} "
                         "positions; resume with the run's block_size")
+    def adapters(c):  # what LoRA trains: (rank, targets), or (0, None) for the whole model
+        return c["lora_rank"], lora.parse_targets(c["lora_targets"]) if c["lora_rank"] else None
+    if adapters(old) != adapters(cfg):  # other adapters are other parameters: the saved state does not fit them
+        raise UserError(f"{cfg['out_dir']} was trained with lora_rank={old['lora_rank']}"
+                        + (f", lora_targets={old['lora_targets']!r}" if old["lora_rank"] else "")
+                        + "; resume it with the same (start a new run, init_from=OUT_DIR, for other adapters)")
     if old["optimizer"] != cfg["optimizer"]:  # the saved state belongs to the other one
         raise UserError(f"{cfg['out_dir']} was trained with optimizer={old['optimizer']}; resume it with the same "
                         "(start a new run, init_from=OUT_DIR, to switch)")
@@ -223,9 +254,10 @@ def load_optimizer(raw_model, optimizers, state):
     dcp.set_optimizer_state_dict(raw_model, optimizers, state, options=dcp.StateDictOptions(full_state_dict=True))
 
 
-def save_run(cfg, step, val_loss, *, model, optimizers, scaler, loader, meta, base, world):
-    """Write out_dir/ckpt.pt (atomically), and ckpt_STEP.pt every keep_interval steps. Every rank
-    must call it: the RNG states (and under FSDP the weights and optimizer state) are gathered."""
+def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, loader, meta, base, world):
+    """Write out_dir/ckpt.pt (atomically), ckpt_STEP.pt every keep_interval steps, and ckpt_best.pt
+    when this checkpoint's val loss is the best (the lowest) of the run. Every rank must call it:
+    the RNG states (and under FSDP the weights and optimizer state) are gathered."""
     model_state, optim_state = gather_state(model, optimizers, world)
     rngs = [None] * world.size
     if world.ddp:
@@ -236,13 +268,17 @@ def save_run(cfg, step, val_loss, *, model, optimizers, scaler, loader, meta, ba
     if world.master:
         ckpt = make_checkpoint(model, meta, cfg, state_dict=model_state, step=step, optimizer=optim_state,
                                scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                               loader=loader.state_dict(), rng=rngs, val_loss=val_loss, base=base)
+                               loader=loader.state_dict(), rng=rngs, val_loss=val_loss, best_val_loss=best_val_loss,
+                               base=base)
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
         try:  # a full disk: the last good checkpoint stays, and every rank stops
             save_checkpoint(ckpt, path)
             if cfg["keep_interval"] and step % cfg["keep_interval"] == 0:
-                save_checkpoint(ckpt, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
-            print(f"saved {path} at step {step}")
+                keep_copy(path, os.path.join(cfg["out_dir"], f"ckpt_{step}.pt"))
+            best = val_loss is not None and val_loss == best_val_loss
+            if best:
+                keep_copy(path, os.path.join(cfg["out_dir"], "ckpt_best.pt"))
+            print(f"saved {path} at step {step}" + (" (the best val loss so far: also ckpt_best.pt)" if best else ""))
         except UserError as e:
             error = e
     agree(world, error)

@@ -123,8 +123,10 @@ def quiet_offline_hub(host="huggingface.co"):
 
 def _check_type(key, value, default):
     """Return `value` converted to the default's type, or end the run with a clear line."""
-    if default is None or value is None:
-        return value  # None-defaults (optional paths, "auto" switches) accept anything
+    if default is None:
+        return value  # a None default (an "auto" switch) accepts anything
+    if value is None:
+        die(f"--{key} cannot be None: give a {type(default).__name__} (like {default!r})")
     if isinstance(default, bool):  # bool before int: bool is a subclass of int
         if isinstance(value, bool):
             return value
@@ -176,6 +178,8 @@ def configure(defaults, argv=None, source=None, usage=None):
                 exec(compile(source_text, arg, "exec"), namespace)
             except Exception as e:  # a broken recipe: say where, not a traceback
                 die(f"config file {arg} failed: {type(e).__name__}: {e}")
+            except SystemExit:  # a recipe sets values; ending the run (with exit 0) before any work is no recipe
+                die(f"config file {arg} called sys.exit() or exit(): a config file may only set values")
             for key, value in namespace.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue  # __builtins__, imports, helper functions, _private helper values
@@ -198,9 +202,13 @@ def configure(defaults, argv=None, source=None, usage=None):
                 continue
             if nxt is None:
                 die(f"--{key} needs a value: --{key}=VALUE")
+            if nxt.startswith("--"):  # `--out_dir --rope`: a forgotten value, not a folder named --rope
+                die(f"--{key} needs a value, and {nxt} is the next flag: write --{key}=VALUE")
             text = nxt
             i += 1
         value = _parse_value(text)
+        if value is None and defaults[key] is not None:  # --out_dir=None: no folder named None
+            die(f"--{key} cannot be None: give a {type(defaults[key]).__name__} (like {defaults[key]!r})")
         if isinstance(defaults[key], str) and not isinstance(value, str):
             value = text  # --start=123 for a string setting means the text "123"
         config[key] = _check_type(key, value, defaults[key])

@@ -50,7 +50,7 @@ from dataloader import EOT, get_gpt2_encoding
 # settings; override with config files or --key=value
 
 DEFAULTS = dict(
-    out_dir="out",  # the run to export: its out_dir/ckpt.pt
+    out_dir="out",  # the run to export: its out_dir/ckpt.pt, or the .pt file it names (RUN/ckpt_best.pt)
     hf_dir="",  # the folder to write (must not exist yet, or be empty)
     dtype="float32",  # the weights' type in the folder: float32 or bfloat16 (half the size)
 )

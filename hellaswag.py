@@ -47,7 +47,7 @@ from model import unwrap
 
 DEFAULTS = dict(
     init_from="gpt2",  # OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF folder; unused with out_dir
-    out_dir="",  # a run of ours: load out_dir/ckpt.pt (LoRA runs: base + adapter) instead of init_from
+    out_dir="",  # a run of ours: load out_dir/ckpt.pt, or the .pt file it names (LoRA runs: base + adapter), not init_from
     split="val",  # which HellaSwag split: val (10,042 examples) or train; test has no public labels
     data_file="",  # a local jsonl in HellaSwag's format instead of the downloaded split
     limit=0,  # score only the first N examples (0 = all): for a quick look

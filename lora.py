@@ -115,7 +115,8 @@ class LoRALinear(nn.Module):
 def parse_targets(targets):
     """Target names from "q, v" or ["q", "v"], in the canonical order; unknown ones are an error."""
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-    names = [t for t in names if t]
+    if "" in names:  # q,,v: a name left out by mistake, most likely
+        raise ValueError(f"LoRA targets {targets!r} has an empty name; valid targets (comma-separated): {','.join(TARGETS)}")
     unknown = [t for t in names if t not in TARGETS]
     if unknown or not names:
         raise ValueError(f"unknown LoRA target(s) {', '.join(unknown) or repr(targets)}; "

@@ -376,11 +376,20 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
         except ImportError:
             raise ImportError("loading GPT-2 weights needs transformers: pip install transformers") from None
+        if local:
+            check_hf_folder(name_or_path)
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=local)
         except OSError:
+            if local:
+                raise
             raise OSError(f"could not load {name_or_path!r}: offline? Be online once so transformers caches it, "
                           "or pass a local folder written by save_pretrained") from None
+        except Exception as e:  # a corrupt or refused weights file in a local folder
+            if not local:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise OSError(f"could not read the weights in {name_or_path}: {type(e).__name__}: {first}") from None
         hc = hf.config
         if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"{name_or_path}: activation {hc.activation_function!r} is not GPT-2's GELU")
@@ -404,6 +413,30 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+
+def check_hf_folder(path):
+    """A local Hugging Face folder must hold a GPT-2: say plainly what else it is (another
+    architecture, no weights, a broken config.json) instead of loading it half-right."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            hc = json.load(f)
+    except FileNotFoundError:
+        raise OSError(f"{path} has no config.json: not a Hugging Face model folder (save_pretrained writes one)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OSError(f"{path}/config.json is not valid JSON ({e})") from None
+    if not isinstance(hc, dict) or hc.get("model_type") != "gpt2":
+        kind = hc.get("model_type") if isinstance(hc, dict) else None
+        raise ValueError(f"{path} holds a {kind or 'model of unknown type'} (config.json's model_type), not GPT-2: "
+                         "only GPT-2 (model_type gpt2) loads here")
+    n_inner = hc.get("n_inner")
+    if n_inner is not None and n_inner != 4 * hc.get("n_embd", 768):
+        raise ValueError(f"{path}: n_inner={n_inner} is not 4 x n_embd; this GPT's MLP is 4 x n_embd wide")
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
+        raise OSError(f"{path} has a config.json but no weights ({' or '.join(weights[:2])})")
 
 
 def copy_gpt2_weights(model, sd_hf):

@@ -27,9 +27,11 @@ def check_settings(cfg, under_torchrun):
             die(f"--{key} must be at least 1, got {cfg[key]}")
     for key in ("max_iters", "total_batch_size", "eval_interval", "checkpoint_interval", "keep_interval",
                 "warmup_iters", "hellaswag_interval", "hellaswag_limit", "lora_rank", "learning_rate", "min_lr",
-                "weight_decay", "grad_clip"):
+                "weight_decay", "grad_clip", "seed"):
         if cfg[key] < 0:  # max_iters=0: evaluate the starting model and stop
             die(f"--{key} must not be negative, got {cfg[key]}")
+    if not (0 <= cfg["beta1"] < 1 and 0 <= cfg["beta2"] < 1):  # AdamW's moving averages: 1 would never move
+        die(f"--beta1 and --beta2 must be in [0, 1), got {cfg['beta1']} and {cfg['beta2']}")
     if not 0 <= cfg["dropout"] < 1 or not 0 <= cfg["lora_dropout"] < 1:
         die(f"dropout must be in [0, 1), got dropout={cfg['dropout']}, lora_dropout={cfg['lora_dropout']}")
     if cfg["n_embd"] % cfg["n_head"] != 0:
@@ -53,6 +55,8 @@ def check_settings(cfg, under_torchrun):
         for key in ("muon_lr", "muon_momentum", "muon_weight_decay"):
             if cfg[key] < 0:
                 die(f"--{key} must not be negative, got {cfg[key]}")
+        if cfg["muon_momentum"] >= 1:  # a momentum of 1 or more never forgets: the update grows without end
+            die(f"--muon_momentum must be below 1 (0.95 is usual), got {cfg['muon_momentum']}")
     if cfg["fsdp"] and cfg["optimizer"] == "muon":  # Newton-Schulz of a shard is not that of the matrix
         die("Muon orthogonalises whole matrices, and under FSDP each rank holds a shard of each: use DDP "
             "(drop --fsdp) with optimizer=muon")
@@ -69,6 +73,21 @@ def check_settings(cfg, under_torchrun):
             die("fsdp=True trains in bfloat16 or float32, not float16: set --dtype=bfloat16 (Ampere and newer) or float32")
         if cfg["lora_rank"] > 0:
             die("LoRA trains a few MB of adapters: it needs no sharding; drop --fsdp (DDP) for lora_rank > 0")
+
+
+def setting_notes(cfg, world_size, device_type):
+    """Settings that work but may not do what was meant: one line each, printed at start."""
+    notes = []
+    if cfg["decay_lr"] and cfg["lr_decay_iters"] > cfg["max_iters"] > 0:
+        notes.append(f"lr_decay_iters={cfg['lr_decay_iters']} is past max_iters={cfg['max_iters']}: the learning rate "
+                     "ends above min_lr; --lr_decay_iters=0 decays over max_iters")
+    if cfg["total_batch_size"] == 0 and world_size > 1:
+        notes.append(f"total_batch_size=0 means one micro-batch per rank: {world_size} ranks train on {world_size}x "
+                     "the batch of one process; set total_batch_size to train alike on any number")
+    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+        notes.append(f"torch runs {torch.get_num_threads()} threads; on a small or busy CPU, OMP_NUM_THREADS=1 "
+                     "is often several times faster (see the README)")
+    return notes
 
 
 def check_gpu_recipe(cfg, device_type):

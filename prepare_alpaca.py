@@ -80,12 +80,13 @@ def render_prompt(instruction, input=""):
 
 
 def load_records(path):
-    """A JSON list or a JSONL file -> [(instruction, input, output), ...]. A bad record is an
-    error naming its line (JSONL) or index (JSON list) and what is wrong with it."""
+    """A JSON list or a JSONL file -> ([(instruction, input, output), ...], {reason: records
+    left out}). A bad record is an error naming its line (JSONL) or index (JSON list) and what
+    is wrong with it; one with nothing to learn from is left out and counted."""
     if not os.path.isfile(path):
         die(f"--input file {path} not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is skipped
             text = f.read()
     except UnicodeDecodeError:
         die(f"{path} is not UTF-8 text (JSON files are UTF-8); convert it")
@@ -105,7 +106,7 @@ def load_records(path):
             except json.JSONDecodeError as e:
                 die(f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one record a line")
             where.append(f"{path}: line {lineno}")
-    records = []
+    records, skipped = [], {"an empty output": 0, "<|endoftext|> in the output": 0}
     for item, loc in zip(items, where):
         if not isinstance(item, dict):
             die(f"{loc}: expected an object with instruction, input and output, got {type(item).__name__}")
@@ -116,10 +117,15 @@ def load_records(path):
             die(f"{loc}: 'input' must be a string (or left out), got {type(inp).__name__}")
         if not isinstance(output, str):
             die(f"{loc}: 'output' is missing or not a string")
-        records.append((instruction, inp, output))
+        if not output.strip():  # an empty answer teaches only to stop at once
+            skipped["an empty output"] += 1
+        elif "<|endoftext|>" in output:  # the end marker's text inside an answer: the model would learn to write it
+            skipped["<|endoftext|> in the output"] += 1
+        else:
+            records.append((instruction, inp, output))
     if not records:
-        die(f"{path} holds no records")
-    return records
+        die(f"{path} holds no records" + (f" to train on ({', '.join(skipped)})" if any(skipped.values()) else ""))
+    return records, skipped
 
 
 def download(url):
@@ -143,7 +149,10 @@ def download(url):
 def prepare(cfg):
     if not 0 < cfg["val_fraction"] < 1:
         die(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
-    records = load_records(cfg["input"] or download(cfg["url"]))
+    records, skipped = load_records(cfg["input"] or download(cfg["url"]))
+    for reason, n in skipped.items():
+        if n:
+            print(f"left out {n:,} record(s) with {reason}")
     enc = get_gpt2_encoding()
 
     # a seeded split of the records (not of the tokens): whole examples go to train or val

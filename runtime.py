@@ -133,12 +133,23 @@ def all_finite(bad_loss, params, world):
     return not bad.item()
 
 
-def nonfinite(out_dir, step):
-    """A NaN/inf loss: the error that stops the run without saving, so ckpt.pt stays the last good one."""
-    kept = (f"the last good checkpoint in {out_dir} is untouched" if os.path.exists(os.path.join(out_dir, "ckpt.pt"))
-            else "no checkpoint had been written yet")
-    return UserError(f"the loss is not finite at step {step}: stopping without saving ({kept}); lower "
+def nonfinite(out_dir, step, val_loss=None):
+    """A NaN/inf loss (or val loss): the error that stops the run without saving, so the
+    checkpoints in out_dir stay as they were."""
+    what = f"the val loss is not finite ({val_loss})" if val_loss is not None else "the loss is not finite"
+    kept = ("no checkpoint had been written yet" if not os.path.exists(os.path.join(out_dir, "ckpt.pt")) else
+            f"{out_dir}/ckpt.pt, the latest, and ckpt_best.pt, the lowest val loss, are untouched"
+            if os.path.exists(os.path.join(out_dir, "ckpt_best.pt")) else f"{out_dir}/ckpt.pt is untouched")
+    return UserError(f"{what} at step {step}: stopping without saving ({kept}); lower "
                      "learning_rate, check the data, or try dtype=float32")
+
+
+def worse_than_best(val_loss, best_val):
+    """What to add to the val loss's console line when it is more than 10% above the best
+    checkpoint's: a run that is diverging (or overfitting) says so while the best is kept."""
+    if val_loss is None or best_val is None or val_loss <= 1.1 * best_val:
+        return ""
+    return f" (the best checkpoint's was {best_val:.4f}: ckpt_best.pt keeps it)"
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +212,7 @@ class RunLog:
 
 class StepClock:
     """The time of the training steps between two log lines, evaluation and saving left out
-    (pause/resume around them), and the time the run has left at the average pace so far.
+    (pause/resume around them), and the time the run has left at the pace of recent steps.
     The run's first step (torch.compile, CUDA's caches and kernels warming up) is timed on
     its own, as warmup_s, and is in no lap: the logged ms/step, tok/s and MFU are steady-state."""
 
@@ -210,6 +221,7 @@ class StepClock:
         self.start_step, self.device_type = start_step, device_type
         self.steps = self.tokens = 0  # since the last lap
         self.warmup_s, self.warmup_logged = None, False  # the first step's seconds, once it is done
+        self.pace = None  # seconds per step, a moving average over the recent laps
 
     def pause(self):
         self.paused_at = time.time()
@@ -236,13 +248,17 @@ class StepClock:
         if self.steps:
             values = dict(dt_ms=(now - self.last) / self.steps * 1000, tok_per_s=self.tokens / (now - self.last))
             per_step = self.tokens / self.steps
+            dt = (now - self.last) / self.steps
+            self.pace = dt if self.pace is None else 0.7 * self.pace + 0.3 * dt  # recent laps weigh most
         if self.warmup_s is not None and not self.warmup_logged:
             values["warmup_s"], self.warmup_logged = self.warmup_s, True
         self.last, self.steps, self.tokens = now, 0, 0
         return values, per_step
 
     def left(self, step, max_iters):
-        return (max_iters - step) * (self.last - self.run_start) / max(1, step - self.start_step)
+        """Seconds to max_iters at the recent pace (evaluations not counted); before any lap, at
+        the first step's (compile included: an overestimate that the next lap corrects)."""
+        return (max_iters - step) * (self.pace if self.pace is not None else self.warmup_s or 0.0)
 
 
 def format_time(seconds):

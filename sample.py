@@ -24,11 +24,11 @@ if __name__ == "__main__":
 
 import torch
 
-from checkpoint import load_model, newest_checkpoint
+from checkpoint import checkpoint_path, load_model, newest_checkpoint
 from dataloader import EOT, get_tokenizer
 
 DEFAULTS = dict(
-    out_dir="",  # a training run's folder; empty = the newest out*/ckpt.pt here
+    out_dir="",  # a training run's folder (or one of its .pt files: RUN/ckpt_best.pt); empty = the newest out*/ckpt.pt here
     init_from="",  # or OpenAI's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (or a local HF folder)
     start="\n",  # the prompt; FILE:path reads it from a file
     num_samples=2,  # how many samples to draw
@@ -51,6 +51,8 @@ def main():
             f"{cfg['temperature']}, top_k={cfg['top_k']}, top_p={cfg['top_p']}")
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
         die(f"--num_samples and --max_new_tokens must be at least 1, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
+    if not 0 <= cfg["seed"] < 2**63:
+        die(f"--seed must be a whole number from 0 to 2**63-1, got {cfg['seed']}")
     if cfg["instruct"] not in (None, True, False):
         die(f"--instruct must be True or False (or left out), got {cfg['instruct']!r}")
     device, device_type = resolve_device(cfg["device"])
@@ -68,7 +70,7 @@ def main():
                     die("no out*/ckpt.pt here: train a model first (see README), or give --out_dir or --init_from=gpt2")
                 out_dir = os.path.dirname(path)
             model, meta = load_model(out_dir=out_dir, device=device)
-            print(f"loaded {os.path.join(out_dir, 'ckpt.pt')}", file=sys.stderr)
+            print(f"loaded {checkpoint_path(out_dir)}", file=sys.stderr)
         encode, decode = get_tokenizer(meta)
         start = cfg["start"]
         if start.startswith("FILE:"):
@@ -108,6 +110,15 @@ def main():
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
     eot = EOT if meta["tokenizer"] == "gpt2" else None
 
+    try:
+        generate(model, x, cfg, decode, start, instruct, eot, autocast)
+    except BrokenPipeError:  # `python sample.py ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        sys.exit(0)
+
+
+def generate(model, x, cfg, decode, start, instruct, eot, autocast):
+    """Draw num_samples samples from the prompt x, each streamed to stdout as it is made."""
     for k in range(cfg["num_samples"]):
         # stream: decode the tokens so far and print what is new. Decoding the whole list
         # (not token by token) keeps multi-byte characters that BPE splits across tokens intact.

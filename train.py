@@ -32,12 +32,12 @@ import torch.distributed as dist
 
 import hellaswag
 import lora
-from checkpoint import check_resume, check_same_tokenizer, load_checkpoint, load_model, lock_out_dir, restore_run, save_run
+from checkpoint import SHAPE_KEYS, check_resume, check_same_tokenizer, load_checkpoint, load_model, lock_out_dir, restore_run, save_run
 from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
 from model import GPT, configure_optimizers, estimate_mfu, fully_shard, peak_flops
-from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan
-from runtime import (RunLog, StepClock, StopFlag, World, agree, ddp_wrap, agree_on_step, all_finite, close_world, console_line, format_time,
-                     nonfinite, rank_failed, stop_agreed)
+from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan, setting_notes
+from runtime import (RunLog, StepClock, StopFlag, World, agree, agree_on_step, all_finite, close_world, console_line,
+                     ddp_wrap, format_time, nonfinite, rank_failed, stop_agreed, worse_than_best)
 
 # -----------------------------------------------------------------------------
 # settings: every one can be changed by a config file or --key=value (python train.py -h lists them)
@@ -153,6 +153,9 @@ def make_loaders(cfg, meta, world):
     _, grad_accum, layout = batch_layout(cfg, sft, world.size)
     data_dir = os.path.join("data", cfg["dataset"])
     common = dict(rank=world.rank, world_size=world.size, vocab_size=vocab_size_of(meta))  # ids are checked
+    if cfg["group_by_length"] and not sft:
+        raise UserError(f"group_by_length groups instruction examples by length, and data/{cfg['dataset']} is a token "
+                        "stream (no examples): drop --group_by_length")
     if sft:
         train_loader = SFTLoader(data_dir, "train", B, T, seed=cfg["seed"], grad_accum=grad_accum,
                                  group_by_length=cfg["group_by_length"], **common)
@@ -178,6 +181,11 @@ def build_model(cfg, meta, say):
     else:
         model, init_meta = load_model(init_from=init_from, dropout=cfg["dropout"])
     check_same_tokenizer(init_meta, meta, init_from, cfg["dataset"])
+    # the loaded weights decide the architecture: say which of this run's settings it overrides
+    ignored = [f"{k}={getattr(model.config, k)!r}" for k in SHAPE_KEYS + ("zero_init_proj",)
+               if cfg[k] != getattr(model.config, k)]
+    if ignored:
+        say(f"note: the model is {init_from}'s, so its settings hold, not this run's: {', '.join(ignored)}")
     if lora.has_lora(model):  # fine-tuning a LoRA run: start from its merged weights
         lora.merge_lora(model)
     if cfg["block_size"] > model.config.block_size:
@@ -372,9 +380,12 @@ def train(cfg, world):
     if world.master:
         print_config(cfg)
     say(f"device {world.device}, dtype {str(ptdtype).replace('torch.', '')}, {world.size} rank(s), {layout}")
+    for note in setting_notes(cfg, world.size, world.device_type):
+        say(f"note: {note}")
     raw_model, base, optimizers, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)
     step = restore_run(ckpt, raw_model, optimizers, scaler, train_loader, world, say) if resume else 0
     val_loss = ckpt["val_loss"] if resume else None
+    best_val = ckpt.get("best_val_loss", val_loss) if resume else None  # the val loss in out_dir/ckpt_best.pt
     del ckpt  # the file is memory-mapped: let it go before this run replaces it
     model = wrap(raw_model, cfg, world, say)
     autocast = autocast_context(world.device_type, ptdtype)
@@ -387,16 +398,20 @@ def train(cfg, world):
     clock = StepClock(start_step, world.device_type)
     bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
     stopping = stop_agreed(stop, world)  # a stop every rank agreed on; one during the set-up ends the run here
+    if resume and step >= max_iters:
+        say(f"the run is already at step {step} (--max_iters={max_iters}): nothing to train; a larger --max_iters goes on")
     while True:
         last = step >= max_iters or stopping
+        saving = (last or cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0) and step > start_step
         clock.pause()  # evaluation and saving are not counted in the step time
-        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last) and not stopping:
+        val_loss = None if step > start_step else val_loss  # a checkpoint holds the val loss of its own weights
+        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or saving) and not stopping:
             val = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop)
             if val is None:  # a stop during the evaluation: save (if there is anything new) and exit
                 last = stopping = True
             else:
                 val_loss = val
-                say(f"step {step}: val loss {val_loss:.4f}")
+                say(f"step {step}: val loss {val_loss:.4f}" + worse_than_best(val_loss, best_val))
                 log(step, val=val_loss)
         if hella_examples and (step % cfg["hellaswag_interval"] == 0 or last) and not stopping:
             res = hellaswag.evaluate(raw_model, hella_examples, world.device, batch_size=max(1, cfg["batch_size"] // 4),
@@ -407,14 +422,20 @@ def train(cfg, world):
             else:
                 say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
                 log(step, hella=res["acc_norm"])
-        if (last or cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0) and step > start_step:
-            if not all_finite(bad_loss, params, world):  # never overwrite a good checkpoint with a diverged model
+        if saving:  # never overwrite a good checkpoint with a diverged model, nor one that scores nan
+            if not all_finite(bad_loss, params, world):
                 raise nonfinite(out_dir, step - 1)
-            save_run(cfg, step, val_loss, model=raw_model, optimizers=optimizers, scaler=scaler, loader=train_loader,
-                     meta=meta, base=base, world=world)
+            if val_loss is not None and not math.isfinite(val_loss):  # finite weights can still score nan
+                raise nonfinite(out_dir, step, val_loss)
+            if val_loss is not None and (best_val is None or val_loss < best_val):
+                best_val = val_loss  # this checkpoint is also written as ckpt_best.pt
+            save_run(cfg, step, val_loss, best_val, model=raw_model, optimizers=optimizers, scaler=scaler,
+                     loader=train_loader, meta=meta, base=base, world=world)
         if last:
             if stopping:
                 say(f"stopped at step {step}" + ("; continue with --init_from=resume" if step > start_step else ""))
+            if worse_than_best(val_loss, best_val):
+                say(f"the best checkpoint, val loss {best_val:.4f}, is {os.path.join(out_dir, 'ckpt_best.pt')}")
             break
         clock.resume()
 

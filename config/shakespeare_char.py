@@ -12,7 +12,7 @@ dropout = 0.2  # 1M characters is little data for 10M parameters: regularise
 
 learning_rate = 1e-3
 max_iters = 5000
-lr_decay_iters = 5000
+lr_decay_iters = 0  # 0 = max_iters: decay all the way down at the end
 min_lr = 1e-4
 warmup_iters = 100
 beta2 = 0.99

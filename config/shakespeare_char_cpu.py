@@ -14,7 +14,7 @@ dropout = 0.0  # too small a model to overfit in 2000 steps
 
 learning_rate = 1e-3  # small models tolerate a high learning rate
 max_iters = 2000
-lr_decay_iters = 2000  # decay all the way down at the end
+lr_decay_iters = 0  # 0 = max_iters: decay all the way down at the end (also with a lower --max_iters)
 min_lr = 1e-4  # learning_rate / 10
 warmup_iters = 100
 beta2 = 0.99  # few tokens per step: average the squared gradients a little longer

@@ -24,7 +24,7 @@ muon_momentum = 0.95  # Muon's usual Nesterov momentum
 muon_weight_decay = 0.0  # no decay on the matrices: too few steps to overfit
 learning_rate = 1e-3  # AdamW's peak, for embeddings, lm_head, gains and biases
 max_iters = 2000
-lr_decay_iters = 2000  # decay all the way down at the end
+lr_decay_iters = 0  # 0 = max_iters: decay all the way down at the end (also with a lower --max_iters)
 min_lr = 1e-4  # learning_rate / 10 (Muon's floor is muon_lr / 10: the schedule scales both)
 warmup_iters = 100
 beta2 = 0.99  # few tokens per step: average the squared gradients a little longer

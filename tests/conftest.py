@@ -1,8 +1,12 @@
 """Shared test set-up: the repo root on sys.path, and helpers that many test files use."""
 
+import json
 import os
+import select
 import subprocess
 import sys
+import tempfile
+import threading
 
 import pytest
 
@@ -28,14 +32,90 @@ needs_gpt2_bpe = pytest.mark.skipif(not gpt2_encoding_available(),
                                     reason="GPT-2 BPE files unavailable: set TIKTOKEN_CACHE_DIR or go online")
 
 
+# Most tests run the scripts as a user does, `python SCRIPT.py ...`, a hundred times and more. Each
+# such process would spend ~2.5 s of CPU importing torch before its first line of work, a third of
+# the suite. So they are forked from a "zygote": one process per test worker that imported numpy
+# and torch once (and ran no torch op, so no thread pool is forked half-way) and then forks a child
+# for each script: the child takes the cwd, environment, stdout/stderr files and limits of a fresh
+# process and runs the script as __main__ with runpy, as `python SCRIPT.py` would. Scripts that
+# must start for real (Ctrl-C while importing, torchrun's ranks, signals) use subprocess directly.
+ZYGOTE = r"""
+import io, json, os, resource, runpy, sys
+import numpy, torch  # noqa: F401  the slow imports, once
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        for fd, path in ((0, os.devnull), (1, req["stdout"]), (2, req["stderr"])):
+            os.dup2(os.open(path, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), "utf-8", line_buffering=True, write_through=True)
+        sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), "utf-8", "backslashreplace", write_through=True)
+        if req["fsize"]:  # a full disk, as `ulimit -f` makes one (see test_bad_input.py)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        module = req["argv"][1] if req["argv"][0] == "-m" else None  # python -m torch.distributed.run ...
+        sys.argv = req["argv"][1:] if module else req["argv"]
+        sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(sys.argv[0])))
+        code = 0
+        try:
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as e:  # what the interpreter does with sys.exit's argument
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if code == 1 and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            sys.excepthook(*sys.exc_info())  # the traceback an uncaught exception prints
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
+"""
+_zygotes = threading.local()
+
+
+def run_python(args, cwd, env, timeout, fsize=0):
+    """`python args...` (a script and its arguments, or -m MODULE ...) in cwd with env: (exit code,
+    stdout, stderr), forked from this thread's zygote. fsize > 0 limits the size of files it
+    writes (RLIMIT_FSIZE)."""
+    z = getattr(_zygotes, "proc", None)
+    if z is None or z.poll() is not None:
+        z = _zygotes.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        req = dict(argv=list(args), cwd=os.path.abspath(cwd), env=env, stdout=out, stderr=err, fsize=fsize)
+        z.stdin.write(json.dumps(req) + "\n")
+        z.stdin.flush()
+        pid = json.loads(z.stdout.readline())["pid"]
+        if not select.select([z.stdout], [], [], timeout)[0]:
+            os.kill(pid, 9)
+            z.stdout.readline()
+            raise subprocess.TimeoutExpired(args, timeout)
+        rc = json.loads(z.stdout.readline())["rc"]
+        with open(out, encoding="utf-8", errors="replace") as f, open(err, encoding="utf-8", errors="replace") as g:
+            return rc, f.read(), g.read()
+
+
 def run_script(args, cwd=None, env=None, check=True, timeout=600):
     """Run `python args...` from the repo root (or cwd); return the CompletedProcess with
     stdout/stderr as text. check=True fails the test with the script's output on error."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    p = subprocess.run([sys.executable] + list(args), cwd=cwd or ROOT, env=full_env,
-                       capture_output=True, text=True, timeout=timeout)
+    if str(args[0]).endswith(".py") or args[0] == "-m":
+        p = subprocess.CompletedProcess(args, *run_python([str(a) for a in args], cwd or ROOT, full_env, timeout))
+    else:  # python -c / -m
+        p = subprocess.run([sys.executable] + list(args), cwd=cwd or ROOT, env=full_env,
+                           capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+        pytest.fail(f"{' '.join(map(str, args))} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
 
 
@@ -43,7 +123,8 @@ def torchrun(args, cwd, nproc=2, timeout=300):
     """Run `torchrun --standalone --nproc_per_node=nproc args...` (CPU, gloo) and fail the test
     with its output unless it exits 0; returns the CompletedProcess."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run(torchrun_cmd(args, nproc), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [str(a) for a in torchrun_cmd(args, nproc)[1:]]  # the launcher forked from the zygote; its ranks start for real
+    p = subprocess.CompletedProcess(cmd, *run_python(cmd, cwd, env, timeout))
     # the ranks' own errors come before torchrun's summary of them: keep enough of stderr
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
     return p

@@ -14,7 +14,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, run_python  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--device=cpu",
         "--dtype=float32", "--eval_iters=1", "--eval_interval=0", "--max_iters=2", "--warmup_iters=1"]
@@ -118,9 +118,9 @@ def make_workdir(w):
     for f in ("train.bin", "val.bin"):
         (w / "data" / "badjson" / f).write_bytes((w / "data" / "tiny" / f).read_bytes())
     (w / "data" / "badjson" / "meta.json").write_text('{"tokenizer": "char", "chars": [')
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir=run"] + TRAIN[1:], cwd=w, env=env,
-                   check=True, capture_output=True)
+    code, _, err = run_python([os.path.join(ROOT, "train.py"), "--out_dir=run"] + TRAIN[1:], w,
+                              dict(os.environ, OMP_NUM_THREADS="1"), 300)
+    assert code == 0, err
     good = torch.load(w / "run" / "ckpt.pt", weights_only=True)
     bad = {"nomodelargs": {k: v for k, v in good.items() if k != "model_args"}, "baretensor": torch.zeros(3),
            "badshapes": dict(good, model_args=dict(good["model_args"], n_embd=64, n_head=4)),
@@ -149,30 +149,16 @@ def kept(path, old, new):
     return new == old
 
 
-# `python -c LIMITED N SCRIPT ARGS...`: SCRIPT, with files limited to N bytes (set inside the child:
-# the rows run from threads, where subprocess's preexec_fn is unsafe)
-LIMITED = """
-import os, resource, runpy, sys
-n = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
-sys.argv = sys.argv[2:]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def run_case(w, root, command, file_size_limit=None):
     """Run one row; return (exit code, stderr, the files that existed and were changed or removed)."""
     before = snapshot(w)
     # CPU only, also where a GPU is: the no-GPU rows test what device=auto does without one
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    limit = ["-c", LIMITED, str(file_size_limit)] if file_size_limit else []
-    p = subprocess.run([sys.executable] + limit + [os.path.join(root, command[0])] + command[1:], cwd=w, env=env,
-                       capture_output=True, text=True, timeout=300)
+    code, _, err = run_python([os.path.join(root, command[0])] + command[1:], w, env, 300, file_size_limit or 0)
     after = snapshot(w)
     damaged = sorted(path for path, data in before.items() if not kept(path, data, after.get(path)))
     damaged += sorted(path for path in after if path.endswith(".tmp") and path not in before)  # left-over temp files
-    return p.returncode, p.stderr, damaged
+    return code, err, damaged
 
 
 def run_all(base, root, workers=2):

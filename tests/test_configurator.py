@@ -100,6 +100,21 @@ def test_bare_booleans_and_values():
 def test_a_bare_flag_for_a_value_setting_is_one_line(capsys):
     expect_exit(capsys, ["--batch_size", "--compile"], "--batch_size")
     expect_exit(capsys, ["--out_dir"], "needs a value")
+    # the next flag is never taken as the value: no run into a folder named --compile
+    expect_exit(capsys, ["--out_dir", "--compile"], "--out_dir needs a value", "--compile is the next flag")
+    assert configure(DEFAULTS, ["--learning_rate", "-1e-3"])["learning_rate"] == -1e-3  # a negative number is a value
+
+
+def test_none_only_where_the_default_is_none(capsys):
+    for key in ("batch_size", "learning_rate", "out_dir", "compile"):
+        expect_exit(capsys, [f"--{key}=None"], f"--{key} cannot be None")
+    assert configure(dict(instruct=None), ["--instruct=None"]) == dict(instruct=None)
+
+
+def test_a_config_file_that_exits_is_refused(capsys, tmp_path):
+    for body in ("import sys\nsys.exit(0)\n", "exit()\n"):
+        (tmp_path / "quits.py").write_text(body)
+        expect_exit(capsys, [str(tmp_path / "quits.py")], "quits.py", "sys.exit")
 
 
 SCRIPTS = ["train", "sample", "hellaswag", "bench", "prepare_shakespeare", "prepare_fineweb", "prepare_alpaca",

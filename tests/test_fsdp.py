@@ -156,12 +156,14 @@ torch.manual_seed(0)
 model = fully_shard(GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)))
 world = World(True, dist.get_rank(), dist.get_world_size(), "cpu", "cpu", fsdp=True)
 total = sum(p.numel() for p in model.parameters())
+out = open(f"shard_{dist.get_rank()}.txt", "w")  # one file per rank: printed lines of two ranks interleave
 for micro in range(2):  # two micro-steps of one optimizer step, as train.py runs them
     x = torch.randint(0, 64, (2, 16))
     with grad_sync(model, world, last_micro=micro == 1):
         model(x, x)[1].backward()
     local = sum(p.grad.to_local().numel() for p in model.parameters())
-    print(f"micro {micro}: {local} of {total}")
+    out.write(f"micro {micro}: {local} of {total}\n")
+out.close()
 dist.destroy_process_group()
 '''
 
@@ -171,8 +173,8 @@ def test_fsdp_gradients_stay_sharded_through_accumulation(tmp_path):
     # after every micro-step (not only the last) each rank holds its shard of each gradient:
     # about 1/ranks of the model's, never a full fp32 copy
     (tmp_path / "shard_check.py").write_text(SHARD_CHECK)
-    p = torchrun([str(tmp_path / "shard_check.py"), ROOT], cwd=tmp_path)
-    lines = [line.split() for line in p.stdout.splitlines() if line.startswith("micro")]
-    assert len(lines) == 4, p.stdout  # 2 micro-steps x 2 ranks
+    torchrun([str(tmp_path / "shard_check.py"), ROOT], cwd=tmp_path)
+    lines = [line.split() for rank in range(2) for line in (tmp_path / f"shard_{rank}.txt").read_text().splitlines()]
+    assert len(lines) == 4, lines  # 2 micro-steps x 2 ranks
     for _, _, local, _, total in lines:
         assert 0.45 < int(local) / int(total) < 0.55, (local, total)

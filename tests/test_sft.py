@@ -37,8 +37,9 @@ def test_template_is_the_published_alpaca_one():
 RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, sleep, move."},
     {"instruction": "Translate to French.", "input": "Good morning, café?", "output": "Bonjour, un café ? ☕"},
-    {"instruction": "Quote the marker.", "output": "It is written <|endoftext|> in the text."},  # no "input" key
-    {"instruction": "Sum them.", "input": "1, 2", "output": "3"},
+    {"instruction": "Quote the marker.", "output": "It is written <|endoftext|> in the text."},  # left out
+    {"instruction": "Sum them: 1, 2.", "output": "3"},  # no "input" key
+    {"instruction": "Say nothing.", "output": "  "},  # left out: an empty answer
     {"instruction": "Be verbose.", "input": "", "output": "word " * 400},  # too long for max_len=256: dropped
 ] + [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i} {i}"} for i in range(15)]
 
@@ -48,15 +49,17 @@ def test_prepare_splits_renders_and_drops_overlong(tmp_path, capsys):
     from prepare_alpaca import DEFAULTS, prepare, render_prompt
     from dataloader import get_gpt2_encoding
     path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n\n")  # a blank line is fine
+    path.write_text("\ufeff" + "\n".join(json.dumps(r) for r in RECORDS) + "\n\n")  # a byte-order mark, a blank line: fine
     out = str(tmp_path / "sft")
     prepare(dict(DEFAULTS, input=str(path), out_dir=out, max_len=256, val_fraction=0.2))
     printed = capsys.readouterr().out
     assert sum(map(int, re.findall(r"(\d+) longer than max_len\+1 = 257 dropped", printed))) == 1  # "word " * 400
+    assert "left out 1 record(s) with an empty output" in printed
+    assert "left out 1 record(s) with <|endoftext|> in the output" in printed
     assert json.load(open(os.path.join(out, "meta.json"))) == {"tokenizer": "gpt2", "format": "sft", "template": "alpaca"}
 
     dec = get_gpt2_encoding().decode
-    expected = {(render_prompt(r["instruction"], r.get("input", "")), r["output"]) for r in RECORDS[:4] + RECORDS[5:]}
+    expected = {(render_prompt(r["instruction"], r.get("input", "")), r["output"]) for r in RECORDS[:2] + RECORDS[3:4] + RECORDS[6:]}
     seen = []
     for split in ("train", "val"):
         tokens, index = read_sft(out, split)
@@ -64,9 +67,9 @@ def test_prepare_splits_renders_and_drops_overlong(tmp_path, capsys):
         assert index[-1, 0] + index[-1, 2] == len(tokens)
         for start, p, n in index.tolist():
             ex = tokens[start:start + n].tolist()
-            assert ex[-1] == EOT and EOT not in ex[:-1]  # the literal "<|endoftext|>" text is not the marker
+            assert ex[-1] == EOT and EOT not in ex[:-1]  # one end marker, at the end
             seen.append((dec(ex[:p]), dec(ex[p:-1])))  # prompt and response, decoded apart
-    assert len(seen) == 19 and set(seen) == expected  # every kept record exactly once, nothing else
+    assert len(seen) == 18 and set(seen) == expected  # every kept record exactly once, nothing else
 
 
 def test_malformed_records_name_their_place(tmp_path, capsys):

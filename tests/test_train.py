@@ -122,6 +122,34 @@ def test_nan_loss_stops_without_touching_checkpoint(workdir):
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+@pytest.mark.slow
+def test_a_diverging_run_never_replaces_the_best_checkpoint(workdir):
+    # a good run, then resumed with a learning rate that wrecks it: whatever the blow-up does
+    # (finite garbage or nan), ckpt_best.pt keeps the good weights, and every checkpoint's
+    # val_loss is the one logged at its own step (never a stale one)
+    train(workdir, "--max_iters=10", "--out_dir=out_div")
+    run = workdir / "out_div"
+    good = torch.load(run / "ckpt.pt", weights_only=True)
+    assert (run / "ckpt_best.pt").read_bytes() == (run / "ckpt.pt").read_bytes()
+    assert good["best_val_loss"] == good["val_loss"] == pytest.approx(read_log(run / "log.txt", "val")[10], rel=1e-5)
+    best_before = (run / "ckpt_best.pt").read_bytes()
+    for lr, extra in (("1e3", ["--grad_clip=0.0"]), ("30.0", ["--grad_clip=0.0"]), ("1e3", [])):
+        p = train(workdir, "--max_iters=16", "--out_dir=out_div", "--init_from=resume", f"--learning_rate={lr}",
+                  "--warmup_iters=0", "--decay_lr=False", "--checkpoint_interval=3", "--eval_interval=0", *extra,
+                  check=False)
+        assert p.returncode in (0, 2) and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert (run / "ckpt_best.pt").read_bytes() == best_before, (lr, extra)
+        last = torch.load(run / "ckpt.pt", weights_only=True)
+        if last["step"] > 10:  # something was saved: with the val loss of its own weights, finite
+            assert last["val_loss"] == pytest.approx(read_log(run / "log.txt", "val")[last["step"]], rel=1e-5)
+            assert last["best_val_loss"] == good["val_loss"] < last["val_loss"]
+            assert ("ckpt_best.pt keeps it" in p.stdout) == (last["val_loss"] > 1.1 * good["val_loss"])
+        if p.returncode == 2:
+            assert "not finite" in p.stderr, p.stderr[-2000:]
+        (run / "ckpt.pt").unlink()  # the next trial starts from the good run again
+        (run / "ckpt.pt").write_bytes(best_before)
+
+
 def ddp_equals_accumulation(workdir, *settings):
     """Train 6 steps as 2 DDP processes and as one process with 2 accumulation steps: the same
     losses (1e-5) and val loss. Returns the DDP run's CompletedProcess."""
@@ -332,7 +360,7 @@ def next_step(self, device="cpu"):  # rank 1's third training step fails or neve
     if os.environ["RANK"] == "1" and calls[0] == 3:
         if how == "raise":
             raise OSError(28, "No space left on device")
-        time.sleep(600)
+        time.sleep(16)  # twice pg_timeout: stuck, as far as rank 0 can tell (then it goes on, and finds rank 0 gone)
     return real(self, device)
 dataloader.DataLoader.next_step = next_step
 train.main()
@@ -345,7 +373,7 @@ def test_a_failing_or_stuck_rank_ends_every_rank(workdir, how):
     # one rank raising (a full disk) or hanging: the run ends within seconds (raise) or
     # pg_timeout (stall), never waits forever, and says what happened in one line per rank
     (workdir / "failing_rank.py").write_text(FAILING_RANK)
-    args = ["failing_rank.py", ROOT, how] + TINY + ["--max_iters=10", "--out_dir=out", "--pg_timeout=10"]
+    args = ["failing_rank.py", ROOT, how] + TINY + ["--max_iters=10", "--out_dir=out", "--pg_timeout=8"]
     p = subprocess.run(torchrun_cmd(args), cwd=workdir, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     assert p.returncode != 0
