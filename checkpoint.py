@@ -311,7 +311,8 @@ def restore_run(ckpt, raw_model, optimizers, scaler, train_loader, world, say):
 
 DEFAULTS = dict(
     out_dir="",  # the LoRA run to merge
-    merged_dir="",  # where to write the merged ckpt.pt
+    merged_dir="",  # where to write the merged ckpt.pt (a new folder, or an empty one)
+    overwrite=False,  # True: replace a ckpt.pt already in merged_dir (never the LoRA run's or its base's)
 )
 
 
@@ -329,11 +330,17 @@ def main():
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
         if "lora" not in ckpt:
             die(f"{cfg['out_dir']} is not a LoRA run: its ckpt.pt already holds the whole model")
+        path = os.path.join(cfg["merged_dir"], "ckpt.pt")
+        inputs = [os.path.abspath(cfg["out_dir"])] + ([ckpt["base"]] if os.path.isdir(str(ckpt["base"])) else [])
+        if os.path.abspath(cfg["merged_dir"]) in inputs:  # the adapters, or the base, would be gone
+            die(f"--merged_dir={cfg['merged_dir']} is where the merge reads from (the LoRA run or its base); "
+                "give a new folder")
+        if os.path.exists(path) and not cfg["overwrite"]:
+            die(f"{path} exists: give a new --merged_dir, or --overwrite to replace it")
         model, meta = load_model(out_dir=cfg["out_dir"])
     except UserError as e:
         die(str(e))
     lora.merge_lora(model)
-    path = os.path.join(cfg["merged_dir"], "ckpt.pt")
     try:
         save_checkpoint(make_checkpoint(model, meta, ckpt["config"], step=ckpt["step"], merged_from=cfg["out_dir"]), path)
     except UserError as e:  # a full disk, a read-only folder

@@ -22,11 +22,13 @@ Anything wrong ends the run before any work: one line on stderr, exit code 2.
 """
 
 import ast
+import atexit
 import glob
 import os
 import signal
 import sys
 import tokenize
+import weakref
 from contextlib import contextmanager
 
 
@@ -85,7 +87,10 @@ def lock_folder(folder, busy):
     """Lock the --out_dir `folder` for this process (the lock file stays open until the process
     ends, however it ends: the OS then drops the lock), or raise UserError(busy) if another
     process holds it. Then delete the *.tmp files that a killed writer left there: with the lock
-    held, none of them is being written. (Windows has no fcntl: no lock there.)"""
+    held, none of them is being written. When the process exits, the lock file goes, and so does
+    the folder if it was made here and nothing else was written into it (a start that failed).
+    (Windows has no fcntl: no lock there.)"""
+    new = not os.path.exists(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "w")
@@ -103,7 +108,21 @@ def lock_folder(folder, busy):
     for stale in glob.glob(os.path.join(folder, "*.tmp")):
         print(f"removing {stale}, an unfinished write of a process that was killed")
         os.remove(stale)
+    atexit.register(_unlock_folder, folder, weakref.ref(lock), new, os.getpid())
     return lock
+
+
+def _unlock_folder(folder, lock_ref, new, pid):
+    lock = lock_ref()
+    if lock is None or lock.closed or os.getpid() != pid:  # let go of already, or a forked worker exiting
+        return
+    try:
+        os.remove(lock.name)  # while still held: no other process can have taken it meanwhile
+        lock.close()
+        if new and not os.listdir(folder):
+            os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def quiet_offline_hub(host="huggingface.co"):

@@ -307,12 +307,15 @@ def main():
     except UserError as e:
         die(str(e))
 
+    from safetensors import SafetensorError  # what a full disk raises from inside save_pretrained
+
     try:
         export(model.eval(), enc, cfg["hf_dir"], cfg["dtype"])
     except ValueError as e:  # a model our checks let through but the format cannot hold
         die(str(e))
-    except OSError as e:  # a full disk, a read-only folder
-        die(f"cannot write {cfg['hf_dir']}: {e.strerror or e}")
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only folder (export() left nothing behind)
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        die(f"cannot write {cfg['hf_dir']}: {reason} (nothing was written; free space or choose another --hf_dir)")
     n_bytes = sum(os.path.getsize(os.path.join(cfg["hf_dir"], f)) for f in os.listdir(cfg["hf_dir"]))
     print(f"wrote {cfg['hf_dir']} ({n_bytes / 1e6:.1f} MB): load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({cfg['hf_dir']!r})")

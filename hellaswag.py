@@ -130,8 +130,8 @@ def load_examples(split="val", data_file=None, limit=None):
             ctx, endings, label = ex.get("ctx"), ex.get("endings"), ex["label"]
             if not isinstance(ctx, str) or not ctx.strip():
                 raise UserError(f"{where}: ctx must be a non-empty string, got {ctx!r}")
-            if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
-                raise UserError(f"{where}: endings must be a list of 4 strings, got {endings!r}")
+            if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) and e.strip() for e in endings)):
+                raise UserError(f"{where}: endings must be a list of 4 strings, none empty, got {endings!r}")
             # the real files store label as an int; exports (e.g. Hugging Face's) as a string
             if isinstance(label, str) and label.strip().isdigit():
                 label = int(label)
@@ -299,6 +299,11 @@ def main():
         if unwrap(model).config.vocab_size < 50257:
             die(f"{source} has a vocabulary of {unwrap(model).config.vocab_size} tokens, fewer than GPT-2 BPE's 50257")
         examples = load_examples(cfg["split"], cfg["data_file"] or None, cfg["limit"] or None)
+        block_size = unwrap(model).config.block_size
+        long = sum(len(ex["ctx"]) + max(map(len, ex["endings"])) - 1 > block_size for ex in examples)
+        if long:  # scored all the same, as lm-evaluation-harness does: the oldest context tokens are dropped
+            print(f"note: {long:,} example(s) are longer than the model's block_size={block_size}: their contexts are "
+                  "cropped from the left")
         t0 = time.time()
         result = evaluate(model, examples, device, cfg["batch_size"], ctx, progress=True)
         dt = time.time() - t0

@@ -166,9 +166,9 @@ class StopFlag:
         signal.signal(signal.SIGTERM, self.handle)
 
     def handle(self, signum, frame):
-        if self.requested:
-            print("\nsecond signal: exiting now", flush=True)
-            sys.exit(130)
+        if self.requested:  # at once: not even a checkpoint being written is finished (its temp file is
+            print("\nsecond signal: exiting now", flush=True)  # removed by the next run in out_dir)
+            os._exit(130)
         self.requested = True
         # (under DDP the ranks agree at the next log step, so that all of them stop at the same one)
         print(f"\n{signal.Signals(signum).name}: finishing this step or evaluation batch (with several GPUs, "
@@ -182,12 +182,11 @@ class RunLog:
 
     def __init__(self, path, cfg, append=False):
         self.file = self.wandb = None
+        self.path, self.mode = path, "a" if append else "w"  # opened at the first value: a start that fails leaves no empty log
         if path is None:
             return
-        try:
-            self.file = open(path, "a" if append else "w")
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror}") from None
+        if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise UserError(f"cannot write {path}: the folder is read-only")
         if cfg["wandb_log"]:
             try:
                 import wandb
@@ -196,15 +195,17 @@ class RunLog:
             self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
 
     def __call__(self, step, **values):
-        if self.file is None:
+        if self.path is None:
             return
         try:
+            if self.file is None:
+                self.file = open(self.path, self.mode)
             for k, v in values.items():
                 self.file.write(f"{step} {k} {v:.7g}\n" if isinstance(v, float) else f"{step} {k} {v}\n")
             self.file.flush()
         except OSError as e:
-            print(f"warning: cannot write {self.file.name} ({e.strerror}); the log stops here, the training goes on")
-            self.file = None
+            print(f"warning: cannot write {self.path} ({e.strerror}); the log stops here, the training goes on")
+            self.path = None
             return
         if self.wandb is not None:
             self.wandb.log(values, step=step)

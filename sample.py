@@ -51,6 +51,9 @@ def main():
             f"{cfg['temperature']}, top_k={cfg['top_k']}, top_p={cfg['top_p']}")
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
         die(f"--num_samples and --max_new_tokens must be at least 1, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
+    if cfg["init_from"] and cfg["out_dir"]:
+        die(f"give --out_dir (a run of ours) or --init_from (OpenAI's weights, an HF folder), not both: "
+            f"--out_dir={cfg['out_dir']} --init_from={cfg['init_from']}")
     if not 0 <= cfg["seed"] < 2**63:
         die(f"--seed must be a whole number from 0 to 2**63-1, got {cfg['seed']}")
     if cfg["instruct"] not in (None, True, False):

@@ -40,7 +40,7 @@ needs_gpt2_bpe = pytest.mark.skipif(not gpt2_encoding_available(),
 # process and runs the script as __main__ with runpy, as `python SCRIPT.py` would. Scripts that
 # must start for real (Ctrl-C while importing, torchrun's ranks, signals) use subprocess directly.
 ZYGOTE = r"""
-import io, json, os, resource, runpy, sys
+import atexit, io, json, os, resource, runpy, sys
 import numpy, torch  # noqa: F401  the slow imports, once
 for line in sys.stdin:
     req = json.loads(line)
@@ -73,6 +73,7 @@ for line in sys.stdin:
         except BaseException:
             sys.excepthook(*sys.exc_info())  # the traceback an uncaught exception prints
             code = 1
+        atexit._run_exitfuncs()  # what the interpreter runs at exit (the scripts register some)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -212,6 +212,7 @@ def test_a_ddp_wrapped_model_in_a_process_group(examples, tmp_path):
 @needs_gpt2_bpe
 @pytest.mark.parametrize("line, message", [
     ('{"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}', "endings must be a list of 4 strings"),
+    ('{"ctx": "A man", "endings": ["a", "b", " ", "d"], "label": 0}', "endings must be a list of 4 strings, none empty"),
     ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}', "label must be 0, 1, 2 or 3, got 4"),
     ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": "x"}', "label must be 0, 1, 2 or 3"),
     ('{"ctx": "A man", "endings": ["a", "b", "c", "d"]}', "no label"),
