@@ -27,6 +27,7 @@ import glob
 import os
 import signal
 import sys
+import textwrap
 import tokenize
 import weakref
 from contextlib import contextmanager
@@ -268,6 +269,20 @@ def setting_comments(defaults, source):
     return said, sections
 
 
+def recipe_summary(path):
+    """The first sentence of a recipe's opening comment: what the recipe is."""
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = line.strip().lstrip("#").strip()
+            if not line.startswith("#") or not text or text.split()[0] in ("python", "torchrun", "First:", "then"):
+                break  # the comment's commands, or its end
+            lines.append(text)
+    words = " ".join(lines)
+    end = words.find(". ")
+    return words if end < 0 else words[:end + 1]
+
+
 def print_help(defaults, source, usage=None):
     """-h: a usage line, the script's docstring (its examples), the training recipes in
     config/ (for train.py), then each setting with its default and its comment."""
@@ -283,9 +298,9 @@ def print_help(defaults, source, usage=None):
         if name == "train.py":  # the recipes are training runs
             print("config files (recipes):")
             for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(source)), "config", "*.py"))):
-                with open(path, encoding="utf-8") as f:
-                    first = f.readline().lstrip("# ").strip()  # each recipe's first line says what it is
-                print(f"  config/{os.path.basename(path):<28} {first}")
+                name = f"config/{os.path.basename(path)}"
+                wrapped = textwrap.fill(recipe_summary(path), 120, initial_indent=" " * 40, subsequent_indent=" " * 40)
+                print(f"  {name:<37} {wrapped[40:]}")
             print()
     print("settings (default, then what it does):")
     width = max(len(k) for k in defaults) + 2

@@ -3,7 +3,7 @@ HellaSwag: does the model know how an everyday scene goes on?
 
     python hellaswag.py --init_from=gpt2                 # OpenAI's 124M model
     python hellaswag.py --out_dir=out --limit=500        # a run of ours, first 500 examples
-    python hellaswag.py --out_dir=out_shakespeare_char --val_dataset=shakespeare_char
+    python hellaswag.py --out_dir=out-shakespeare-char-cpu --val_dataset=shakespeare_char
                                                          # a plain val loss instead
 
 Each example is a context ("A man is sitting on a roof. he") and four endings, one of them

@@ -1,9 +1,9 @@
 """
 Plot one or more training runs from their log.txt.
 
-    python plot.py out/shakespeare_char                       # -> out/shakespeare_char/plot.png
-    python plot.py out/rope out/no_rope --smooth=20           # overlay two runs -> plot.png
-    python plot.py out/gpt2_124m --baseline_val_loss=3.28 --output=gpt2.png
+    python plot.py out-shakespeare-char-cpu                   # -> out-shakespeare-char-cpu/plot.png
+    python plot.py out-rope out-norope --smooth=20            # overlay two runs -> plot.png
+    python plot.py out-gpt2-124m --baseline_val_loss=3.29 --output=gpt2.png
 
 train.py writes one event a line to out_dir/log.txt, "STEP STREAM VALUE":
 

@@ -285,10 +285,11 @@ def main():
         if fill:
             flush(*here)  # the last, shorter shard
         if total == 0:
-            die("the corpus has no documents")
+            raise UserError("the corpus has no documents")
         progress["finished"] = not stop  # a --max_tokens run can be continued later
         save_progress(out_dir, progress)
     except UserError as e:
+        bar.close()  # first: the error line on a line of its own, not glued to the bar
         die(str(e))
     finally:
         bar.close()

@@ -108,6 +108,7 @@ def main():
         # generate() runs hidden_states (everything but lm_head) once per token: compile that.
         # dynamic=True: one graph for every length, not a recompile per cache position
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+        print("compiling the model: the first tokens take a minute or more", file=sys.stderr, flush=True)
     torch.manual_seed(cfg["seed"])
     autocast = autocast_context(device_type, ptdtype)
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)

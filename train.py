@@ -406,6 +406,8 @@ def train(cfg, world):
         clock.pause()  # evaluation and saving are not counted in the step time
         val_loss = None if step > start_step else val_loss  # a checkpoint holds the val loss of its own weights
         if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or saving) and not stopping:
+            if step == start_step:  # the first thing a run does, and on a slow machine not a short one
+                say(f"evaluating the starting model ({cfg['eval_iters']} val batches)...", flush=True)
             val = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop)
             if val is None:  # a stop during the evaluation: save (if there is anything new) and exit
                 last = stopping = True

@@ -135,6 +135,18 @@ def torchrun_cmd(args, nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + list(args)
 
 
+def assert_equal_up_to_rounding(a, b, lr, steps):
+    """Two trainings of the same weights under another process layout (or summation order) end
+    equal up to float32 rounding. Rounding moves most weights by ~lr x (relative rounding of a
+    gradient, ~1e-6) per step: far below 1e-6 in all. AdamW's normalised step can magnify it
+    for the odd weight whose gradient is itself at rounding level (m / sqrt(v) is then nearly
+    its sign), by at most ~lr a step. A real difference (a gradient not averaged, a shard
+    missed) moves most weights, so: nearly all within 1e-6, none more than lr x steps."""
+    diff = (a.double() - b.double()).abs()
+    assert diff.max() <= lr * steps, (diff.max().item(), lr * steps)
+    assert (diff > 1e-6).double().mean() <= 0.01, (diff > 1e-6).double().mean().item()
+
+
 def read_log(path, stream):
     """{step: value} of one stream ("train", "val", ...) of a run's log.txt."""
     out = {}

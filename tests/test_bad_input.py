@@ -7,6 +7,7 @@ appended to a log) or removed.
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -79,6 +80,46 @@ CASES = [
     ("sample: non-UTF-8 prompt file", SAMPLE + ["--out_dir=run", "--start=FILE:latin1.txt"], ["UTF-8"]),
     ("merge: merged_dir is a file", ["checkpoint.py", "--out_dir=run", "--merged_dir=afile"], ["afile"]),
     ("plot: output under a file", ["plot.py", "run", "--output=afile/plot.png"], ["afile"]),
+    # round 3: nothing wrong loaded silently, no explicit setting ignored silently
+    ("train: an HF folder of another architecture", TRAIN + ["--init_from=hf_llama", "--out_dir=o6"], ["llama", "not GPT-2"]),
+    ("train: an HF folder without weights", TRAIN + ["--init_from=hf_noweights", "--out_dir=o7"], ["no weights"]),
+    ("train: an HF folder with broken config.json", TRAIN + ["--init_from=hf_badjson", "--out_dir=o8"], ["config.json", "JSON"]),
+    ("train: an HF folder with config.json {}", TRAIN + ["--init_from=hf_emptyconfig", "--out_dir=o9"], ["not GPT-2"]),
+    ("train: an HF folder with n_inner != 4 n_embd", TRAIN + ["--init_from=hf_ninner", "--out_dir=o10"], ["n_inner"]),
+    ("train: an HF folder with corrupt safetensors", TRAIN + ["--init_from=hf_corrupt", "--out_dir=o11"], ["could not read"]),
+    ("train: an HF folder with a malicious .bin", TRAIN + ["--init_from=hf_malicious", "--out_dir=o12"], ["could not read"]),
+    ("sample: an HF folder of another architecture", SAMPLE + ["--init_from=hf_llama"], ["llama"]),
+    ("sample: an HF folder with corrupt safetensors", SAMPLE + ["--init_from=hf_corrupt"], ["could not read"]),
+    ("sample: an HF folder with a malicious .bin", SAMPLE + ["--init_from=hf_malicious"], ["could not read"]),
+    ("sample: out_dir and init_from both", SAMPLE + ["--out_dir=run", "--init_from=gpt2"], ["not both"]),
+    ("train: batch_size None", TRAIN + ["--batch_size=None"], ["--batch_size cannot be None"]),
+    ("train: learning_rate None", TRAIN + ["--learning_rate=None"], ["--learning_rate cannot be None"]),
+    ("train: out_dir None", TRAIN + ["--out_dir=None"], ["--out_dir cannot be None"]),
+    ("train: compile None", TRAIN + ["--compile=None"], ["--compile cannot be None"]),
+    ("sample: temperature None", SAMPLE + ["--out_dir=run", "--temperature=None"], ["--temperature cannot be None"]),
+    ("train: a flag taken as out_dir", TRAIN + ["--out_dir", "--rope"], ["--out_dir needs a value", "--rope"]),
+    ("sample: a flag taken as the prompt", SAMPLE + ["--out_dir=run", "--start", "--temperature=0.5"], ["--start needs a value"]),
+    ("train: muon_momentum 1.0", TRAIN + ["--optimizer=muon", "--muon_momentum=1.0"], ["muon_momentum must be below 1"]),
+    ("train: muon_momentum 1.5", TRAIN + ["--optimizer=muon", "--muon_momentum=1.5"], ["muon_momentum must be below 1"]),
+    ("train: beta2 1.0", TRAIN + ["--beta2=1.0"], ["beta2"]),
+    ("train: lora_targets with an empty name", TRAIN + ["--init_from=run", "--lora_rank=2", "--lora_targets=q,,v", "--out_dir=o13"],
+     ["empty name"]),
+    ("train: a config file that exits", TRAIN + ["exits.py"], ["exits.py", "sys.exit"]),
+    ("train: negative seed", TRAIN + ["--seed=-1", "--out_dir=o14"], ["--seed"]),
+    ("sample: negative seed", SAMPLE + ["--out_dir=run", "--seed=-1"], ["--seed"]),
+    ("train: group_by_length on token data", TRAIN + ["--group_by_length", "--out_dir=o15"], ["group_by_length", "token"]),
+    ("train: resume a LoRA run with another rank", TRAIN + ["--init_from=resume", "--out_dir=lorarun", "--lora_rank=8"],
+     ["lora_rank=2", "resume it with the same"]),
+    ("train: resume a LoRA run with other targets", TRAIN + ["--init_from=resume", "--out_dir=lorarun", "--lora_rank=2",
+                                                             "--lora_targets=q,k,v"], ["lora_targets", "resume it with the same"]),
+    ("train: resume a full run with LoRA", TRAIN + ["--init_from=resume", "--out_dir=run", "--lora_rank=4"], ["lora_rank=0"]),
+    ("merge: into the LoRA run itself", ["checkpoint.py", "--out_dir=lorarun", "--merged_dir=lorarun"], ["reads from"]),
+    ("merge: over an existing checkpoint", ["checkpoint.py", "--out_dir=lorarun", "--merged_dir=merged"], ["--overwrite"]),
+    ("prepare_alpaca: nothing but empty outputs", ["prepare_alpaca.py", "--input=empty_outputs.jsonl", "--out_dir=data/x5"],
+     ["no records to train on"]),
+    ("hellaswag: a truncated val file", ["hellaswag.py", "--out_dir=run", "--val_dataset=truncated"], ["truncated"]),
+    ("hellaswag: an empty ending", ["hellaswag.py", "--out_dir=bperun", "--data_file=empty_ending.jsonl"], ["none empty"]),
+    ("export: the disk fills", ["export_hf.py", "--out_dir=bperun", "--hf_dir=hf"], ["cannot write hf"]),
     # a full disk (see FILE_SIZE_LIMIT): the last good checkpoint stays, no temp file is left
     ("train: the disk fills while saving", TRAIN + ["--init_from=resume", "--out_dir=run", "--max_iters=4"],
      ["could not write run/ckpt.pt"]),
@@ -89,7 +130,8 @@ CASES = [
 # Rows run with a file-size limit (RLIMIT_FSIZE, as `ulimit -f` sets it): a write past it fails
 # as on a full disk (EFBIG instead of ENOSPC; Python ignores the SIGXFSZ that would kill it), no
 # root or special file system needed. Bytes: more than log.txt grows to, less than ckpt.pt.
-FILE_SIZE_LIMIT = {"train: the disk fills while saving": 50_000, "prepare_shakespeare: the disk fills": 2_000}
+FILE_SIZE_LIMIT = {"train: the disk fills while saving": 50_000, "prepare_shakespeare: the disk fills": 2_000,
+                   "export: the disk fills": 50_000}
 
 
 def make_workdir(w):
@@ -121,6 +163,13 @@ def make_workdir(w):
     code, _, err = run_python([os.path.join(ROOT, "train.py"), "--out_dir=run"] + TRAIN[1:], w,
                               dict(os.environ, OMP_NUM_THREADS="1"), 300)
     assert code == 0, err
+    code, _, err = run_python([os.path.join(ROOT, "train.py"), "--out_dir=lorarun", "--init_from=run", "--lora_rank=2"]
+                              + TRAIN[1:], w, dict(os.environ, OMP_NUM_THREADS="1"), 300)
+    assert code == 0, err
+    from checkpoint import make_checkpoint, save_checkpoint  # a small GPT-2 BPE model (1.6 MB): exportable
+    from model import GPT, GPTConfig
+    bpe = GPT(GPTConfig(vocab_size=50304, n_layer=1, n_head=2, n_embd=8, block_size=16))
+    save_checkpoint(make_checkpoint(bpe, {"tokenizer": "gpt2"}, {}, step=0), str(w / "bperun" / "ckpt.pt"))
     good = torch.load(w / "run" / "ckpt.pt", weights_only=True)
     bad = {"nomodelargs": {k: v for k, v in good.items() if k != "model_args"}, "baretensor": torch.zeros(3),
            "badshapes": dict(good, model_args=dict(good["model_args"], n_embd=64, n_head=4)),
@@ -128,6 +177,31 @@ def make_workdir(w):
     for name, obj in bad.items():
         os.makedirs(w / name)
         torch.save(obj, w / name / "ckpt.pt")
+    # Hugging Face folders that are not a GPT-2 we can load
+    gpt2 = dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=12)
+    configs = {"hf_llama": dict(model_type="llama", hidden_size=32), "hf_noweights": gpt2, "hf_emptyconfig": {},
+               "hf_ninner": dict(gpt2, n_inner=100), "hf_corrupt": gpt2, "hf_malicious": gpt2}
+    for name, config in configs.items():
+        os.makedirs(w / name)
+        (w / name / "config.json").write_text(json.dumps(config))
+    os.makedirs(w / "hf_badjson")
+    (w / "hf_badjson" / "config.json").write_text('{"model_type": "gpt2", ')
+    (w / "hf_llama" / "model.safetensors").write_bytes(b"\0" * 64)
+    (w / "hf_corrupt" / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not a header}" + b"\0" * 64)
+    (w / "hf_malicious" / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    (w / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    (w / "empty_outputs.jsonl").write_text('{"instruction": "Say nothing.", "output": ""}\n' * 3)
+    (w / "empty_ending.jsonl").write_text(json.dumps({"ctx": "A man", "endings": ["a", "", "c", "d"], "label": 0}) + "\n")
+    os.makedirs(w / "data" / "truncated")
+    (w / "data" / "truncated" / "meta.json").write_text(json.dumps(metas["tiny"]))
+    (w / "data" / "truncated" / "train.bin").write_bytes((w / "data" / "tiny" / "train.bin").read_bytes())
+    (w / "data" / "truncated" / "val.bin").write_bytes((w / "data" / "tiny" / "val.bin").read_bytes()[:-10])
+
+
+class Boom:
+    """A pickle that would run a command when loaded: every loader must refuse it."""
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
 
 
 def snapshot(w):
@@ -158,6 +232,7 @@ def run_case(w, root, command, file_size_limit=None):
     after = snapshot(w)
     damaged = sorted(path for path, data in before.items() if not kept(path, data, after.get(path)))
     damaged += sorted(path for path in after if path.endswith(".tmp") and path not in before)  # left-over temp files
+    damaged += [path for path in after if os.path.basename(path) == "PWNED"]  # a pickle that ran (see Boom)
     return code, err, damaged
 
 
@@ -226,8 +301,10 @@ def main():
     root = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else ROOT
     w = pathlib.Path(tempfile.mkdtemp()) / "base"
     os.makedirs(w)
+    print(f"running {len(CASES)} bad inputs against {root}, two at a time (a minute or two)...", flush=True)
     make_workdir(w)
     results = run_all(w, root)
+    print(f"{'case':<45} {'exit':<6} {'traceback':<9} damaged files")
     tracebacks = accepted = damaged_rows = 0
     for name, command, words in CASES:
         code, err, damaged = results[name]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, read_log, run_script, torchrun
+from conftest import ROOT, assert_equal_up_to_rounding, read_log, run_script, torchrun
 from test_train import TINY, train
 
 TRAIN = os.path.join(ROOT, "train.py")
@@ -40,8 +40,8 @@ def test_fsdp_two_processes_equal_one_process_with_accumulation(workdir):
     b = torch.load(workdir / "out_fsdp" / "ckpt.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert b["model"]["lm_head.weight"] is b["model"]["transformer.wte.weight"]
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=0)
+    for k in a["model"]:  # 6 steps at a peak lr of 1e-2 (see TINY)
+        assert_equal_up_to_rounding(a["model"][k], b["model"][k], lr=1e-2, steps=6)
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for k, s in a["optimizer"]["state"].items():
         torch.testing.assert_close(s["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"], atol=1e-7, rtol=1e-3)

@@ -324,6 +324,15 @@ def test_merged_checkpoint_is_an_ordinary_run(tmp_path):
         assert torch.allclose(adapted.eval()(x)[0], merged.eval()(x)[0], atol=1e-5)
     p = run_script([os.path.join(ROOT, "checkpoint.py"), "--out_dir=out_base", "--merged_dir=x"], cwd=w, check=False)
     assert p.returncode == 2 and "not a LoRA run" in p.stderr
+    # the merge never writes over what it reads, --overwrite or not, nor over a checkpoint without it
+    before = {d: (w / d / "ckpt.pt").read_bytes() for d in ("out_base", "out_lora", "out_merged")}
+    for target, extra, said in (("out_lora", ["--overwrite"], "reads from"), ("out_base", ["--overwrite"], "reads from"),
+                                ("out_merged", [], "--overwrite")):
+        p = run_script([os.path.join(ROOT, "checkpoint.py"), "--out_dir=out_lora", f"--merged_dir={target}"] + extra,
+                       cwd=w, check=False)
+        assert p.returncode == 2 and said in p.stderr, p.stderr
+    assert before == {d: (w / d / "ckpt.pt").read_bytes() for d in before}
+    run_script([os.path.join(ROOT, "checkpoint.py"), "--out_dir=out_lora", "--merged_dir=out_merged", "--overwrite"], cwd=w)
     # a bad target is one line before any work, not a traceback after loading the base
     p = run_script([train_py] + TINY_BPE + ["--out_dir=out_bad", "--init_from=out_base", "--lora_rank=2",
                                             "--lora_targets=q,query"], cwd=w, check=False)

@@ -120,3 +120,16 @@ def test_weights_gradients_and_optimizer_state_are_what_torch_allocates():
     sharded = plan.memory_per_gpu(model, cfg, 8, True, torch.bfloat16)
     for part in ("weights (fp32)", "gradients (fp32)", "optimizer state"):
         assert sharded[part] == mem[part] / 8
+
+
+def test_setting_notes_say_what_may_not_be_meant(monkeypatch):
+    cfg = dict(train.DEFAULTS, max_iters=200, lr_decay_iters=2000, total_batch_size=0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notes = plan.setting_notes(cfg, world_size=2, device_type="cpu")
+    assert len(notes) == 2 and "lr_decay_iters=2000 is past max_iters=200" in notes[0] and "2x the batch" in notes[1]
+    assert plan.setting_notes(dict(cfg, lr_decay_iters=0, total_batch_size=8192), 2, "cpu") == []
+    assert plan.setting_notes(dict(cfg, decay_lr=False), 1, "cpu") == []  # no decay: nothing to say
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert any("OMP_NUM_THREADS=1" in n for n in plan.setting_notes(dict(cfg, lr_decay_iters=0), 1, "cpu"))
+    assert not plan.setting_notes(dict(cfg, lr_decay_iters=0), 1, "cuda")

@@ -150,6 +150,20 @@ def test_a_diverging_run_never_replaces_the_best_checkpoint(workdir):
         (run / "ckpt.pt").write_bytes(best_before)
 
 
+def test_settings_a_run_cannot_apply_are_said(workdir):
+    # what the loaded model or the checkpoint decides is said in one line, and the run goes on
+    train(workdir, "--max_iters=4", "--out_dir=out_src")
+    p = train(workdir, "--max_iters=2", "--out_dir=out_ft", "--init_from=out_src", "--rope", "--n_layer=3",
+              "--mlp=relu2", "--zero_init_proj", "--lr_decay_iters=100")
+    said = [line for line in p.stdout.splitlines() if line.startswith("note: the model is out_src's")]
+    assert len(said) == 1 and all(w in said[0] for w in ("rope=False", "n_layer=2", "mlp='gelu'", "zero_init_proj=False"))
+    assert "note: lr_decay_iters=100 is past max_iters=2" in p.stdout
+    ft = torch.load(workdir / "out_ft" / "ckpt.pt", weights_only=True)["model_args"]
+    assert (ft["rope"], ft["n_layer"], ft["mlp"]) == (False, 2, "gelu")  # the note told the truth
+    p = train(workdir, "--max_iters=4", "--out_dir=out_src", "--init_from=resume")
+    assert "the run is already at step 4 (--max_iters=4): nothing to train" in p.stdout
+
+
 def ddp_equals_accumulation(workdir, *settings):
     """Train 6 steps as 2 DDP processes and as one process with 2 accumulation steps: the same
     losses (1e-5) and val loss. Returns the DDP run's CompletedProcess."""
