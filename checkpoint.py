@@ -1,7 +1,8 @@
 """
 Checkpoints: the format in one place, written safely, and a model loaded from any run; for
-train.py, a run's out_dir lock, the checks a resume must pass, and the training state saved
-(save_run) and put back (restore_run).
+train.py, a run's out_dir (its lock and log: claim_out_dir), the checks a resume must pass, and
+the training state saved (save_run, with the best checkpoint beside the latest) and put back
+(restore_run).
 
     python checkpoint.py --out_dir=RUN --merged_dir=DIR   # a LoRA run as an ordinary checkpoint
 
@@ -30,6 +31,7 @@ names its LoRA run in merged_from.
 """
 
 import glob
+import math
 import os
 import shutil
 
@@ -43,7 +45,7 @@ import torch.distributed as dist
 
 import lora
 from model import GPT, OPENAI_MODELS, GPTConfig, unwrap
-from runtime import agree
+from runtime import RunLog, agree, nonfinite
 
 
 def make_checkpoint(model, meta, config, state_dict=None, **training_state):
@@ -169,6 +171,21 @@ def lock_out_dir(out_dir, resume, overwrite):
     return lock
 
 
+def claim_out_dir(cfg, resume, world):
+    """Rank 0 locks out_dir for this run, refuses to replace a run that is there, and opens
+    log.txt. Returns (the open lock file, the RunLog); the OS releases the lock when the
+    process ends, however it ends."""
+    lock, log, error = None, RunLog(None, cfg), None
+    if world.master:
+        try:
+            lock = lock_out_dir(cfg["out_dir"], resume, cfg["overwrite"])
+            log = RunLog(os.path.join(cfg["out_dir"], "log.txt"), cfg, append=resume)
+        except UserError as e:
+            error = e
+    agree(world, error)
+    return lock, log
+
+
 def check_same_tokenizer(model_meta, data_meta, model_name, dataset):
     """The same token ids must mean the same text for the model and the data."""
     if (model_meta.get("tokenizer"), model_meta.get("chars")) != (data_meta.get("tokenizer"), data_meta.get("chars")):
@@ -256,8 +273,13 @@ def load_optimizer(raw_model, optimizers, state):
 
 def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, loader, meta, base, world):
     """Write out_dir/ckpt.pt (atomically), ckpt_STEP.pt every keep_interval steps, and ckpt_best.pt
-    when this checkpoint's val loss is the best (the lowest) of the run. Every rank must call it:
-    the RNG states (and under FSDP the weights and optimizer state) are gathered."""
+    when this checkpoint's val loss (evaluated at this step, or None) is the best (the lowest) of
+    the run; return the best val loss now. A val loss that is not finite is never saved. Every rank
+    must call it: the RNG states (and under FSDP the weights and optimizer state) are gathered."""
+    if val_loss is not None and not math.isfinite(val_loss):  # finite weights can still score nan
+        raise nonfinite(cfg["out_dir"], step, val_loss)
+    if val_loss is not None and (best_val_loss is None or val_loss < best_val_loss):
+        best_val_loss = val_loss  # this checkpoint is also written as ckpt_best.pt
     model_state, optim_state = gather_state(model, optimizers, world)
     rngs = [None] * world.size
     if world.ddp:
@@ -282,6 +304,7 @@ def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, l
         except UserError as e:
             error = e
     agree(world, error)
+    return best_val_loss
 
 
 def restore_run(ckpt, raw_model, optimizers, scaler, train_loader, world, say):

@@ -369,27 +369,7 @@ class GPT(nn.Module):
         if not local and name_or_path not in OPENAI_MODELS:
             raise OSError(f"{name_or_path!r} is neither a local Hugging Face model folder nor one of "
                           f"{', '.join(OPENAI_MODELS)}")
-        if not local:
-            from configurator import quiet_offline_hub
-            quiet_offline_hub()  # before transformers reads the setting at import
-        try:
-            from transformers import GPT2LMHeadModel
-        except ImportError:
-            raise ImportError("loading GPT-2 weights needs transformers: pip install transformers") from None
-        if local:
-            check_hf_folder(name_or_path)
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=local)
-        except OSError:
-            if local:
-                raise
-            raise OSError(f"could not load {name_or_path!r}: offline? Be online once so transformers caches it, "
-                          "or pass a local folder written by save_pretrained") from None
-        except Exception as e:  # a corrupt or refused weights file in a local folder
-            if not local:
-                raise
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise OSError(f"could not read the weights in {name_or_path}: {type(e).__name__}: {first}") from None
+        hf = load_hf_gpt2(name_or_path, local)
         hc = hf.config
         if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"{name_or_path}: activation {hc.activation_function!r} is not GPT-2's GELU")
@@ -413,6 +393,32 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+
+def load_hf_gpt2(name_or_path, local):
+    """transformers' GPT2LMHeadModel, from the Hub (cached) or a local folder, with every way it
+    can fail said in one line (an OSError or ValueError)."""
+    if not local:
+        from configurator import quiet_offline_hub
+        quiet_offline_hub()  # before transformers reads the setting at import
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise ImportError("loading GPT-2 weights needs transformers: pip install transformers") from None
+    if local:
+        check_hf_folder(name_or_path)
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=local)
+    except OSError:
+        if local:
+            raise
+        raise OSError(f"could not load {name_or_path!r}: offline? Be online once so transformers caches it, "
+                      "or pass a local folder written by save_pretrained") from None
+    except Exception as e:  # a corrupt or refused weights file in a local folder
+        if not local:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise OSError(f"could not read the weights in {name_or_path}: {type(e).__name__}: {first}") from None
 
 
 def check_hf_folder(path):

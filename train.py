@@ -32,11 +32,12 @@ import torch.distributed as dist
 
 import hellaswag
 import lora
-from checkpoint import SHAPE_KEYS, check_resume, check_same_tokenizer, load_checkpoint, load_model, lock_out_dir, restore_run, save_run
+from checkpoint import (SHAPE_KEYS, check_resume, check_same_tokenizer, claim_out_dir, load_checkpoint, load_model,
+                        restore_run, save_run)
 from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
 from model import GPT, configure_optimizers, estimate_mfu, fully_shard, peak_flops
 from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan, setting_notes
-from runtime import (RunLog, StepClock, StopFlag, World, agree, agree_on_step, all_finite, close_world, console_line,
+from runtime import (StepClock, StopFlag, World, agree_on_step, all_finite, close_world, console_line,
                      ddp_wrap, format_time, nonfinite, rank_failed, stop_agreed, worse_than_best)
 
 # -----------------------------------------------------------------------------
@@ -127,21 +128,6 @@ def setup_world(device_setting, fsdp=False, timeout_s=600):
     # raises, instead of every other rank hanging forever (NCCL's own default is 10 minutes)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return World(True, rank, size, device, device_type, fsdp)
-
-
-def claim_out_dir(cfg, resume, world):
-    """Rank 0 locks out_dir for this run, refuses to replace a run that is there, and opens
-    log.txt. Returns (the open lock file, the RunLog); the OS releases the lock when the
-    process ends, however it ends."""
-    lock, log, error = None, RunLog(None, cfg), None
-    if world.master:
-        try:
-            lock = lock_out_dir(cfg["out_dir"], resume, cfg["overwrite"])
-            log = RunLog(os.path.join(cfg["out_dir"], "log.txt"), cfg, append=resume)
-        except UserError as e:
-            error = e
-    agree(world, error)
-    return lock, log
 
 
 def make_loaders(cfg, meta, world):
@@ -424,15 +410,11 @@ def train(cfg, world):
             else:
                 say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
                 log(step, hella=res["acc_norm"])
-        if saving:  # never overwrite a good checkpoint with a diverged model, nor one that scores nan
+        if saving:  # never overwrite a good checkpoint with a diverged model (nor one scoring nan: save_run)
             if not all_finite(bad_loss, params, world):
                 raise nonfinite(out_dir, step - 1)
-            if val_loss is not None and not math.isfinite(val_loss):  # finite weights can still score nan
-                raise nonfinite(out_dir, step, val_loss)
-            if val_loss is not None and (best_val is None or val_loss < best_val):
-                best_val = val_loss  # this checkpoint is also written as ckpt_best.pt
-            save_run(cfg, step, val_loss, best_val, model=raw_model, optimizers=optimizers, scaler=scaler,
-                     loader=train_loader, meta=meta, base=base, world=world)
+            best_val = save_run(cfg, step, val_loss, best_val, model=raw_model, optimizers=optimizers, scaler=scaler,
+                                loader=train_loader, meta=meta, base=base, world=world)
         if last:
             if stopping:
                 say(f"stopped at step {step}" + ("; continue with --init_from=resume" if step > start_step else ""))
