@@ -39,6 +39,14 @@ def test_end_to_end_then_sample(workdir):
     # a character the vocabulary lacks: one line, exit 2
     p = run_script([os.path.join(ROOT, "sample.py"), "--start=Zebra", "--device=cpu"], cwd=workdir, check=False)
     assert p.returncode == 2 and "lacks" in p.stderr and "Traceback" not in p.stderr
+    # `python sample.py | head -c 20`: the reader closes the pipe early; sample.py ends quietly
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir=out", "--num_samples=50",
+                             "--max_new_tokens=200", "--device=cpu"], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert len(proc.stdout.read(20)) == 20
+    proc.stdout.close()
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 0 and "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
 
 
 @pytest.mark.slow
