@@ -168,6 +168,10 @@ def lock_out_dir(out_dir, resume, overwrite):
         step = load_checkpoint(path)["step"]  # (memory-mapped: the weights are not read)
         raise UserError(f"{out_dir} already holds a run (ckpt.pt at step {step}): continue it with "
                         "--init_from=resume, choose another --out_dir, or replace it with --overwrite")
+    best = os.path.join(out_dir, "ckpt_best.pt")
+    if not resume and os.path.exists(best):  # --overwrite: the old run's best is not this run's
+        print(f"removing {best}, the best checkpoint of the run this one replaces")
+        os.remove(best)
     return lock
 
 
@@ -354,8 +358,9 @@ def main():
         if "lora" not in ckpt:
             die(f"{cfg['out_dir']} is not a LoRA run: its ckpt.pt already holds the whole model")
         path = os.path.join(cfg["merged_dir"], "ckpt.pt")
-        inputs = [os.path.abspath(cfg["out_dir"])] + ([ckpt["base"]] if os.path.isdir(str(ckpt["base"])) else [])
-        if os.path.abspath(cfg["merged_dir"]) in inputs:  # the adapters, or the base, would be gone
+        inputs = [cfg["out_dir"]] + ([ckpt["base"]] if os.path.isdir(str(ckpt["base"])) else [])
+        if any(os.path.isdir(cfg["merged_dir"]) and os.path.samefile(cfg["merged_dir"], d) for d in inputs):
+            # the adapters, or the base, would be gone
             die(f"--merged_dir={cfg['merged_dir']} is where the merge reads from (the LoRA run or its base); "
                 "give a new folder")
         if os.path.exists(path) and not cfg["overwrite"]:

@@ -22,7 +22,6 @@ Anything wrong ends the run before any work: one line on stderr, exit code 2.
 """
 
 import ast
-import atexit
 import glob
 import os
 import signal
@@ -109,17 +108,17 @@ def lock_folder(folder, busy):
     for stale in glob.glob(os.path.join(folder, "*.tmp")):
         print(f"removing {stale}, an unfinished write of a process that was killed")
         os.remove(stale)
-    atexit.register(_unlock_folder, folder, weakref.ref(lock), new, os.getpid())
+    # when the lock is let go of (its holder returns, or the process exits): the lock file goes, and
+    # the folder too if this call made it and nothing was written into it
+    weakref.finalize(lock, _unlock_folder, folder, lock.name, new, os.getpid())
     return lock
 
 
-def _unlock_folder(folder, lock_ref, new, pid):
-    lock = lock_ref()
-    if lock is None or lock.closed or os.getpid() != pid:  # let go of already, or a forked worker exiting
+def _unlock_folder(folder, path, new, pid):
+    if os.getpid() != pid:  # a forked worker exiting: the lock is still its parent's
         return
     try:
-        os.remove(lock.name)  # while still held: no other process can have taken it meanwhile
-        lock.close()
+        os.remove(path)
         if new and not os.listdir(folder):
             os.rmdir(folder)
     except OSError:

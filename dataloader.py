@@ -6,6 +6,10 @@ Token file (the llm.c / modded-nanogpt format, so their FineWeb shards work as t
     header: 256 int32  = [MAGIC=20240520, VERSION=1, n_tokens, 0, 0, ...]   (1024 bytes)
     body:   n_tokens uint16 tokens                                           (2 * n_tokens bytes)
 
+VERSION=2 is the same with uint32 tokens (4 * n_tokens bytes), for vocabularies of more than
+65,536 ids (Llama 3's 128K); files whose ids fit in uint16 are always written as version 1,
+so every file of a GPT-2 dataset stays readable by llm.c and modded-nanogpt.
+
 A dataset is a folder data/<name>/ holding files whose names contain "train" or "val"
 (train.bin, val.bin, or fineweb_train_000001.bin ...) and a meta.json that names the tokenizer:
 {"tokenizer": "gpt2"} or {"tokenizer": "char", "chars": [...]} (a char's id is its index).
@@ -27,7 +31,7 @@ import torch
 from configurator import UserError, atomic_write
 
 MAGIC = 20240520
-VERSION = 1
+TOKEN_DTYPES = {1: np.uint16, 2: np.uint32}  # the header's version -> the dtype of the tokens
 HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes
 EOT = 50256  # GPT-2's <|endoftext|>, which separates documents
 
@@ -37,21 +41,24 @@ EOT = 50256  # GPT-2's <|endoftext|>, which separates documents
 
 
 def write_tokens(path, tokens):
-    """Write `tokens` (any int sequence, every id < 65536) as a token file, atomically (an
-    interrupted write never leaves half a file under the real name)."""
+    """Write `tokens` (any int sequence of ids >= 0) as a token file, atomically (an interrupted
+    write never leaves half a file under the real name): version 1 (uint16) when every id fits,
+    else version 2 (uint32)."""
     tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise UserError(f"{path}: token ids must fit in uint16 (0..65535)")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**32):
+        raise UserError(f"{path}: token ids must be in 0..2**32-1")
+    version = 1 if not tokens.size or tokens.max() < 2**16 else 2
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
+    header[0], header[1], header[2] = MAGIC, version, len(tokens)
     with atomic_write(path) as f:
         f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
+        f.write(tokens.astype(TOKEN_DTYPES[version]).tobytes())
 
 
 def read_tokens(path):
-    """Return the tokens of a token file as a read-only uint16 memmap (nothing is loaded into
-    memory until it is indexed). Checks the magic, the version and the length."""
+    """Return the tokens of a token file as a read-only uint16 (version 1) or uint32 (version 2)
+    memmap: nothing is loaded into memory until it is indexed. Checks the magic, the version and
+    the length."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such token file")
     size = os.path.getsize(path)
@@ -60,14 +67,15 @@ def read_tokens(path):
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != MAGIC:
         raise UserError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); not a token file, or a corrupt one")
-    if header[1] != VERSION:
-        raise UserError(f"{path}: unsupported version {header[1]} (expected {VERSION})")
+    if header[1] not in TOKEN_DTYPES:
+        raise UserError(f"{path}: unsupported version {header[1]} (expected 1, uint16 tokens, or 2, uint32)")
+    dtype = TOKEN_DTYPES[int(header[1])]
     n = int(header[2])
-    expected = HEADER_INTS * 4 + 2 * n
+    expected = HEADER_INTS * 4 + np.dtype(dtype).itemsize * n
     if size != expected:
         raise UserError(f"{path}: header says {n:,} tokens ({expected:,} bytes) but the file has {size:,} bytes; "
                         "it is truncated or corrupt: re-run its prepare script")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
 def check_ids(tokens, vocab_size, path):

@@ -124,7 +124,8 @@ def load_records(path):
         else:
             records.append((instruction, inp, output))
     if not records:
-        die(f"{path} holds no records" + (f" to train on ({', '.join(skipped)})" if any(skipped.values()) else ""))
+        left_out = ", ".join(f"{n} with {why}" for why, n in skipped.items() if n)
+        die(f"{path} holds no records" + (f" to train on ({left_out})" if left_out else ""))
     return records, skipped
 
 

@@ -185,8 +185,6 @@ class RunLog:
         self.path, self.mode = path, "a" if append else "w"  # opened at the first value: a start that fails leaves no empty log
         if path is None:
             return
-        if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            raise UserError(f"cannot write {path}: the folder is read-only")
         if cfg["wandb_log"]:
             try:
                 import wandb
@@ -257,9 +255,9 @@ class StepClock:
         return values, per_step
 
     def left(self, step, max_iters):
-        """Seconds to max_iters at the recent pace (evaluations not counted); before any lap, at
-        the first step's (compile included: an overestimate that the next lap corrects)."""
-        return (max_iters - step) * (self.pace if self.pace is not None else self.warmup_s or 0.0)
+        """Seconds to max_iters at the recent pace (evaluations not counted), or None before the
+        first lap (the first step's time, compile included, says nothing of the pace)."""
+        return None if self.pace is None else (max_iters - step) * self.pace
 
 
 def format_time(seconds):
@@ -276,4 +274,4 @@ def console_line(step, max_iters, values, left):
     if "warmup_s" in values:  # the first step, timed apart
         speed += f"{' | ' if speed else ''}first step {values['warmup_s']:.1f} s{' (compile)' if values.get('compiled') else ''}"
     return (f"step {step:5d}/{max_iters} | loss {values['train']:.4f} | lr {values['lr']:.2e} | "
-            f"norm {values['norm']:.4f} | {speed} | epoch {values['epoch']} | {format_time(left)} left")
+            f"norm {values['norm']:.4f} | {speed} | epoch {values['epoch']} | {'?' if left is None else format_time(left)} left")

@@ -48,7 +48,7 @@ DEFAULTS = dict(
     init_from="scratch",  # scratch | resume (out_dir/ckpt.pt) | gpt2, gpt2-medium, ... | a run's out_dir | an HF folder
     overwrite=False,  # True: a scratch run may replace the run already in out_dir (else it is refused)
     dataset="shakespeare_char",  # the folder data/<dataset>/ with train/val token files and meta.json
-    eval_interval=250,  # validate every this many steps (0 = only at the end)
+    eval_interval=250,  # validate every this many steps (0 = only at the end), and at every checkpoint
     eval_iters=200,  # validation batches per evaluation (per rank)
     log_interval=1,  # a log line every this many steps (each costs a host-device sync)
     checkpoint_interval=1000,  # overwrite out_dir/ckpt.pt every this many steps (and at the end); 0 = end only
@@ -371,7 +371,8 @@ def train(cfg, world):
     raw_model, base, optimizers, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)
     step = restore_run(ckpt, raw_model, optimizers, scaler, train_loader, world, say) if resume else 0
     val_loss = ckpt["val_loss"] if resume else None
-    best_val = ckpt.get("best_val_loss", val_loss) if resume else None  # the val loss in out_dir/ckpt_best.pt
+    best_path = os.path.join(out_dir, "ckpt_best.pt")  # its val loss: best_val (a checkpoint older than the rule has none)
+    best_val = ckpt.get("best_val_loss") if resume and os.path.exists(best_path) else None
     del ckpt  # the file is memory-mapped: let it go before this run replaces it
     model = wrap(raw_model, cfg, world, say)
     autocast = autocast_context(world.device_type, ptdtype)
@@ -388,10 +389,10 @@ def train(cfg, world):
         say(f"the run is already at step {step} (--max_iters={max_iters}): nothing to train; a larger --max_iters goes on")
     while True:
         last = step >= max_iters or stopping
-        saving = (last or cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0) and step > start_step
+        due = bool(cfg["checkpoint_interval"]) and step % cfg["checkpoint_interval"] == 0 and step > start_step
         clock.pause()  # evaluation and saving are not counted in the step time
         val_loss = None if step > start_step else val_loss  # a checkpoint holds the val loss of its own weights
-        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or saving) and not stopping:
+        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or due) and not stopping:
             if step == start_step:  # the first thing a run does, and on a slow machine not a short one
                 say(f"evaluating the starting model ({cfg['eval_iters']} val batches)...", flush=True)
             val = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop)
@@ -410,7 +411,8 @@ def train(cfg, world):
             else:
                 say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
                 log(step, hella=res["acc_norm"])
-        if saving:  # never overwrite a good checkpoint with a diverged model (nor one scoring nan: save_run)
+        if (last or due) and step > start_step:  # (last: also a stop during the evaluations above)
+            # never overwrite a good checkpoint with a diverged model (nor with one scoring nan: save_run)
             if not all_finite(bad_loss, params, world):
                 raise nonfinite(out_dir, step - 1)
             best_val = save_run(cfg, step, val_loss, best_val, model=raw_model, optimizers=optimizers, scaler=scaler,
@@ -419,7 +421,7 @@ def train(cfg, world):
             if stopping:
                 say(f"stopped at step {step}" + ("; continue with --init_from=resume" if step > start_step else ""))
             if worse_than_best(val_loss, best_val):
-                say(f"the best checkpoint, val loss {best_val:.4f}, is {os.path.join(out_dir, 'ckpt_best.pt')}")
+                say(f"the best checkpoint, val loss {best_val:.4f}, is {best_path}")
             break
         clock.resume()
 

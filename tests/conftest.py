@@ -2,7 +2,6 @@
 
 import json
 import os
-import select
 import subprocess
 import sys
 import tempfile
@@ -40,12 +39,13 @@ needs_gpt2_bpe = pytest.mark.skipif(not gpt2_encoding_available(),
 # process and runs the script as __main__ with runpy, as `python SCRIPT.py` would. Scripts that
 # must start for real (Ctrl-C while importing, torchrun's ranks, signals) use subprocess directly.
 ZYGOTE = r"""
-import atexit, io, json, os, resource, runpy, sys
+import atexit, io, json, os, resource, runpy, signal, sys, threading, time
 import numpy, torch  # noqa: F401  the slow imports, once
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
     if pid == 0:
+        os.setsid()  # its own process group: a timeout ends it and whatever it started (torchrun's ranks)
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
@@ -59,6 +59,7 @@ for line in sys.stdin:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         module = req["argv"][1] if req["argv"][0] == "-m" else None  # python -m torch.distributed.run ...
         sys.argv = req["argv"][1:] if module else req["argv"]
+        sys.path.remove("")  # python -c put the cwd first; `python SCRIPT.py` puts the script's folder
         sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(sys.argv[0])))
         code = 0
         try:
@@ -70,38 +71,56 @@ for line in sys.stdin:
             code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
             if code == 1 and not isinstance(e.code, int):
                 print(e.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            sys.excepthook(*sys.exc_info())
+            code = 128 + signal.SIGINT
         except BaseException:
             sys.excepthook(*sys.exc_info())  # the traceback an uncaught exception prints
             code = 1
-        atexit._run_exitfuncs()  # what the interpreter runs at exit (the scripts register some)
+        threading._shutdown()  # what the interpreter does at exit: wait for threads, then atexit
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    print(json.dumps({"pid": pid}), flush=True)
-    print(json.dumps({"rc": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
+    deadline, status = time.time() + req["timeout"], None
+    while status is None:  # wait for it here, so the test process only ever reads whole answers
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = os.waitstatus_to_exitcode(st)
+        elif time.time() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = "timeout"
+        else:
+            time.sleep(0.01)
+    print(json.dumps({"rc": status}), flush=True)
 """
 _zygotes = threading.local()
 
 
 def run_python(args, cwd, env, timeout, fsize=0):
     """`python args...` (a script and its arguments, or -m MODULE ...) in cwd with env: (exit code,
-    stdout, stderr), forked from this thread's zygote. fsize > 0 limits the size of files it
-    writes (RLIMIT_FSIZE)."""
+    stdout, stderr), forked from this thread's zygote (a real subprocess where there is no fork).
+    fsize > 0 limits the size of files it writes (RLIMIT_FSIZE)."""
+    if not hasattr(os, "fork"):  # Windows
+        preexec = None if not fsize else lambda: __import__("resource").setrlimit(
+            __import__("resource").RLIMIT_FSIZE, (fsize, fsize))
+        p = subprocess.run([sys.executable] + list(args), cwd=cwd, env=env, capture_output=True, text=True,
+                           timeout=timeout, preexec_fn=preexec)
+        return p.returncode, p.stdout, p.stderr
     z = getattr(_zygotes, "proc", None)
     if z is None or z.poll() is not None:
         z = _zygotes.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        req = dict(argv=list(args), cwd=os.path.abspath(cwd), env=env, stdout=out, stderr=err, fsize=fsize)
+        req = dict(argv=list(args), cwd=os.path.abspath(cwd), env=env, stdout=out, stderr=err, fsize=fsize,
+                   timeout=timeout)
         z.stdin.write(json.dumps(req) + "\n")
         z.stdin.flush()
-        pid = json.loads(z.stdout.readline())["pid"]
-        if not select.select([z.stdout], [], [], timeout)[0]:
-            os.kill(pid, 9)
-            z.stdout.readline()
-            raise subprocess.TimeoutExpired(args, timeout)
         rc = json.loads(z.stdout.readline())["rc"]
+        if rc == "timeout":
+            raise subprocess.TimeoutExpired(args, timeout)
         with open(out, encoding="utf-8", errors="replace") as f, open(err, encoding="utf-8", errors="replace") as g:
             return rc, f.read(), g.read()
 
@@ -112,7 +131,7 @@ def run_script(args, cwd=None, env=None, check=True, timeout=600):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     if str(args[0]).endswith(".py") or args[0] == "-m":
         p = subprocess.CompletedProcess(args, *run_python([str(a) for a in args], cwd or ROOT, full_env, timeout))
-    else:  # python -c / -m
+    else:  # python -c CODE
         p = subprocess.run([sys.executable] + list(args), cwd=cwd or ROOT, env=full_env,
                            capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:

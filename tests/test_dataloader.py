@@ -1,5 +1,7 @@
 """dataloader.py: the token-file format, tokenizers, and the batch loader's guarantees."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -31,8 +33,31 @@ def test_bad_files_are_named(tmp_path):
     open(path, "wb").write(raw)
     with pytest.raises(UserError, match="train.bin.*magic"):
         read_tokens(path)
-    with pytest.raises(UserError, match="uint16"):
-        write_tokens(path, [70000])
+    with pytest.raises(UserError, match="0..2"):
+        write_tokens(path, [-1])
+    raw[0:4] = np.int32(MAGIC).tobytes()
+    raw[4:8] = np.int32(3).tobytes()
+    open(path, "wb").write(raw)
+    with pytest.raises(UserError, match="unsupported version 3"):
+        read_tokens(path)
+
+
+def test_ids_past_uint16_take_version_2_and_small_ones_stay_version_1(tmp_path):
+    # a vocabulary of more than 65,536 ids (Llama 3's 128K): uint32 tokens under version 2; a file
+    # whose ids fit keeps the llm.c format (version 1, uint16) byte for byte
+    big = np.array([0, 65535, 65536, 128255, 7])
+    path = str(tmp_path / "big_train.bin")
+    write_tokens(path, big)
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[1] == 2 and header[2] == 5 and os.path.getsize(path) == 1024 + 4 * 5
+    assert read_tokens(path).dtype == np.uint32 and read_tokens(path).tolist() == big.tolist()
+    write_tokens(path, big[:2])
+    assert np.fromfile(path, dtype=np.int32, count=2)[1] == 1 and read_tokens(path).dtype == np.uint16
+    write_tokens(path, big)
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:-2])  # half a uint32 short
+    with pytest.raises(UserError, match="truncated"):
+        read_tokens(path)
 
 
 def make_dataset(tmp_path, n_shards=3, n_tokens=2000):
