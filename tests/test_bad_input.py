@@ -117,6 +117,8 @@ CASES = [
     ("merge: over an existing checkpoint", ["checkpoint.py", "--out_dir=lorarun", "--merged_dir=merged"], ["--overwrite"]),
     ("prepare_alpaca: nothing but empty outputs", ["prepare_alpaca.py", "--input=empty_outputs.jsonl", "--out_dir=data/x5"],
      ["no records to train on"]),
+    ("prepare_fineweb: a text field of numbers", ["prepare_fineweb.py", "--data_files=numbers.jsonl", "--out_dir=data/x6",
+                                                  "--num_proc=1"], ["text field"]),
     ("hellaswag: a truncated val file", ["hellaswag.py", "--out_dir=run", "--val_dataset=truncated"], ["truncated"]),
     ("hellaswag: an empty ending", ["hellaswag.py", "--out_dir=bperun", "--data_file=empty_ending.jsonl"], ["none empty"]),
     ("export: the disk fills", ["export_hf.py", "--out_dir=bperun", "--hf_dir=hf"], ["cannot write hf"]),
@@ -190,6 +192,7 @@ def make_workdir(w):
     (w / "hf_corrupt" / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not a header}" + b"\0" * 64)
     (w / "hf_malicious" / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
     (w / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    (w / "numbers.jsonl").write_text('{"text": "a document"}\n' * 50 + '{"text": 3}\n')  # fails mid-way, past the bar's start
     (w / "empty_outputs.jsonl").write_text('{"instruction": "Say nothing.", "output": ""}\n' * 3)
     (w / "empty_ending.jsonl").write_text(json.dumps({"ctx": "A man", "endings": ["a", "", "c", "d"], "label": 0}) + "\n")
     os.makedirs(w / "data" / "truncated")

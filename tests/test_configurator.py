@@ -151,6 +151,13 @@ def test_help_from_the_command_line():
     assert p.returncode == 0 and "--smooth" in p.stdout and "OUT_DIR" in p.stdout
     p = run_script(["train.py", "--help"])
     assert p.returncode == 0 and "--total_batch_size" in p.stdout and "tokens per optimizer step" in p.stdout
+    # each recipe by its whole first sentence, never cut mid-way (wrapped lines joined back)
+    recipes = " ".join(p.stdout.split("config files (recipes):")[1].split("settings (default")[0].split())
+    assert "low-rank adapters on every linear of every block are trained (2.65M parameters, 2.1%)." in recipes
+    assert "9,536 steps of 2^20 tokens." in recipes
+    for script, wrong in (("hellaswag.py", "out_shakespeare_char"), ("plot.py", "3.28")):
+        p = run_script([script, "-h"])
+        assert p.returncode == 0 and wrong not in p.stdout  # the examples name what the README names
 
 
 @pytest.mark.parametrize("capability, emulated, hip, expected", [

@@ -22,7 +22,8 @@ def train(workdir, *args, check=True):
 
 
 def test_end_to_end_then_sample(workdir):
-    train(workdir, "--max_iters=30", "--out_dir=out")
+    p = train(workdir, "--max_iters=30", "--out_dir=out")
+    assert "evaluating the starting model (2 val batches)..." in p.stdout  # the first wait is said
     log = read_log(workdir / "out" / "log.txt", "train")
     val = read_log(workdir / "out" / "log.txt", "val")
     assert sorted(log) == list(range(30))
@@ -476,3 +477,26 @@ def test_compile_round_trip_recompiles_nothing_after_the_first_pass(tmp_path, mo
     assert compiles_of_a_run(tmp_path, monkeypatch, "--max_iters=6", "--overwrite") == first
     resumed = compiles_of_a_run(tmp_path, monkeypatch, "--max_iters=10", "--init_from=resume")
     assert resumed == first
+
+
+def test_time_left_follows_the_recent_pace(monkeypatch):
+    # a slow start (compile) and a slow stretch must not weigh on the estimate for long: the time
+    # left is the steps to go times a moving average of the recent laps, evaluations left out
+    import runtime
+    now = [0.0]
+    monkeypatch.setattr(runtime.time, "time", lambda: now[0])
+    clock = runtime.StepClock(0, "cpu")
+    now[0] = 100.0  # the first step: 100 s of compiling
+    clock.count(1)
+    clock.lap()
+    assert clock.left(1, 1001) is None  # no pace yet: the console prints "?"
+    for lap in range(10):  # then steps of 1 s, an evaluation of 50 s between two laps
+        for _ in range(10):
+            now[0] += 1.0
+            clock.count(1)
+        if lap == 4:
+            clock.pause()
+            now[0] += 50.0
+            clock.resume()
+        clock.lap()
+    assert clock.left(101, 1001) == pytest.approx(900.0)  # 900 steps at 1 s, not at the run's average
