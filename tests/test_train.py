@@ -500,3 +500,26 @@ def test_time_left_follows_the_recent_pace(monkeypatch):
             clock.resume()
         clock.lap()
     assert clock.left(101, 1001) == pytest.approx(900.0)  # 900 steps at 1 s, not at the run's average
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once_and_keeps_the_checkpoint(workdir):
+    # the first Ctrl-C asks for a stop after this step; a second one, while that step still runs
+    # (steps of a wider model: ~0.1 s or more), ends the process at once, with the true reason
+    wide = ["--n_embd=256", "--n_head=4", "--n_layer=4", "--block_size=128", "--batch_size=16", "--eval_interval=0",
+            "--out_dir=out_twice"]
+    train(workdir, *wide, "--max_iters=2")
+    before = (workdir / "out_twice" / "ckpt.pt").read_bytes()
+    args = [sys.executable, os.path.join(ROOT, "train.py")] + TINY + wide + ["--max_iters=10000", "--init_from=resume"]
+    proc = subprocess.Popen(args, cwd=workdir, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step ") and "loss" in line:  # training has begun
+            break
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out = line + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "second signal: exiting now" in out, out[-2000:]
+    assert "Traceback" not in out and "disk" not in out
+    assert (workdir / "out_twice" / "ckpt.pt").read_bytes() == before  # the last checkpoint, whole
