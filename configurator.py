@@ -204,6 +204,8 @@ def configure(defaults, argv=None, source=None, usage=None):
                     continue  # __builtins__, imports, helper functions, _private helper values
                 if key not in defaults:  # most likely a typo of a real key: worth stopping for
                     die(f"config file {arg} sets unknown key {key!r} (prefix helper names with _); valid keys: {valid}")
+                if value is None and defaults[key] is not None:
+                    die(f"config file {arg} sets {key} = None: give a {type(defaults[key]).__name__} (like {defaults[key]!r})")
                 config[key] = _check_type(key, value, defaults[key])
             continue
         key, has_value, text = arg[2:].partition("=")

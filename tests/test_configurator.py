@@ -105,10 +105,12 @@ def test_a_bare_flag_for_a_value_setting_is_one_line(capsys):
     assert configure(DEFAULTS, ["--learning_rate", "-1e-3"])["learning_rate"] == -1e-3  # a negative number is a value
 
 
-def test_none_only_where_the_default_is_none(capsys):
+def test_none_only_where_the_default_is_none(capsys, tmp_path):
     for key in ("batch_size", "learning_rate", "out_dir", "compile"):
         expect_exit(capsys, [f"--{key}=None"], f"--{key} cannot be None")
     assert configure(dict(instruct=None), ["--instruct=None"]) == dict(instruct=None)
+    (tmp_path / "nones.py").write_text("batch_size = None\n")
+    expect_exit(capsys, [str(tmp_path / "nones.py")], "nones.py sets batch_size = None")
 
 
 def test_a_config_file_that_exits_is_refused(capsys, tmp_path):
