@@ -176,9 +176,9 @@ def lock_out_dir(out_dir, resume, overwrite):
 
 
 def claim_out_dir(cfg, resume, world):
-    """Rank 0 locks out_dir for this run, refuses to replace a run that is there, and opens
-    log.txt. Returns (the open lock file, the RunLog); the OS releases the lock when the
-    process ends, however it ends."""
+    """Rank 0 locks out_dir for this run, refuses to replace a run that is there, and makes its
+    log.txt's RunLog (the file opens at the first value). Returns (the open lock file, the RunLog);
+    the lock is released when the lock file is let go of, or when the process ends, however it ends."""
     lock, log, error = None, RunLog(None, cfg), None
     if world.master:
         try:
@@ -311,9 +311,11 @@ def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, l
     return best_val_loss
 
 
-def restore_run(ckpt, raw_model, optimizers, scaler, train_loader, world, say):
+def restore_run(ckpt, out_dir, raw_model, optimizers, scaler, train_loader, world, say):
     """Put a checkpoint's training state back: optimizers, scaler, data position, RNG. Returns
-    the step to continue from. (The weights are loaded with the model, by load_model.)"""
+    the step to continue from, the val loss of the checkpoint's weights, and the best val loss
+    of the run (that of out_dir/ckpt_best.pt; None for a checkpoint older than the file). (The
+    weights are loaded with the model, by load_model.)"""
     # the moments come from the checkpoint, the settings (peak lr, betas, weight decay, momentum)
     # from this run: loading brings back the saved group settings, so they are put back after
     settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups] for opt in optimizers]
@@ -330,7 +332,8 @@ def restore_run(ckpt, raw_model, optimizers, scaler, train_loader, world, say):
     else:
         say(f"note: the checkpoint has RNG states for {len(rngs)} ranks, this run has {world.size}: "
             "dropout will not repeat the original run exactly")
-    return ckpt["step"]
+    best = ckpt.get("best_val_loss") if os.path.exists(os.path.join(out_dir, "ckpt_best.pt")) else None
+    return ckpt["step"], ckpt["val_loss"], best
 
 
 # -----------------------------------------------------------------------------

@@ -87,8 +87,9 @@ def lock_folder(folder, busy):
     """Lock the --out_dir `folder` for this process (the lock file stays open until the process
     ends, however it ends: the OS then drops the lock), or raise UserError(busy) if another
     process holds it. Then delete the *.tmp files that a killed writer left there: with the lock
-    held, none of them is being written. When the process exits, the lock file goes, and so does
-    the folder if it was made here and nothing else was written into it (a start that failed).
+    held, none of them is being written. When the lock is let go of (its holder returns, or the
+    process exits), the lock file goes, and so does the folder if it was made here and nothing else
+    was written into it (a start that failed).
     (Windows has no fcntl: no lock there.)"""
     new = not os.path.exists(folder)
     try:
@@ -108,8 +109,6 @@ def lock_folder(folder, busy):
     for stale in glob.glob(os.path.join(folder, "*.tmp")):
         print(f"removing {stale}, an unfinished write of a process that was killed")
         os.remove(stale)
-    # when the lock is let go of (its holder returns, or the process exits): the lock file goes, and
-    # the folder too if this call made it and nothing was written into it
     weakref.finalize(lock, _unlock_folder, folder, lock.name, new, os.getpid())
     return lock
 
@@ -140,12 +139,14 @@ def quiet_offline_hub(host="huggingface.co"):
 # settings
 
 
-def _check_type(key, value, default):
-    """Return `value` converted to the default's type, or end the run with a clear line."""
+def _check_type(key, value, default, source=None):
+    """Return `value` converted to the default's type, or end the run with a clear line.
+    source: the config file that set it (None: the command line)."""
     if default is None:
         return value  # a None default (an "auto" switch) accepts anything
-    if value is None:
-        die(f"--{key} cannot be None: give a {type(default).__name__} (like {default!r})")
+    if value is None:  # --out_dir=None: no folder named None
+        what = f"config file {source} sets {key} = None" if source else f"--{key} cannot be None"
+        die(f"{what}: give a {type(default).__name__} (like {default!r})")
     if isinstance(default, bool):  # bool before int: bool is a subclass of int
         if isinstance(value, bool):
             return value
@@ -204,9 +205,7 @@ def configure(defaults, argv=None, source=None, usage=None):
                     continue  # __builtins__, imports, helper functions, _private helper values
                 if key not in defaults:  # most likely a typo of a real key: worth stopping for
                     die(f"config file {arg} sets unknown key {key!r} (prefix helper names with _); valid keys: {valid}")
-                if value is None and defaults[key] is not None:
-                    die(f"config file {arg} sets {key} = None: give a {type(defaults[key]).__name__} (like {defaults[key]!r})")
-                config[key] = _check_type(key, value, defaults[key])
+                config[key] = _check_type(key, value, defaults[key], source=arg)
             continue
         key, has_value, text = arg[2:].partition("=")
         key = key.replace("-", "_")
@@ -228,9 +227,7 @@ def configure(defaults, argv=None, source=None, usage=None):
             text = nxt
             i += 1
         value = _parse_value(text)
-        if value is None and defaults[key] is not None:  # --out_dir=None: no folder named None
-            die(f"--{key} cannot be None: give a {type(defaults[key]).__name__} (like {defaults[key]!r})")
-        if isinstance(defaults[key], str) and not isinstance(value, str):
+        if isinstance(defaults[key], str) and value is not None and not isinstance(value, str):
             value = text  # --start=123 for a string setting means the text "123"
         config[key] = _check_type(key, value, defaults[key])
     return config

@@ -1,7 +1,8 @@
 """
 The bookkeeping of a training run, apart from the training itself: who this process is among
-the ranks and how the ranks agree (a failure, a stop, a non-finite loss), the stop flag that
-Ctrl-C and SIGTERM raise, the log file, and the console line. train.py uses all of it.
+the ranks (setup_world, close_world) and how they agree (a failure, a stop, a non-finite loss),
+the stop flag that Ctrl-C and SIGTERM raise, the log file, and the console line. train.py uses
+all of it.
 
 Every function here that takes a World and does a collective must be called by every rank
 at the same point of the run: that is what keeps them in step.
@@ -15,11 +16,12 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from configurator import UserError
+from configurator import UserError, resolve_device
 
 
 @dataclass
@@ -36,6 +38,22 @@ class World:
     @property
     def master(self):  # only rank 0 prints, logs and saves
         return self.rank == 0
+
+
+def setup_world(device_setting, fsdp=False, timeout_s=600):
+    """Who this process is (runtime.World): torchrun's RANK, LOCAL_RANK and WORLD_SIZE, one GPU
+    per process, or rank 0 of 1 for a plain `python train.py`."""
+    device, device_type = resolve_device(device_setting)
+    if "RANK" not in os.environ:
+        return World(False, 0, 1, device, device_type)
+    rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process
+        torch.cuda.set_device(device)
+    # timeout: a collective that waits this long means a rank is stuck or gone; it then
+    # raises, instead of every other rank hanging forever (NCCL's own default is 10 minutes)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return World(True, rank, size, device, device_type, fsdp)
 
 
 def ddp_wrap(model, device, device_type):
@@ -245,9 +263,9 @@ class StepClock:
         now = time.time()
         values, per_step = {}, None
         if self.steps:
-            values = dict(dt_ms=(now - self.last) / self.steps * 1000, tok_per_s=self.tokens / (now - self.last))
+            dt = (now - self.last) / self.steps  # seconds per step
+            values = dict(dt_ms=dt * 1000, tok_per_s=self.tokens / (now - self.last))
             per_step = self.tokens / self.steps
-            dt = (now - self.last) / self.steps
             self.pace = dt if self.pace is None else 0.7 * self.pace + 0.3 * dt  # recent laps weigh most
         if self.warmup_s is not None and not self.warmup_logged:
             values["warmup_s"], self.warmup_logged = self.warmup_s, True

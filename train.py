@@ -4,7 +4,7 @@ Train a GPT: from a laptop CPU to several 8-GPU nodes, with one script.
     python train.py config/shakespeare_char_cpu.py                    # laptop, a few minutes
     python train.py config/shakespeare_char.py                        # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py   # one 8-GPU node
-    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_1.3b.py --fsdp  # sharded: ~20 GiB per GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_1.3b.py --fsdp  # sharded: ~20 GiB/GPU (--plan's estimate)
     python train.py config/finetune_alpaca.py                         # instruction fine-tuning
     python train.py config/gpt2_1.3b.py --fsdp --plan --plan_world=8  # checks and sizes only: memory, time
 
@@ -20,9 +20,8 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 
-from configurator import UserError, autocast_context, configure, die, exit_on_ctrl_c, print_config, resolve_device, resolve_dtype
+from configurator import UserError, autocast_context, configure, die, exit_on_ctrl_c, print_config, resolve_dtype
 
 if __name__ == "__main__":
     exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
@@ -37,8 +36,8 @@ from checkpoint import (SHAPE_KEYS, check_resume, check_same_tokenizer, claim_ou
 from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
 from model import GPT, configure_optimizers, estimate_mfu, fully_shard, peak_flops
 from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan, setting_notes
-from runtime import (StepClock, StopFlag, World, agree_on_step, all_finite, close_world, console_line,
-                     ddp_wrap, format_time, nonfinite, rank_failed, stop_agreed, worse_than_best)
+from runtime import (StepClock, StopFlag, agree_on_step, all_finite, close_world, console_line, ddp_wrap, format_time,
+                     nonfinite, rank_failed, setup_world, stop_agreed, worse_than_best)
 
 # -----------------------------------------------------------------------------
 # settings: every one can be changed by a config file or --key=value (python train.py -h lists them)
@@ -111,23 +110,18 @@ DEFAULTS = dict(
 )
 
 # -----------------------------------------------------------------------------
-# set-up: the world, the output folder, the data, the model
+# set-up: the data, the model, its wrapping (the world: runtime.setup_world; out_dir: checkpoint.claim_out_dir)
 
 
-def setup_world(device_setting, fsdp=False, timeout_s=600):
-    """Who this process is (runtime.World): torchrun's RANK, LOCAL_RANK and WORLD_SIZE, one GPU
-    per process, or rank 0 of 1 for a plain `python train.py`."""
-    device, device_type = resolve_device(device_setting)
-    if "RANK" not in os.environ:
-        return World(False, 0, 1, device, device_type)
-    rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"  # one GPU per process
-        torch.cuda.set_device(device)
-    # timeout: a collective that waits this long means a rank is stuck or gone; it then
-    # raises, instead of every other rank hanging forever (NCCL's own default is 10 minutes)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-    return World(True, rank, size, device, device_type, fsdp)
+def say_settings(cfg, world, ptdtype, layout, say):
+    """The effective settings, the device and the batch layout, and a note for each setting that
+    may not do what was meant (plan.setting_notes): what a log of the run should start with."""
+    say("config:")
+    if world.master:
+        print_config(cfg)
+    say(f"device {world.device}, dtype {str(ptdtype).replace('torch.', '')}, {world.size} rank(s), {layout}")
+    for note in setting_notes(cfg, world.size, world.device_type):
+        say(f"note: {note}")
 
 
 def make_loaders(cfg, meta, world):
@@ -362,17 +356,11 @@ def train(cfg, world):
     lock, log = claim_out_dir(cfg, resume, world)  # noqa: F841 (the lock is held while the run lives)
     meta = read_meta(os.path.join("data", cfg["dataset"]))
     train_loader, val_loader, layout = make_loaders(cfg, meta, world)
-    say("config:")
-    if world.master:
-        print_config(cfg)
-    say(f"device {world.device}, dtype {str(ptdtype).replace('torch.', '')}, {world.size} rank(s), {layout}")
-    for note in setting_notes(cfg, world.size, world.device_type):
-        say(f"note: {note}")
+    say_settings(cfg, world, ptdtype, layout, say)
     raw_model, base, optimizers, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)
-    step = restore_run(ckpt, raw_model, optimizers, scaler, train_loader, world, say) if resume else 0
-    val_loss = ckpt["val_loss"] if resume else None
-    best_path = os.path.join(out_dir, "ckpt_best.pt")  # its val loss: best_val (a checkpoint older than the rule has none)
-    best_val = ckpt.get("best_val_loss") if resume and os.path.exists(best_path) else None
+    # val_loss: of the weights now; best_val: of out_dir/ckpt_best.pt
+    step, val_loss, best_val = (restore_run(ckpt, out_dir, raw_model, optimizers, scaler, train_loader, world, say)
+                                if resume else (0, None, None))
     del ckpt  # the file is memory-mapped: let it go before this run replaces it
     model = wrap(raw_model, cfg, world, say)
     autocast = autocast_context(world.device_type, ptdtype)
@@ -421,7 +409,7 @@ def train(cfg, world):
             if stopping:
                 say(f"stopped at step {step}" + ("; continue with --init_from=resume" if step > start_step else ""))
             if worse_than_best(val_loss, best_val):
-                say(f"the best checkpoint, val loss {best_val:.4f}, is {best_path}")
+                say(f"the best checkpoint, val loss {best_val:.4f}, is {os.path.join(out_dir, 'ckpt_best.pt')}")
             break
         clock.resume()
 

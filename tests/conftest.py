@@ -102,11 +102,9 @@ def run_python(args, cwd, env, timeout, fsize=0):
     """`python args...` (a script and its arguments, or -m MODULE ...) in cwd with env: (exit code,
     stdout, stderr), forked from this thread's zygote (a real subprocess where there is no fork).
     fsize > 0 limits the size of files it writes (RLIMIT_FSIZE)."""
-    if not hasattr(os, "fork"):  # Windows
-        preexec = None if not fsize else lambda: __import__("resource").setrlimit(
-            __import__("resource").RLIMIT_FSIZE, (fsize, fsize))
+    if not hasattr(os, "fork"):  # Windows: a real process each time (and no file-size limit there)
         p = subprocess.run([sys.executable] + list(args), cwd=cwd, env=env, capture_output=True, text=True,
-                           timeout=timeout, preexec_fn=preexec)
+                           timeout=timeout)
         return p.returncode, p.stdout, p.stderr
     z = getattr(_zygotes, "proc", None)
     if z is None or z.poll() is not None:
