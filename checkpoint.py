@@ -34,6 +34,7 @@ import glob
 import math
 import os
 import shutil
+from dataclasses import fields
 
 from configurator import UserError, atomic_write, configure, die, exit_on_ctrl_c, lock_folder, print_config
 
@@ -44,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 import lora
+from dataloader import hf_tokenizer_meta
 from model import GPT, OPENAI_MODELS, GPTConfig, unwrap
 from runtime import RunLog, agree, nonfinite
 
@@ -116,20 +118,22 @@ def newest_checkpoint(pattern="out*/ckpt.pt"):
 def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
     """Return (model, meta): from out_dir/ckpt.pt of a run of ours, or from the .pt file that
     out_dir names (RUN/ckpt_best.pt, RUN/ckpt_5000.pt); a LoRA run's base is loaded and its
-    adapters applied. Or OpenAI's weights when init_from is a GPT-2 name or a local Hugging Face
-    folder. meta names the tokenizer."""
+    adapters applied. Or a Hugging Face model when init_from is a GPT-2 name, a Llama-family Hub
+    name or a local Hugging Face folder. meta names the tokenizer."""
     if out_dir is None:
         try:
             model = GPT.from_pretrained(init_from, {"dropout": dropout})
         except (OSError, ValueError, ImportError) as e:  # offline, unknown name, odd config
             raise UserError(str(e)) from None
-        return model.to(device), {"tokenizer": "gpt2"}
+        # a Llama-family model (RMSNorm) comes with its own tokenizer, in its folder or Hub repository
+        meta = hf_tokenizer_meta(init_from) if model.config.norm == "rmsnorm" else {"tokenizer": "gpt2"}
+        return model.to(device), meta
     path = checkpoint_path(out_dir)
     ckpt = load_checkpoint(path)
     try:
         if "lora" in ckpt:
-            base = ckpt["base"]  # OpenAI's weights by name, or another run's checkpoint
-            if not os.path.exists(base) and base not in OPENAI_MODELS:
+            base = ckpt["base"]  # a Hugging Face model by name, or a folder (another run, an HF folder) by its absolute path
+            if not os.path.exists(base) and (base not in OPENAI_MODELS and os.path.isabs(base)):
                 raise UserError(f"{out_dir} is a LoRA run whose base {base} is not there: the adapters "
                                 "need those weights, so put the base run back at that path")
             from_run = os.path.isfile(os.path.join(base, "ckpt.pt"))
@@ -153,7 +157,8 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
 # training state (optimizer, scaler, data position, RNG) saved and put back. train.py calls these.
 
 # the settings that decide the model's shape: a resumed run must keep them
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "mlp", "tie_embeddings")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "mlp", "tie_embeddings", "norm", "mlp_hidden",
+              "n_kv_head", "rope_theta")
 
 
 def lock_out_dir(out_dir, resume, overwrite):
@@ -192,7 +197,8 @@ def claim_out_dir(cfg, resume, world):
 
 def check_same_tokenizer(model_meta, data_meta, model_name, dataset):
     """The same token ids must mean the same text for the model and the data."""
-    if (model_meta.get("tokenizer"), model_meta.get("chars")) != (data_meta.get("tokenizer"), data_meta.get("chars")):
+    same = lambda m: (m.get("tokenizer"), m.get("chars"), m.get("fingerprint"))  # fingerprint: a Hugging Face vocabulary
+    if same(model_meta) != same(data_meta):
         raise UserError(f"{model_name} was trained with the {model_meta.get('tokenizer')} tokenizer (or other "
                         f"characters) but data/{dataset} uses {data_meta.get('tokenizer')}; use a dataset "
                         "of the same tokenizer")
@@ -206,6 +212,7 @@ def check_resume(ckpt, cfg, meta, say):
                         f"{', '.join(sorted(missing))}); start a new run from it with --init_from={cfg['out_dir']}")
     old = ckpt["config"]
     check_same_tokenizer(ckpt["meta"], meta, cfg["out_dir"], cfg["dataset"])
+    old = {f.name: f.default for f in fields(GPTConfig)} | old  # a run from before a setting existed had its default
     shape = [k for k in SHAPE_KEYS if old[k] != cfg[k]]
     if shape:
         raise UserError(f"resuming {cfg['out_dir']} with another model shape ({', '.join(f'{k}={cfg[k]} vs {old[k]}' for k in shape)}); "
@@ -223,7 +230,8 @@ def check_resume(ckpt, cfg, meta, say):
         raise UserError(f"{cfg['out_dir']} was trained with optimizer={old['optimizer']}; resume it with the same "
                         "(start a new run, init_from=OUT_DIR, to switch)")
     kept = ("group_by_length",)  # part of the data order: a run keeps the one it began with
-    changed = [f"{k}={cfg[k]!r} (was {old[k]!r})" for k in cfg if k not in ("init_from", "overwrite", *kept) and old[k] != cfg[k]]
+    changed = [f"{k}={cfg[k]!r} (was {old[k]!r})" for k in cfg
+               if k in old and k not in ("init_from", "overwrite", *kept) and old[k] != cfg[k]]
     if changed:
         say(f"note: resuming with changed settings: {', '.join(changed)}")
     if any(old[k] != cfg[k] for k in kept):

@@ -21,7 +21,9 @@ position in a few integers (state_dict), so a resumed run sees exactly the batch
 uninterrupted run would have seen.
 """
 
+import functools
 import glob
+import hashlib
 import json
 import os
 
@@ -119,6 +121,8 @@ def vocab_size_of(meta):
     """The embedding rows a new model needs for this tokenizer."""
     if meta["tokenizer"] == "char":
         return len(meta["chars"])
+    if meta["tokenizer"] == "hf":  # padded to a multiple of 128 too (SmolLM2's 49152 already is)
+        return -(-meta["vocab_size"] // 128) * 128
     return 50304  # GPT-2's 50257, padded to a multiple of 128 for fast matmuls
 
 
@@ -148,14 +152,68 @@ def get_gpt2_encoding():
                         "caches them, or set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
 
 
+@functools.lru_cache(maxsize=4)
+def get_hf_tokenizer(name_or_path):
+    """transformers' fast tokenizer of a Hugging Face model: a local folder (tokenizer.json and
+    tokenizer_config.json, as save_pretrained writes them) or a Hub name (fetched once, cached).
+    The Llama family's models bring their own vocabularies, special tokens and chat templates."""
+    local = os.path.isdir(name_or_path)
+    if not local:
+        from configurator import quiet_offline_hub
+        quiet_offline_hub()
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UserError("a Hugging Face tokenizer needs transformers: pip install transformers") from None
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+    except Exception as e:  # no tokenizer files, offline, a broken tokenizer.json
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        where = "a folder with tokenizer.json" if local else "offline? Be online once so transformers caches it, or give a local folder"
+        raise UserError(f"cannot load the tokenizer of {name_or_path} ({type(e).__name__}: {first}); it needs {where}") from None
+
+
+def hf_tokenizer_meta(name_or_path):
+    """The meta (meta.json, a checkpoint's "meta") of a Hugging Face tokenizer: where it is,
+    its size, its end-of-text id (eos: documents and answers end there), the ids it puts
+    before every text (Llama's <s>; none for GPT-2-style BPE), whether it has a chat template,
+    and a fingerprint of its vocabulary, so that two copies of one tokenizer match and two
+    different ones do not (check_same_tokenizer)."""
+    tok = get_hf_tokenizer(name_or_path)
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer of {name_or_path} has no eos token: it cannot end documents or answers")
+    with_special, plain = tok("x")["input_ids"], tok("x", add_special_tokens=False)["input_ids"]
+    bos = with_special[:len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+    vocab = json.dumps(sorted(tok.get_vocab().items()))
+    return {"tokenizer": "hf", "path": os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path,
+            "vocab_size": len(tok), "eot": tok.eos_token_id, "bos": bos, "chat_template": bool(tok.chat_template),
+            "fingerprint": hashlib.sha256(vocab.encode()).hexdigest()[:16]}
+
+
+def eot_of(meta):
+    """The id that ends a document or an answer (sample.py stops there), or None (characters)."""
+    return {"gpt2": EOT, "hf": meta.get("eot")}.get(meta.get("tokenizer"))
+
+
+def with_bos(meta, ids):
+    """ids of a text's start with the tokenizer's bos before them (Llama's <s>; GPT-2 has none),
+    unless they begin with it already (a chat template writes it itself)."""
+    bos = meta.get("bos") or []
+    return ids if ids[:len(bos)] == bos else bos + ids
+
+
 def get_tokenizer(meta):
     """Return (encode, decode) for a dataset's meta.json: encode(str) -> list[int],
-    decode(list[int]) -> str."""
+    decode(list[int]) -> str. encode adds no special tokens (a caller adds meta["bos"] where a
+    text starts), but reads the eot marker's text as the marker."""
     kind = meta.get("tokenizer")
     if kind == "gpt2":
         enc = get_gpt2_encoding()
         encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
         return encode, enc.decode
+    if kind == "hf":
+        tok = get_hf_tokenizer(meta["path"])
+        return (lambda s: tok(s, add_special_tokens=False)["input_ids"]), tok.decode
     if kind == "char":
         chars = meta["chars"]
         stoi = {c: i for i, c in enumerate(chars)}
@@ -167,7 +225,7 @@ def get_tokenizer(meta):
             return [stoi[c] for c in s]
 
         return encode, lambda ids: "".join(chars[i] for i in ids)
-    raise UserError(f"unknown tokenizer {kind!r} in meta.json (expected 'gpt2' or 'char')")
+    raise UserError(f"unknown tokenizer {kind!r} in meta.json (expected 'gpt2', 'char' or 'hf')")
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """
-Export a run of ours as a Hugging Face GPT-2 folder.
+Export a run of ours as a Hugging Face GPT-2 folder (or, for a Llama-family model, a
+LlamaForCausalLM folder: see the end of this docstring).
 
     python export_hf.py --out_dir=out --hf_dir=hf/my-gpt2 [--dtype=bfloat16]
 
@@ -27,6 +28,13 @@ initialisation, so such a model exports), and a character-level
 model (its ids are not GPT-2's tokens: the tokenizer, and every score computed through it,
 would be nonsense).
 
+A Llama-family model (norm="rmsnorm", mlp="swiglu", rope=True, bias=False: one loaded from a
+LlamaForCausalLM, or trained with those settings) is written as a LlamaForCausalLM folder: its
+config.json (rope_theta, n_kv_head, the MLP's width, tied or not), its weights with c_attn cut
+back into q_proj, k_proj, v_proj and c_fc into gate_proj, up_proj, and its tokenizer's own
+files (tokenizer.json, its chat template), so transformers and lm-evaluation-harness load it
+as they load the original. No vocabulary crop: the rows are the model's.
+
 The folder is written next to hf_dir under a temporary name and renamed at the end, so an
 export that fails half way leaves nothing behind.
 """
@@ -44,7 +52,8 @@ import torch
 
 import lora
 from checkpoint import load_model
-from dataloader import EOT, get_gpt2_encoding
+from dataloader import EOT, eot_of, get_gpt2_encoding, get_hf_tokenizer
+from model import llama_names
 
 # -----------------------------------------------------------------------------
 # settings; override with config files or --key=value
@@ -65,23 +74,43 @@ ACTIVATIONS = {"tanh": "gelu_new", "none": "gelu"}
 # what can be exported
 
 
+def is_llama(cfg):
+    """A Llama-family block: RMSNorm, SwiGLU, RoPE, no biases (what from_pretrained makes of a
+    LlamaForCausalLM, or a run trained with those settings)."""
+    return cfg.norm == "rmsnorm" or cfg.mlp == "swiglu"
+
+
 def why_not_exportable(model, meta):
-    """A one-line reason why this model has no exact Hugging Face GPT-2 form, or None."""
+    """A one-line reason why this model has no exact Hugging Face form (GPT-2's, or for a
+    Llama-family model LlamaForCausalLM's), or None."""
     cfg = model.config
+    if meta.get("tokenizer") == "char":
+        return (f"this is a character-level model ({len(meta.get('chars', []))} characters), not BPE: "
+                "its ids mean nothing to a Hugging Face tokenizer, so transformers' tokenizer and lm-eval's "
+                "scores would be meaningless; export models trained on BPE-tokenized data")
+    if meta.get("tokenizer") not in ("gpt2", "hf"):
+        return f"unknown tokenizer {meta.get('tokenizer')!r} in the checkpoint's meta (expected 'gpt2' or 'hf')"
+    if is_llama(cfg):
+        odd = [name for name, on in (("norm='layernorm'", cfg.norm != "rmsnorm"), ("mlp=" + repr(cfg.mlp), cfg.mlp != "swiglu"),
+                                     ("rope=False", not cfg.rope), ("bias=True", cfg.bias), ("qk_norm=True", cfg.qk_norm))
+               if on]
+        if odd:
+            return (f"this Llama-like model has {', '.join(odd)}, which LlamaForCausalLM has no place for (it is "
+                    "RMSNorm, SwiGLU, RoPE, no biases, no query/key norms): export a model with all five")
+        return None
+    if meta.get("tokenizer") != "gpt2":
+        return "a GPT-2-shaped model with a Hugging Face tokenizer has no GPT-2 form to export to (GPT-2's is tiktoken's BPE)"
     if cfg.rope:
         return ("this model uses RoPE (rope=True), but GPT-2 in transformers has learned positions (wpe) "
                 "and no rotary embeddings: only models trained with rope=False can be exported")
     modern = [name for name, on in (("qk_norm=True", cfg.qk_norm), ("mlp='relu2'", cfg.mlp != "gelu"),
-                                     ("tie_embeddings=False", not cfg.tie_embeddings)) if on]
+                                     ("tie_embeddings=False", not cfg.tie_embeddings),
+                                     (f"n_kv_head={cfg.n_kv_head}", cfg.n_kv_head not in (0, cfg.n_head)),
+                                     (f"mlp_hidden={cfg.mlp_hidden}", cfg.mlp_hidden not in (0, 4 * cfg.n_embd))) if on]
     if modern:
         return (f"this model uses {', '.join(modern)}, which transformers' GPT-2 has no place for (no query/key "
-                "norms, a GELU MLP, lm_head tied to wte): only models trained without these options can be exported")
-    if meta.get("tokenizer") == "char":
-        return (f"this is a character-level model ({len(meta.get('chars', []))} characters), not GPT-2 BPE: "
-                "its ids mean nothing to a GPT-2 tokenizer, so transformers' tokenizer and lm-eval's "
-                "scores would be meaningless; export models trained on GPT-2-tokenized data")
-    if meta.get("tokenizer") != "gpt2":
-        return f"unknown tokenizer {meta.get('tokenizer')!r} in the checkpoint's meta (expected 'gpt2')"
+                "norms, a GELU MLP 4 x n_embd wide, lm_head tied to wte, every head its own keys): only models "
+                "trained without these options can be exported")
     if cfg.vocab_size < GPT2_VOCAB:
         return f"the model has {cfg.vocab_size} token rows, fewer than GPT-2's {GPT2_VOCAB}"
     if cfg.gelu not in ACTIVATIONS:
@@ -166,20 +195,81 @@ def hf_state_dict(model, dtype):
     return out
 
 
-def write_model(folder, model, dtype="float32"):
-    """config.json and model.safetensors for `model` (a GPT with learned positions)."""
+# -----------------------------------------------------------------------------
+# a Llama-family model: LlamaForCausalLM's config.json and weights
+
+
+def llama_hf_config(cfg, dtype, bos, eos):
+    """config.json for transformers' LlamaConfig. RoPE's base is written as rope_theta, the
+    field every transformers release reads."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_hidden or 4 * cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
+        "head_dim": cfg.n_embd // cfg.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": 0.02,
+        "bos_token_id": bos, "eos_token_id": eos,
+        "dtype": dtype,
+        "use_cache": True,
+    }
+
+
+def llama_hf_state_dict(model, dtype):
+    """Our weights under LlamaForCausalLM's names: c_attn cut back into q_proj, k_proj and
+    v_proj, c_fc into gate_proj and up_proj (model.llama_names says which is which)."""
+    cfg = model.config
+    sd = model.state_dict()
+    names = llama_names(cfg)
+    used = set(names) | ({"lm_head.weight"} if cfg.tie_embeddings else set())  # tied: lm_head is wte
+    left = sorted(set(sd) - used)
+    if left:  # say, an unmerged LoRA adapter: never dropped without a word
+        raise ValueError(f"the model has tensors LlamaForCausalLM has no place for: {', '.join(left[:4])}")
+    out = {}
+    for ours, parts in names.items():
+        w = sd[ours].detach().cpu()
+        if ours.endswith("attn.c_attn.weight"):
+            sizes = model.transformer.h[0].attn.qkv_sizes
+        else:
+            sizes = [w.size(0) // len(parts)] * len(parts)  # c_fc: gate and up, H rows each
+        for name, piece in zip(parts, w.split(sizes, dim=0)):
+            out[name] = piece.to(DTYPES[dtype], copy=True).contiguous()
+    return out
+
+
+def write_model(folder, model, dtype="float32", meta=None):
+    """config.json, generation_config.json and model.safetensors for `model`: a GPT-2 (learned
+    positions) or a Llama-family model."""
     try:
         from safetensors.torch import save_file
     except ImportError:
         die("exporting needs safetensors: pip install safetensors")
-    tensors = hf_state_dict(model, dtype)
+    if is_llama(model.config):
+        eos = eot_of(meta or {"tokenizer": "gpt2"})
+        bos = (meta.get("bos") or [eos])[0]
+        tensors, config = llama_hf_state_dict(model, dtype), llama_hf_config(model.config, dtype, bos, eos)
+        generation = {"bos_token_id": bos, "eos_token_id": eos, "max_new_tokens": min(50, model.config.block_size // 2)}
+    else:
+        tensors, config = hf_state_dict(model, dtype), hf_config(model.config, dtype)
+        # transformers' generation defaults assume GPT-2's 1024 positions: a shorter model would
+        # index past its position table, so the lengths here fit n_positions
+        generation = {"bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT,
+                      "max_new_tokens": min(50, model.config.block_size // 2)}
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config(model.config, dtype), f, indent=2)
-    # transformers' generation defaults assume GPT-2's 1024 positions: a shorter model would
-    # index past its position table, so the lengths here fit n_positions
+        json.dump(config, f, indent=2)
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT,
-                   "max_new_tokens": min(50, model.config.block_size // 2)}, f, indent=2)
+        json.dump(generation, f, indent=2)
     # metadata format "pt" tells transformers these are PyTorch tensors
     weights = os.path.join(folder, "model.safetensors")
     save_file(tensors, weights, metadata={"format": "pt"})
@@ -264,16 +354,20 @@ def write_tokenizer(folder, enc, model_max_length):
 # the export
 
 
-def export(model, enc, hf_dir, dtype="float32"):
-    """Write the whole folder: into a temporary sibling first, renamed to hf_dir at the end."""
+def export(model, meta, hf_dir, dtype="float32"):
+    """Write the whole folder: into a temporary sibling first, renamed to hf_dir at the end.
+    The tokenizer: GPT-2's rebuilt from tiktoken, or a Hugging Face tokenizer's own files."""
     hf_dir = os.path.abspath(hf_dir)
     # a sibling, so the final rename stays on one file system and is atomic
     tmp = f"{hf_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a killed export with our pid, if any
     os.makedirs(tmp)
     try:
-        write_model(tmp, model, dtype)
-        write_tokenizer(tmp, enc, model.config.block_size)
+        write_model(tmp, model, dtype, meta)
+        if meta["tokenizer"] == "gpt2":
+            write_tokenizer(tmp, get_gpt2_encoding(), model.config.block_size)
+        else:  # tokenizer.json, tokenizer_config.json (its chat template too), special_tokens_map.json
+            get_hf_tokenizer(meta["path"]).save_pretrained(tmp)
         if os.path.isdir(hf_dir):
             os.rmdir(hf_dir)  # main() lets only an empty one through; Windows cannot rename onto it
         os.rename(tmp, hf_dir)
@@ -302,16 +396,16 @@ def main():
     if lora.has_lora(model):
         lora.merge_lora(model)  # fold B @ A into the base weights: plain GPT-2 weights again
         print("merged the LoRA adapters into the base weights")
-    try:
-        enc = get_gpt2_encoding()
+    try:  # the tokenizer loads before anything is written
+        get_gpt2_encoding() if meta["tokenizer"] == "gpt2" else get_hf_tokenizer(meta["path"])
     except UserError as e:
         die(str(e))
 
     from safetensors import SafetensorError  # what a full disk raises from inside save_pretrained
 
     try:
-        export(model.eval(), enc, cfg["hf_dir"], cfg["dtype"])
-    except ValueError as e:  # a model our checks let through but the format cannot hold
+        export(model.eval(), meta, cfg["hf_dir"], cfg["dtype"])
+    except (ValueError, UserError) as e:  # a model our checks let through but the format cannot hold
         die(str(e))
     except (OSError, SafetensorError) as e:  # a full disk, a read-only folder (export() left nothing behind)
         reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -38,8 +38,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from checkpoint import load_model
-from dataloader import EOT, DataLoader, get_gpt2_encoding, read_meta
+from checkpoint import check_same_tokenizer, load_model
+from dataloader import DataLoader, get_tokenizer, read_meta, with_bos
 from model import unwrap
 
 # -----------------------------------------------------------------------------
@@ -95,14 +95,19 @@ def download(split):
     return path
 
 
-def load_examples(split="val", data_file=None, limit=None):
+def load_examples(split="val", data_file=None, limit=None, meta=None):
     """Read and tokenize HellaSwag examples: a list of dicts
 
-        ctx       the context's GPT-2 tokens
+        ctx       the context's tokens (after the tokenizer's bos, for a Llama's: its texts start so)
         endings   four token lists, each the tokens of " " + ending
         label     the index of the right ending (0..3)
 
-    from data_file, or from the split's downloaded file. limit keeps the first N."""
+    from data_file, or from the split's downloaded file. limit keeps the first N. meta: the
+    model's tokenizer (a checkpoint's meta); None = GPT-2 BPE."""
+    meta = meta or {"tokenizer": "gpt2"}
+    if meta.get("tokenizer") == "char":
+        raise UserError("HellaSwag is English text: a character-level model cannot read it (its characters are "
+                        "Shakespeare's); score a BPE model, or use --val_dataset=NAME for a val loss")
     if split == "test" and not data_file:
         raise UserError("HellaSwag's test labels are not public, so it cannot be scored here: use split=val")
     if split not in ("train", "val", "test"):
@@ -110,7 +115,7 @@ def load_examples(split="val", data_file=None, limit=None):
     path = data_file or download(split)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file (--data_file must be a jsonl in HellaSwag's format)")
-    enc = get_gpt2_encoding()
+    encode = get_tokenizer(meta)[0]
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -139,8 +144,8 @@ def load_examples(split="val", data_file=None, limit=None):
                 raise UserError(f"{where}: label must be 0, 1, 2 or 3, got {ex['label']!r}")
             # an ending is its own word after the context: " " + ending, so that BPE gives it
             # the space-prefixed tokens it would have in running text
-            examples.append(dict(ctx=enc.encode(ctx),
-                                 endings=[enc.encode(" " + e) for e in endings],
+            examples.append(dict(ctx=with_bos(meta, encode(ctx)),
+                                 endings=[encode(" " + e) for e in endings],
                                  label=label))
     if not examples:
         raise UserError(f"{path}: no examples in the file")
@@ -164,7 +169,7 @@ def ending_losses(model, examples, device, autocast_ctx=nullcontext()):
     block_size = gpt.config.block_size
     rows = [(ex["ctx"], end) for ex in examples for end in ex["endings"]]  # 4n rows
     T = min(max(len(c) + len(e) for c, e in rows) - 1, block_size)  # inputs drop the last token
-    idx = torch.full((len(rows), T), EOT, dtype=torch.long)  # (4n, T) inputs, padded with any real id
+    idx = torch.full((len(rows), T), 0, dtype=torch.long)  # (4n, T) inputs, padded with id 0 (any real id will do: never scored)
     targets = torch.full((len(rows), T), -1, dtype=torch.long)  # (4n, T) -1 = not scored
     for r, (ctx, end) in enumerate(rows):
         tokens = ctx + end
@@ -283,9 +288,7 @@ def main():
             data_dir = os.path.join("data", cfg["val_dataset"])
             data_meta = read_meta(data_dir)
             # the same token ids must mean the same text for the model and the data
-            if (data_meta.get("tokenizer"), data_meta.get("chars")) != (meta.get("tokenizer"), meta.get("chars")):
-                die(f"{data_dir} is tokenized with {data_meta.get('tokenizer')!r}, but {source} was trained "
-                    f"with {meta.get('tokenizer')!r} (or other chars): pick a dataset of the same tokenizer")
+            check_same_tokenizer(meta, data_meta, source, cfg["val_dataset"])
             block_size = cfg["block_size"] or unwrap(model).config.block_size
             if block_size > unwrap(model).config.block_size:
                 die(f"--block_size={block_size} is longer than the model's {unwrap(model).config.block_size}")
@@ -293,12 +296,9 @@ def main():
             print(f"val loss {loss:.4f} over {n_tokens:,} tokens ({source} on {data_dir})")
             return
 
-        if meta.get("tokenizer") != "gpt2":
-            die(f"{source} uses the {meta.get('tokenizer')!r} tokenizer; HellaSwag needs a GPT-2 BPE model "
-                f"(for a char-level run, try --val_dataset=NAME for a val loss)")
-        if unwrap(model).config.vocab_size < 50257:
+        if meta.get("tokenizer") == "gpt2" and unwrap(model).config.vocab_size < 50257:
             die(f"{source} has a vocabulary of {unwrap(model).config.vocab_size} tokens, fewer than GPT-2 BPE's 50257")
-        examples = load_examples(cfg["split"], cfg["data_file"] or None, cfg["limit"] or None)
+        examples = load_examples(cfg["split"], cfg["data_file"] or None, cfg["limit"] or None, meta)
         block_size = unwrap(model).config.block_size
         long = sum(len(ex["ctx"]) + max(map(len, ex["endings"])) - 1 > block_size for ex in examples)
         if long:  # scored all the same, as lm-evaluation-harness does: the oldest context tokens are dropped

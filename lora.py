@@ -21,9 +21,10 @@ as fast as before.
     has_lora(model)
 
 Targets are named for what they compute. GPT-2 computes queries, keys and values in one
-fused Linear, attn.c_attn, whose output rows are [q | k | v], C each; so q, k and v are
-adapted separately, each by its own A, B acting on one third of c_attn's output, and "q,k"
-leaves the values exactly as they were. attn_proj, mlp_fc and mlp_proj are attn.c_proj,
+fused Linear, attn.c_attn, whose output rows are [q | k | v] (C each; with grouped-query
+attention k and v have n_kv_head * hs rows); so q, k and v are adapted separately, each by its
+own A, B acting on its rows of c_attn's output, and "q,k" leaves the values exactly as they were.
+A SwiGLU model's mlp_fc is its gate and up projections together (one adapter). attn_proj, mlp_fc and mlp_proj are attn.c_proj,
 mlp.c_fc and mlp.c_proj whole. The embeddings and lm_head are never adapted.
 
 An adapted Linear is replaced by a LoRALinear that holds the *same* weight and bias
@@ -42,10 +43,11 @@ from torch.nn import functional as F
 
 from model import unwrap
 
-# Each Linear of a Block that LoRA can adapt, and the target names of the equal parts its
-# output is split into. The order of all names is the order of the valid targets.
+# Each Linear of a Block that LoRA can adapt, and the target names of the parts its output is
+# split into (at the rows of attn.qkv_sizes for c_attn). The order of all names is the order of
+# the valid targets.
 LINEARS = {
-    "attn.c_attn": ("q", "k", "v"),  # (3C, C): rows [0:C] queries, [C:2C] keys, [2C:3C] values
+    "attn.c_attn": ("q", "k", "v"),  # (3C, C): rows [0:C] queries, [C:2C] keys, [2C:3C] values (GQA: fewer k, v rows)
     "attn.c_proj": ("attn_proj",),  # (C, C)
     "mlp.c_fc": ("mlp_fc",),  # (4C, C)
     "mlp.c_proj": ("mlp_proj",),  # (C, 4C)
@@ -61,20 +63,21 @@ DEFAULT_TARGETS = "q,v"
 
 
 class LoRALinear(nn.Module):
-    """A frozen Linear plus low-rank adapters on some of the equal parts of its output.
+    """A frozen Linear plus low-rank adapters on some of the parts of its output.
 
-    parts: the names of the output's equal parts, in order (("q", "k", "v") for c_attn, one
-    name for the others); targets: those of them to adapt.
+    parts: the names of the output's parts, in order (("q", "k", "v") for c_attn, one name for
+    the others); sizes: their rows (None: equal parts); targets: those of them to adapt.
     """
 
-    def __init__(self, linear, parts, targets, rank, alpha, dropout):
+    def __init__(self, linear, parts, targets, rank, alpha, dropout, sizes=None):
         super().__init__()
         # the very same Parameters as the Linear: no copy, and the same state dict keys
         self.weight = linear.weight  # (out, in)
         self.register_parameter("bias", linear.bias)  # (out,) or None
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.parts = list(parts)
-        self.width = self.out_features // len(parts)  # rows per part: C for each of q, k, v
+        # rows per part: C for each of q, k, v (C, nkv * hs, nkv * hs with grouped-query attention)
+        self.sizes = list(sizes or [self.out_features // len(parts)] * len(parts))
         self.rank, self.alpha, self.dropout_p = rank, alpha, dropout
         # alpha / r: the update's size then hardly depends on r, so changing r needs no new
         # learning rate (the paper sets alpha to the first r it tries and never tunes it)
@@ -88,7 +91,8 @@ class LoRALinear(nn.Module):
             # nn.Linear's own default init, which the LoRA paper's code uses for A
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             self.lora_A[name] = nn.Parameter(A)
-            self.lora_B[name] = nn.Parameter(torch.zeros(self.width, rank, device=w.device, dtype=w.dtype))  # (width, r)
+            rows = self.sizes[self.parts.index(name)]
+            self.lora_B[name] = nn.Parameter(torch.zeros(rows, rank, device=w.device, dtype=w.dtype))  # (rows, r)
         self.enabled = True  # set_lora_enabled(model, False) gives back the base model's outputs
 
     def forward(self, x):  # (..., in) -> (..., out)
@@ -98,17 +102,17 @@ class LoRALinear(nn.Module):
         h = self.lora_dropout(x)  # dropout on the adapters' input only; the base sees all of x
         # split the output into its parts (q, k, v for c_attn, one part otherwise), add each
         # adapted part's low-rank update, and join them again
-        ys = list(y.split(self.width, dim=-1))
+        ys = list(y.split(self.sizes, dim=-1))
         for i, name in enumerate(self.parts):
             if name in self.lora_A:
-                update = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name])  # (..., r) -> (..., width)
+                update = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name])  # (..., r) -> (..., rows)
                 ys[i] = ys[i] + self.scale * update
         return torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
 
     def delta_weight(self):
         """What the adapters add to W: scale * B A for adapted parts, zeros elsewhere; (out, in)."""
         rows = [self.lora_B[n] @ self.lora_A[n] if n in self.lora_A
-                else self.weight.new_zeros(self.width, self.in_features) for n in self.parts]
+                else self.weight.new_zeros(size, self.in_features) for n, size in zip(self.parts, self.sizes)]
         return self.scale * torch.cat(rows, dim=0)
 
 
@@ -147,7 +151,8 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=DEFAULT_TARGETS, verbose
             if chosen:
                 parent_path, attr = path.rsplit(".", 1)  # "attn", "c_attn"
                 parent = block.get_submodule(parent_path)
-                setattr(parent, attr, LoRALinear(getattr(parent, attr), parts, chosen, rank, alpha, dropout))
+                sizes = block.attn.qkv_sizes if path == "attn.c_attn" else None
+                setattr(parent, attr, LoRALinear(getattr(parent, attr), parts, chosen, rank, alpha, dropout, sizes))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if verbose:

@@ -15,11 +15,17 @@ qk_norm (RMS-normalised queries and keys per head), mlp="relu2" (ReLU squared in
 GELU), zero_init_proj (every block starts as the identity) and tie_embeddings=False (a
 separate lm_head). docs/modern.md says what each does and what it measured.
 
+Three more make the block of today's small open models (the Llama family: SmolLM2, TinyLlama,
+Llama 3.2): norm="rmsnorm", mlp="swiglu" with its own mlp_hidden width, and n_kv_head < n_head
+(grouped-query attention: the KV cache then holds n_kv_head heads). With rope=True and
+bias=False that is LlamaForCausalLM exactly, and from_pretrained loads its weights too
+(docs/llama.md).
+
 Names follow OpenAI's GPT-2 checkpoints (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f), so from_pretrained is a copy with a few transposes.
 
 Shapes in comments: B batch, T time (sequence length), C channels (n_embd), nh heads,
-hs head size (C // nh), V vocabulary.
+hs head size (C // nh), nkv key/value heads (n_kv_head), H the MLP's hidden width, V vocabulary.
 """
 
 import inspect
@@ -46,9 +52,15 @@ class GPTConfig:
     gelu: str = "tanh"  # GPT-2 used GELU's tanh approximation; "none" is the exact erf form
     # from-scratch options (off = GPT-2)
     qk_norm: bool = False  # RMSNorm queries and keys per head before attention: bounded logits, stabler at high lr
-    mlp: str = "gelu"  # gelu (GPT-2) | relu2: ReLU(x)^2, sparse and cheaper, trains faster in small models
+    mlp: str = "gelu"  # gelu (GPT-2) | relu2: ReLU(x)^2, sparse and cheaper | swiglu: SiLU(gate) * up (Llama)
     zero_init_proj: bool = False  # residual projections (c_proj) start at zero: each block the identity at step 0
     tie_embeddings: bool = True  # False: lm_head gets its own weight instead of sharing wte's
+    # Llama-family options (off = GPT-2): with rope=True, bias=False and tie_embeddings as the
+    # model has it, these make the block of Llama, SmolLM2, TinyLlama (from_pretrained loads them)
+    norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm: scale by 1/RMS, no mean, no bias (Llama)
+    norm_eps: float = 1e-5  # added to the variance in every norm (LayerNorm's default; Llamas say theirs)
+    mlp_hidden: int = 0  # the MLP's hidden width; 0 = 4 * n_embd (GPT-2). SwiGLU models use ~8/3 * n_embd
+    n_kv_head: int = 0  # key/value heads; 0 = n_head. Fewer: grouped-query attention, n_head / n_kv_head queries share one
 
 
 # The OpenAI GPT-2 family, and a 1.3B model of GPT-3 XL's shape (head size 128).
@@ -105,12 +117,27 @@ def apply_rope(x, cos, sin):
 # the transformer
 
 
+def make_norm(config):
+    """The model's normalisation over C: GPT-2's LayerNorm (subtract the mean, divide by the
+    standard deviation, then a gain and a bias) or Llama's RMSNorm (divide by the root mean
+    square only, then a gain): one reduction fewer, and it trains as well."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_kv_head = config.n_kv_head or config.n_head
+        assert config.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        hs = config.n_embd // config.n_head
+        # the rows of c_attn's output: queries of all heads, then keys and values of the kv
+        # heads (C, C, C without GQA). lora.py and Muon cut c_attn's weight at these rows.
+        self.qkv_sizes = [config.n_embd, self.n_kv_head * hs, self.n_kv_head * hs]
         # queries, keys and values of all heads in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias)
         # the output projection, back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_PROJ = True  # init scaled by 1/sqrt(2*n_layer), see GPT._init_weights
@@ -131,11 +158,11 @@ class CausalSelfAttention(nn.Module):
         cache: this layer's dict of key/value buffers during generation, or None.
         pos: how many tokens the cache already holds (the position of x's first token)."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)  # (B, T, C), 2 x (B, T, nkv * hs)
+        hs, nkv = C // self.n_head, self.n_kv_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.qk_norm:  # over the last dim, hs: each head of each token on its own
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -146,12 +173,18 @@ class CausalSelfAttention(nn.Module):
             # over everything so far. The buffers are allocated once, at block_size.
             if "k" not in cache:
                 n = cache["size"]
-                # empty, not zeros: every slot is written before it is read
-                cache["k"] = k.new_empty(B, self.n_head, n, hs)
-                cache["v"] = v.new_empty(B, self.n_head, n, hs)
+                # empty, not zeros: every slot is written before it is read. Only the nkv heads
+                # are kept: with GQA the cache is n_head / n_kv_head times smaller
+                cache["k"] = k.new_empty(B, nkv, n, hs)
+                cache["v"] = v.new_empty(B, nkv, n, hs)
             cache["k"][:, :, pos:pos + T] = k
             cache["v"][:, :, pos:pos + T] = v
-            k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]  # (B, nh, pos+T, hs)
+            k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]  # (B, nkv, pos+T, hs)
+        if nkv < self.n_head:
+            # grouped-query attention: query head j reads key/value head j // (nh / nkv). The
+            # copy is made after the cache, so the cache holds only nkv heads
+            k = k.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nh, ..., hs)
+            v = v.repeat_interleave(self.n_head // nkv, dim=1)
 
         # SDPA's is_causal mask is aligned top-left: right for a fresh sequence, wrong for
         # queries that come after cached keys. One new token may see every key (no mask);
@@ -170,27 +203,36 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        H = config.mlp_hidden or 4 * config.n_embd
+        self.kind = config.mlp
+        # SwiGLU (Shazeer 2020; Llama): SiLU(gate) * up. c_fc computes gate and up in one
+        # matmul, its output rows [gate | up], H each (Llama's gate_proj and up_proj stacked)
+        self.c_fc = nn.Linear(config.n_embd, 2 * H if self.kind == "swiglu" else H, bias=config.bias)
         self.gelu = nn.GELU(approximate=config.gelu)
-        # ReLU^2 (Primer, So et al. 2021): zero for half the inputs, quadratic above; in
-        # modded-nanogpt's speedrun it beat GELU at equal steps and costs less to compute
-        self.relu2 = config.mlp == "relu2"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(H, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_PROJ = True
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
-        h = self.c_fc(x)
-        h = F.relu(h).square() if self.relu2 else self.gelu(h)
+    def forward(self, x):  # (B, T, C) -> (B, T, H) -> (B, T, C)
+        h = self.c_fc(x)  # (B, T, H), or (B, T, 2H) for SwiGLU
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # the gate decides, per channel, how much of up passes
+        elif self.kind == "relu2":
+            # ReLU^2 (Primer, So et al. 2021): zero for half the inputs, quadratic above; in
+            # modded-nanogpt's speedrun it beat GELU at equal steps and costs less to compute
+            h = F.relu(h).square()
+        else:
+            h = self.gelu(h)
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, rope=None, cache=None, pos=0):
@@ -209,7 +251,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings (V, C)
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         if not config.rope:
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)  # positions (block_size, C)
@@ -324,7 +366,7 @@ class GPT(nn.Module):
             block_size = self.config.block_size
             cache, cached = None, 0  # cached: how many tokens of idx the cache holds
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1): rows that stopped
-            for _ in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 # hidden states, not logits: only the last position predicts, so lm_head (the
                 # largest matmul of a small model) runs on that one position
                 if not use_cache:
@@ -333,8 +375,10 @@ class GPT(nn.Module):
                     h = self.hidden_states(idx[:, cached:], kv_cache=cache, pos=cached)  # the new token(s) only
                     cached = idx.size(1)
                 else:
-                    # the first step, or past block_size: (re)fill a fresh cache
-                    cache = [{"size": block_size} for _ in self.transformer.h]
+                    # the first step, or past block_size: (re)fill a fresh cache, as long as this
+                    # sample can get (a Llama's block_size is thousands of tokens)
+                    size = min(block_size, idx.size(1) + max_new_tokens - i)
+                    cache = [{"size": size} for _ in self.transformer.h]
                     context = idx[:, -block_size:]
                     h = self.hidden_states(context, kv_cache=cache, pos=0)
                     cached = context.size(1)
@@ -353,34 +397,32 @@ class GPT(nn.Module):
             self.train(was_training)
 
     # -------------------------------------------------------------------------
-    # OpenAI's weights
+    # pretrained weights: OpenAI's GPT-2, and Llama-family models
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
-        """A GPT with the weights of a Hugging Face GPT2LMHeadModel: one of OpenAI's models
-        by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached by
-        transformers) or a local folder as save_pretrained writes it (config.json plus
-        weights). override_args may set dropout, and a block_size smaller than the model's
-        (the position table is cropped)."""
+        """A GPT with the weights of a Hugging Face model: GPT-2 (one of OpenAI's by name: gpt2,
+        gpt2-medium, gpt2-large, gpt2-xl; or a GPT2LMHeadModel folder) or a Llama-family
+        LlamaForCausalLM (a local folder, or a Hub name such as HuggingFaceTB/SmolLM2-135M).
+        Names are downloaded and cached by transformers; a folder is what save_pretrained
+        writes (config.json plus weights). override_args may set dropout, and a block_size
+        smaller than the model's (the position table, or RoPE's, is cropped)."""
         override_args = dict(override_args or {})
         if set(override_args) - {"dropout", "block_size"}:
             raise ValueError(f"from_pretrained can override only dropout and block_size, not {sorted(override_args)}")
         local = os.path.isdir(name_or_path)
-        if not local and name_or_path not in OPENAI_MODELS:
-            raise OSError(f"{name_or_path!r} is neither a local Hugging Face model folder nor one of "
-                          f"{', '.join(OPENAI_MODELS)}")
-        hf = load_hf_gpt2(name_or_path, local)
-        hc = hf.config
-        if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-            raise ValueError(f"{name_or_path}: activation {hc.activation_function!r} is not GPT-2's GELU")
-        if getattr(hc, "scale_attn_by_inverse_layer_idx", False) or getattr(hc, "reorder_and_upcast_attn", False):
-            raise ValueError(f"{name_or_path}: non-standard GPT-2 attention options are not supported")
-        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
-                           n_head=hc.n_head, n_embd=hc.n_embd, bias=True, dropout=0.0,
-                           gelu="none" if hc.activation_function == "gelu" else "tanh")
+        kind = hf_model_type(name_or_path, local)
+        hf = load_hf_model(name_or_path, local, kind)
+        if kind == "gpt2":
+            config = gpt2_config(hf.config.to_dict(), name_or_path)
+        else:
+            config = llama_config(hf.config.to_dict(), name_or_path)
         config.dropout = override_args.get("dropout", 0.0)
         model = cls(config)
-        copy_gpt2_weights(model, hf.state_dict())
+        if kind == "gpt2":
+            copy_gpt2_weights(model, hf.state_dict())
+        else:
+            copy_llama_weights(model, hf.state_dict())
         if "block_size" in override_args:
             model.crop_block_size(override_args["block_size"])
         return model
@@ -395,20 +437,47 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
 
-def load_hf_gpt2(name_or_path, local):
-    """transformers' GPT2LMHeadModel, from the Hub (cached) or a local folder, with every way it
-    can fail said in one line (an OSError or ValueError)."""
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # the model types that load
+
+
+def hf_model_type(name_or_path, local):
+    """"gpt2" or "llama": what a name or a local folder holds, checked before any weights are
+    read (a local folder's config.json; a Hub name's config, fetched by transformers)."""
+    if not local and name_or_path in OPENAI_MODELS:
+        return "gpt2"
+    if local:
+        return check_hf_folder(name_or_path)
+    if "/" not in name_or_path:  # a Hub model is always OWNER/NAME
+        raise OSError(f"{name_or_path!r} is neither a local Hugging Face model folder, one of "
+                      f"{', '.join(OPENAI_MODELS)}, nor a Hub name (OWNER/NAME, e.g. HuggingFaceTB/SmolLM2-135M)")
+    from configurator import quiet_offline_hub
+    quiet_offline_hub()  # before transformers reads the setting at import
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ImportError("loading Hugging Face weights needs transformers: pip install transformers") from None
+    try:
+        kind = AutoConfig.from_pretrained(name_or_path).model_type
+    except Exception as e:  # offline, no such repository, a gated one
+        raise OSError(f"could not fetch {name_or_path!r}'s config ({type(e).__name__}): offline, misspelt, or gated? "
+                      "Be online once so transformers caches it, or pass a local folder") from None
+    if kind not in HF_CLASSES:
+        raise ValueError(f"{name_or_path} is a {kind} model; only GPT-2 (gpt2) and Llama-family (llama) models load here")
+    return kind
+
+
+def load_hf_model(name_or_path, local, kind):
+    """transformers' GPT2LMHeadModel or LlamaForCausalLM, from the Hub (cached) or a local folder,
+    with every way it can fail said in one line (an OSError or ValueError)."""
     if not local:
         from configurator import quiet_offline_hub
-        quiet_offline_hub()  # before transformers reads the setting at import
+        quiet_offline_hub()
     try:
-        from transformers import GPT2LMHeadModel
+        import transformers
     except ImportError:
-        raise ImportError("loading GPT-2 weights needs transformers: pip install transformers") from None
-    if local:
-        check_hf_folder(name_or_path)
+        raise ImportError("loading Hugging Face weights needs transformers: pip install transformers") from None
     try:
-        return GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=local)
+        return getattr(transformers, HF_CLASSES[kind]).from_pretrained(name_or_path, local_files_only=local)
     except OSError:
         if local:
             raise
@@ -422,8 +491,9 @@ def load_hf_gpt2(name_or_path, local):
 
 
 def check_hf_folder(path):
-    """A local Hugging Face folder must hold a GPT-2: say plainly what else it is (another
-    architecture, no weights, a broken config.json) instead of loading it half-right."""
+    """A local Hugging Face folder must hold a GPT-2 or a Llama: say plainly what else it is
+    (another architecture, no weights, a broken config.json) instead of loading it half-right.
+    Returns its model type; the config is checked field by field (gpt2_config, llama_config)."""
     import json
 
     try:
@@ -433,16 +503,58 @@ def check_hf_folder(path):
         raise OSError(f"{path} has no config.json: not a Hugging Face model folder (save_pretrained writes one)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise OSError(f"{path}/config.json is not valid JSON ({e})") from None
-    if not isinstance(hc, dict) or hc.get("model_type") != "gpt2":
-        kind = hc.get("model_type") if isinstance(hc, dict) else None
-        raise ValueError(f"{path} holds a {kind or 'model of unknown type'} (config.json's model_type), not GPT-2: "
-                         "only GPT-2 (model_type gpt2) loads here")
-    n_inner = hc.get("n_inner")
-    if n_inner is not None and n_inner != 4 * hc.get("n_embd", 768):
-        raise ValueError(f"{path}: n_inner={n_inner} is not 4 x n_embd; this GPT's MLP is 4 x n_embd wide")
+    kind = hc.get("model_type") if isinstance(hc, dict) else None
+    if kind not in HF_CLASSES:
+        raise ValueError(f"{path} holds a {kind or 'model of unknown type'} (config.json's model_type): only GPT-2 "
+                         "(model_type gpt2) and Llama-family models (model_type llama) load here")
+    (gpt2_config if kind == "gpt2" else llama_config)(hc, path)  # refuses what does not fit, before the weights
     weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
     if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
         raise OSError(f"{path} has a config.json but no weights ({' or '.join(weights[:2])})")
+    return kind
+
+
+def gpt2_config(hc, where):
+    """Our GPTConfig for a GPT2LMHeadModel's config (a dict), or a ValueError naming the field
+    that has no place in our GPT."""
+    act = hc.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise ValueError(f"{where}: activation {act!r} is not GPT-2's GELU")
+    if hc.get("scale_attn_by_inverse_layer_idx") or hc.get("reorder_and_upcast_attn"):
+        raise ValueError(f"{where}: non-standard GPT-2 attention options are not supported")
+    n_embd = hc.get("n_embd", 768)
+    if hc.get("n_inner") not in (None, 4 * n_embd):
+        raise ValueError(f"{where}: n_inner={hc['n_inner']} is not 4 x n_embd; this GPT's MLP is 4 x n_embd wide")
+    return GPTConfig(block_size=hc.get("n_positions", 1024), vocab_size=hc.get("vocab_size", 50257),
+                     n_layer=hc.get("n_layer", 12), n_head=hc.get("n_head", 12), n_embd=n_embd, bias=True,
+                     dropout=0.0, gelu="none" if act == "gelu" else "tanh")
+
+
+def llama_config(hc, where):
+    """Our GPTConfig for a LlamaForCausalLM's config (a dict: config.json, or transformers'
+    to_dict(), which keeps RoPE's settings in rope_parameters), or a ValueError naming the field
+    we cannot represent: RoPE scaling (Llama 3.1/3.2's "llama3" long-context variant), biases,
+    an activation other than SiLU, a head size other than hidden_size / num_attention_heads."""
+    rope = dict(hc.get("rope_parameters") or {})
+    scaling = hc.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ValueError(f"{where}: rope_scaling {rope_type!r} is not supported (only plain RoPE, rope_theta alone)")
+    if hc.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {hc['hidden_act']!r} is not supported (Llama's SwiGLU uses silu)")
+    for field in ("attention_bias", "mlp_bias"):
+        if hc.get(field):
+            raise ValueError(f"{where}: {field}=true is not supported (this GPT's Llama form has no biases)")
+    n_embd, n_head = hc["hidden_size"], hc["num_attention_heads"]
+    if hc.get("head_dim") not in (None, n_embd // n_head):
+        raise ValueError(f"{where}: head_dim={hc['head_dim']} is not hidden_size / num_attention_heads "
+                         f"= {n_embd // n_head}, which this GPT's heads are")
+    theta = rope.get("rope_theta", hc.get("rope_theta", 10000.0))
+    return GPTConfig(block_size=hc.get("max_position_embeddings", 2048), vocab_size=hc["vocab_size"],
+                     n_layer=hc["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
+                     n_kv_head=hc.get("num_key_value_heads") or n_head, dropout=0.0, bias=False, rope=True,
+                     rope_theta=float(theta), norm="rmsnorm", norm_eps=hc.get("rms_norm_eps", 1e-6), mlp="swiglu",
+                     mlp_hidden=hc["intermediate_size"], tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
 
 
 def copy_gpt2_weights(model, sd_hf):
@@ -458,6 +570,40 @@ def copy_gpt2_weights(model, sd_hf):
             w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
             assert w.shape == sd[k].shape, f"{k}: {tuple(w.shape)} vs {tuple(sd[k].shape)}"
             sd[k].copy_(w)
+
+
+def llama_names(config):
+    """Our weight names -> the LlamaForCausalLM weights they are made of, stacked along dim 0
+    (both are nn.Linear, (out, in): no transposes). c_attn is q_proj, k_proj, v_proj on top of
+    each other, c_fc is gate_proj over up_proj. Loading stacks, export_hf.py cuts them apart."""
+    names = {"transformer.wte.weight": ["model.embed_tokens.weight"], "transformer.ln_f.weight": ["model.norm.weight"]}
+    if not config.tie_embeddings:  # tied, lm_head is wte
+        names["lm_head.weight"] = ["lm_head.weight"]
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        names[ours + "ln_1.weight"] = [theirs + "input_layernorm.weight"]
+        names[ours + "attn.c_attn.weight"] = [theirs + f"self_attn.{x}_proj.weight" for x in "qkv"]
+        names[ours + "attn.c_proj.weight"] = [theirs + "self_attn.o_proj.weight"]
+        names[ours + "ln_2.weight"] = [theirs + "post_attention_layernorm.weight"]
+        names[ours + "mlp.c_fc.weight"] = [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"]
+        names[ours + "mlp.c_proj.weight"] = [theirs + "mlp.down_proj.weight"]
+    return names
+
+
+def copy_llama_weights(model, sd_hf):
+    """Copy a LlamaForCausalLM's state dict into our GPT of its shape (llama_config)."""
+    sd = model.state_dict()
+    names = llama_names(model.config)
+    used = {k for parts in names.values() for k in parts}
+    # tied models may list lm_head.weight too (the same tensor as embed_tokens); RoPE's tables are recomputed
+    extra = sorted(k for k in sd_hf if k not in used and k != "lm_head.weight" and "rotary_emb" not in k)
+    missing = sorted(k for k in used if k not in sd_hf)
+    assert not extra and not missing, f"weights that do not fit: unexpected {extra[:3]}, missing {missing[:3]}"
+    with torch.no_grad():
+        for ours, parts in names.items():
+            w = torch.cat([sd_hf[k] for k in parts], dim=0)
+            assert w.shape == sd[ours].shape, f"{ours}: {tuple(w.shape)} vs {tuple(sd[ours].shape)}"
+            sd[ours].copy_(w)
 
 
 # -----------------------------------------------------------------------------
@@ -495,15 +641,23 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
     if muon is None:
         return [adamw]
-    # c_attn's (3C, C) weight is three maps, q, k and v, stacked: orthogonalised one by one
-    qkv = [p for n, p in params.items() if any(p is m for m in matrices) and n.endswith("c_attn.weight")]
-    others = [p for p in matrices if not any(p is m for m in qkv)]
-    groups = [{"params": qkv, "split": 3 if muon.get("split_qkv", True) else 1, "base_lr": muon["lr"]},
+    # c_attn's weight is three maps stacked, q, k and v: orthogonalised one by one (with GQA k
+    # and v have fewer rows than q: the split lists the rows). A SwiGLU c_fc is gate over up.
+    cfg = model.config
+    sizes = [cfg.n_embd, *[(cfg.n_kv_head or cfg.n_head) * cfg.n_embd // cfg.n_head] * 2]
+    qkv_split = (3 if sizes[0] == sizes[1] else sizes) if muon.get("split_qkv", True) else 1
+    named = [(n, p) for n, p in params.items() if any(p is m for m in matrices)]
+    qkv = [p for n, p in named if n.endswith("attn.c_attn.weight")]
+    gate_up = [p for n, p in named if cfg.mlp == "swiglu" and n.endswith("mlp.c_fc.weight")]
+    others = [p for p in matrices if not any(p is m for m in qkv + gate_up)]
+    groups = [{"params": qkv, "split": qkv_split, "base_lr": muon["lr"]},
               {"params": others, "split": 1, "base_lr": muon["lr"]}]
+    if gate_up:  # (only for SwiGLU: a GPT-2's optimizer keeps its two groups)
+        groups.append({"params": gate_up, "split": 2, "base_lr": muon["lr"]})
     from configurator import native_bf16_gpu
     ns_dtype = torch.bfloat16 if device_type == "cuda" and native_bf16_gpu() else torch.float32
     say(f"Muon tensors: {len(matrices)}, with {sum(p.numel() for p in matrices):,} parameters; "
-        f"q, k, v apart: {groups[0]['split'] == 3}; Newton-Schulz in {str(ns_dtype).replace('torch.', '')}")
+        f"q, k, v apart: {groups[0]['split'] != 1}; Newton-Schulz in {str(ns_dtype).replace('torch.', '')}")
     opt = Muon(groups, lr=muon["lr"], momentum=muon["momentum"], weight_decay=muon["weight_decay"], ns_dtype=ns_dtype)
     return [opt, adamw]
 
@@ -532,8 +686,9 @@ class Muon(torch.optim.Optimizer):
     (newton_schulz), so that every direction of the matrix moves by about the same amount,
     whatever the gradient's spectrum. An (A, B) matrix's step is scaled by sqrt(max(1, A/B)),
     as in Keller Jordan's Muon (the speedrun's learning rates assume it). A param group's
-    "split" cuts each matrix into that many equal row blocks, orthogonalised apart (c_attn's
-    q, k, v). Weight decay is decoupled: lr * weight_decay per step. The state is one
+    "split" cuts each matrix into that many equal row blocks, or blocks of the listed row counts,
+    orthogonalised apart (c_attn's q, k, v; a SwiGLU c_fc's gate and up). Weight decay is
+    decoupled: lr * weight_decay per step. The state is one
     "momentum_buffer" per weight, as torch.optim.Muon's (with split=1 and bf16 the steps are
     the same as torch.optim.Muon's, adjust_lr_fn="original": a test checks it)."""
 
@@ -560,11 +715,14 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mom)  # buf = mom * buf + (1 - mom) * grad
                 update = p.grad.lerp(buf, mom) if group["nesterov"] else buf  # Nesterov: look one step ahead
-                update = torch.cat([newton_schulz(u, group["ns_steps"], self.ns_dtype)
-                                    for u in update.chunk(split, dim=0)])
-                rows, cols = p.size(0) // split, p.size(1)
+                # each block of rows its own matrix, with its own shape's scale (relative to the
+                # first block's, which goes into alpha: equal blocks multiply by exactly 1)
+                blocks = update.split(split, dim=0) if isinstance(split, list) else update.chunk(split, dim=0)
+                scales = [max(1, u.size(0) / u.size(1)) ** 0.5 for u in blocks]
+                update = torch.cat([newton_schulz(u, group["ns_steps"], self.ns_dtype) * (s / scales[0])
+                                    for u, s in zip(blocks, scales)])
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * max(1, rows / cols) ** 0.5)
+                p.add_(update, alpha=-lr * scales[0])
         return loss
 
 def fully_shard(model, param_dtype=torch.float32):

@@ -45,8 +45,16 @@ def check_settings(cfg, under_torchrun):
             lora.parse_targets(cfg["lora_targets"])
         except ValueError as e:
             die(str(e))
-    if cfg["mlp"] not in ("gelu", "relu2"):
-        die(f"--mlp must be gelu or relu2, got {cfg['mlp']!r}")
+    if cfg["mlp"] not in ("gelu", "relu2", "swiglu"):
+        die(f"--mlp must be gelu, relu2 or swiglu, got {cfg['mlp']!r}")
+    if cfg["norm"] not in ("layernorm", "rmsnorm"):
+        die(f"--norm must be layernorm or rmsnorm, got {cfg['norm']!r}")
+    if cfg["mlp_hidden"] < 0 or cfg["n_kv_head"] < 0 or cfg["rope_theta"] <= 0:
+        die(f"--mlp_hidden and --n_kv_head must not be negative (0 = the GPT-2 default) and --rope_theta must be "
+            f"positive, got {cfg['mlp_hidden']}, {cfg['n_kv_head']} and {cfg['rope_theta']}")
+    if cfg["n_kv_head"] and cfg["n_head"] % cfg["n_kv_head"]:
+        die(f"n_head={cfg['n_head']} must be a multiple of n_kv_head={cfg['n_kv_head']} (each key/value head serves "
+            "n_head / n_kv_head query heads)")
     if cfg["optimizer"] not in ("adamw", "muon"):
         die(f"--optimizer must be adamw or muon, got {cfg['optimizer']!r}")
     if cfg["optimizer"] == "muon":

@@ -16,6 +16,10 @@ The <|endoftext|> teaches the model to stop: sample.py --instruct ends the answe
 The prompt and the response are tokenized separately (GPT-2 BPE), so the boundary between them
 is a token boundary, and a prompt is tokenized exactly as sample.py tokenizes a question.
 
+--tokenizer=FOLDER (or a Hub name) prepares the data for a Llama-family model instead
+(docs/llama.md): its tokenizer, its bos before each prompt, its eos in place of <|endoftext|>,
+and its chat template in place of Alpaca's when it has one (--template=alpaca keeps Alpaca's).
+
 A seeded random --val_fraction of the examples is val, the rest train. Written to --out_dir:
 train.bin and val.bin (token files, the examples back to back), train_index.npy and
 val_index.npy ((start, prompt_len, length) per example) and meta.json (format "sft",
@@ -40,7 +44,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from dataloader import EOT, get_gpt2_encoding, write_meta, write_sft
+from dataloader import EOT, get_gpt2_encoding, get_hf_tokenizer, get_tokenizer, hf_tokenizer_meta, with_bos, write_meta, write_sft
 
 DEFAULTS = dict(
     input="",  # a local JSON list or JSONL of {"instruction", "input", "output"}; empty = download Alpaca
@@ -49,6 +53,8 @@ DEFAULTS = dict(
     val_fraction=0.05,  # this share of the examples, drawn at random, is the val split
     max_len=512,  # the block_size you will train with: longer examples are dropped (see above)
     seed=1337,  # the train/val split is drawn with this seed
+    tokenizer="gpt2",  # gpt2 (tiktoken's BPE) or a Hugging Face model's: its folder or Hub name (docs/llama.md)
+    template="auto",  # auto: the tokenizer's chat template if it has one, else alpaca | alpaca | chat
 )
 
 # The Alpaca prompt template, word for word as in the stanford_alpaca repository (train.py's
@@ -75,11 +81,24 @@ def render_prompt(instruction, input=""):
     return PROMPT_NO_INPUT.format(instruction=instruction) + "\n"
 
 
+def instruction_prompt(meta, instruction, input=""):
+    """The prompt text before a response in meta's template: an SFT dataset's "template", or for
+    a model that names none, its tokenizer's chat template if it has one (a Llama-family
+    instruct model's), else Alpaca's. The chat template gets one user turn (the input after the
+    instruction) and the start of the assistant's turn."""
+    template = meta.get("template") or ("chat" if meta.get("chat_template") else "alpaca")
+    if template != "chat":
+        return render_prompt(instruction, input)
+    tok = get_hf_tokenizer(meta["path"])
+    content = instruction + (f"\n\n{input}" if input else "")
+    return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+
 # -----------------------------------------------------------------------------
 # reading the records
 
 
-def load_records(path):
+def load_records(path, end_text="<|endoftext|>"):
     """A JSON list or a JSONL file -> ([(instruction, input, output), ...], {reason: records
     left out}). A bad record is an error naming its line (JSONL) or index (JSON list) and what
     is wrong with it; one with nothing to learn from is left out and counted."""
@@ -106,7 +125,7 @@ def load_records(path):
             except json.JSONDecodeError as e:
                 die(f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one record a line")
             where.append(f"{path}: line {lineno}")
-    records, skipped = [], {"an empty output": 0, "<|endoftext|> in the output": 0}
+    records, skipped = [], {"an empty output": 0, f"{end_text} in the output": 0}
     for item, loc in zip(items, where):
         if not isinstance(item, dict):
             die(f"{loc}: expected an object with instruction, input and output, got {type(item).__name__}")
@@ -119,8 +138,8 @@ def load_records(path):
             die(f"{loc}: 'output' is missing or not a string")
         if not output.strip():  # an empty answer teaches only to stop at once
             skipped["an empty output"] += 1
-        elif "<|endoftext|>" in output:  # the end marker's text inside an answer: the model would learn to write it
-            skipped["<|endoftext|> in the output"] += 1
+        elif end_text in output:  # the end marker's text inside an answer: the model would learn to write it
+            skipped[f"{end_text} in the output"] += 1
         else:
             records.append((instruction, inp, output))
     if not records:
@@ -150,11 +169,24 @@ def download(url):
 def prepare(cfg):
     if not 0 < cfg["val_fraction"] < 1:
         die(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
-    records, skipped = load_records(cfg["input"] or download(cfg["url"]))
+    if cfg["template"] not in ("auto", "alpaca", "chat"):
+        die(f"--template must be auto, alpaca or chat, got {cfg['template']!r}")
+    # the tokenizer: GPT-2's, or a Hugging Face model's (its end marker, its bos, its chat template)
+    if cfg["tokenizer"] == "gpt2":
+        enc = get_gpt2_encoding()
+        # encode_ordinary: a literal "<|endoftext|>" in the data stays text, not the marker
+        meta, encode, eot, end_text = {"tokenizer": "gpt2"}, enc.encode_ordinary, EOT, "<|endoftext|>"
+    else:
+        meta = hf_tokenizer_meta(cfg["tokenizer"])
+        encode, eot, end_text = get_tokenizer(meta)[0], meta["eot"], get_hf_tokenizer(meta["path"]).eos_token
+    template = cfg["template"] if cfg["template"] != "auto" else ("chat" if meta.get("chat_template") else "alpaca")
+    if template == "chat" and not meta.get("chat_template"):
+        die(f"--template=chat needs a tokenizer with a chat template; {cfg['tokenizer']} has none: use --template=alpaca")
+    meta = {**meta, "format": "sft", "template": template}
+    records, skipped = load_records(cfg["input"] or download(cfg["url"]), end_text)
     for reason, n in skipped.items():
         if n:
             print(f"left out {n:,} record(s) with {reason}")
-    enc = get_gpt2_encoding()
 
     # a seeded split of the records (not of the tokens): whole examples go to train or val
     n_val = max(1, round(len(records) * cfg["val_fraction"]))
@@ -169,9 +201,8 @@ def prepare(cfg):
         examples, dropped = [], 0
         for i in tqdm(sorted(ids.tolist()), desc=split, unit="ex"):  # file order within a split
             instruction, inp, output = records[i]
-            # encode_ordinary: a literal "<|endoftext|>" in the data stays text, not the marker
-            prompt = enc.encode_ordinary(render_prompt(instruction, inp))
-            response = enc.encode_ordinary(output) + [EOT]
+            prompt = with_bos(meta, encode(instruction_prompt(meta, instruction, inp)))
+            response = encode(output) + [eot]
             if len(prompt) + len(response) > max_len + 1:
                 dropped += 1
                 continue
@@ -180,21 +211,22 @@ def prepare(cfg):
             die(f"every {split} example is longer than --max_len={max_len} tokens; raise it")
         write_sft(out_dir, split, examples)
         stats[split] = (examples, dropped)
-    write_meta(out_dir, {"tokenizer": "gpt2", "format": "sft", "template": "alpaca"})
+    write_meta(out_dir, meta)
 
     for split, (examples, dropped) in stats.items():
         n_prompt = sum(len(p) for p, _ in examples)
         n_response = sum(len(r) for _, r in examples)
         longest = max(len(p) + len(r) for p, r in examples)
         print(f"{split}: {len(examples):,} examples, {n_prompt + n_response:,} tokens ({n_prompt:,} prompt, "
-              f"{n_response:,} response incl. <|endoftext|>), mean {(n_prompt + n_response) / len(examples):.0f} "
+              f"{n_response:,} response incl. {end_text}), mean {(n_prompt + n_response) / len(examples):.0f} "
               f"and longest {longest} tokens; {dropped:,} longer than max_len+1 = {max_len + 1} dropped")
     all_dropped = sum(d for _, d in stats.values())
     if all_dropped > 0.05 * len(records):
         print(f"note: {all_dropped / len(records):.0%} of the examples were dropped; a larger --max_len "
               "(and block_size) keeps them")
     prompt, response = stats["train"][0][0]
-    print(f"the first train example, as the model sees it:\n{enc.decode(prompt)}{enc.decode(response)}")
+    decode = get_tokenizer(meta)[1]
+    print(f"the first train example, as the model sees it:\n{decode(prompt)}{decode(response)}")
     print(f"-> {out_dir}/")
     return out_dir
 

@@ -4,6 +4,8 @@ Prepare Tiny Shakespeare (about 1.1M characters of plays) for training.
     python prepare_shakespeare.py                      # characters -> data/shakespeare_char/
     python prepare_shakespeare.py --tokenizer=gpt2     # GPT-2 BPE  -> data/shakespeare/
     python prepare_shakespeare.py --input=PATH         # any local text file instead of the download
+    python prepare_shakespeare.py --tokenizer=HF_FOLDER --out_dir=data/shakespeare_smol
+                                                       # a Hugging Face model's tokenizer (docs/llama.md)
 
 The first 90% of the text is train.bin, the last 10% val.bin (a contiguous split: the
 validation text is plays the model has never seen, not lines shuffled out of its training
@@ -20,10 +22,10 @@ if __name__ == "__main__":
 
 import requests
 
-from dataloader import get_gpt2_encoding, write_meta, write_tokens
+from dataloader import get_gpt2_encoding, get_tokenizer, hf_tokenizer_meta, with_bos, write_meta, write_tokens
 
 DEFAULTS = dict(
-    tokenizer="char",  # "char" (65 characters) or "gpt2" (BPE, 50257 tokens)
+    tokenizer="char",  # "char" (65 characters), "gpt2" (BPE, 50257 tokens), or a Hugging Face model's folder or Hub name
     input="",  # a local text file to use instead of downloading Tiny Shakespeare
     out_dir="",  # where to write; default data/shakespeare_char or data/shakespeare
     url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
@@ -73,15 +75,20 @@ def prepare(cfg):
         ids = enc.encode_ordinary(text)
         meta = {"tokenizer": "gpt2"}
         out_dir = cfg["out_dir"] or os.path.join("data", "shakespeare")
-    else:
-        die(f"--tokenizer must be char or gpt2, not {cfg['tokenizer']!r}")
+    else:  # a Llama-family model's tokenizer; the text starts with its bos, as its training texts did
+        if not cfg["out_dir"]:
+            die(f"--tokenizer={cfg['tokenizer']}: give --out_dir=data/NAME for these tokens (the default folders "
+                "are for char and gpt2)")
+        meta = hf_tokenizer_meta(cfg["tokenizer"])
+        ids = with_bos(meta, get_tokenizer(meta)[0](text))
+        out_dir = cfg["out_dir"]
     # split the tokens (not the characters) so the two files add up to the whole text
     n_val = int(len(ids) * cfg["val_fraction"])
     train_ids, val_ids = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
     write_tokens(os.path.join(out_dir, "train.bin"), train_ids)
     write_tokens(os.path.join(out_dir, "val.bin"), val_ids)
     write_meta(out_dir, meta)
-    vocab = len(meta["chars"]) if cfg["tokenizer"] == "char" else 50257
+    vocab = {"char": len(meta.get("chars", [])), "gpt2": 50257}.get(meta["tokenizer"], meta.get("vocab_size"))
     print(f"{len(text):,} characters, vocabulary {vocab:,}: train {len(train_ids):,} tokens, "
           f"val {len(val_ids):,} tokens -> {out_dir}/")
     return out_dir

@@ -25,11 +25,11 @@ if __name__ == "__main__":
 import torch
 
 from checkpoint import checkpoint_path, load_model, newest_checkpoint
-from dataloader import EOT, get_tokenizer
+from dataloader import eot_of, get_tokenizer, with_bos
 
 DEFAULTS = dict(
     out_dir="",  # a training run's folder (or one of its .pt files: RUN/ckpt_best.pt); empty = the newest out*/ckpt.pt here
-    init_from="",  # or OpenAI's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (or a local HF folder)
+    init_from="",  # or OpenAI's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl; a local HF folder; a Llama's Hub name
     start="\n",  # the prompt; FILE:path reads it from a file
     num_samples=2,  # how many samples to draw
     max_new_tokens=300,  # tokens per sample
@@ -88,13 +88,13 @@ def main():
         instruct = cfg["instruct"]
         if instruct is None:  # on when the checkpoint was fine-tuned on an instruction dataset
             instruct = meta.get("format") == "sft"
-        if instruct and meta["tokenizer"] != "gpt2":
-            die("--instruct wraps the prompt in the Alpaca template, which needs a GPT-2 BPE model; this one is "
+        if instruct and meta["tokenizer"] == "char":
+            die("--instruct wraps the prompt in an instruction template, which needs a BPE model; this one is "
                 "character-level: leave --instruct out")
-        if instruct:
+        if instruct:  # the template the run was fine-tuned with (a chat template, or Alpaca's)
             import prepare_alpaca
-            start = prepare_alpaca.render_prompt(start, "")
-        start_ids = encode(start)
+            start = prepare_alpaca.instruction_prompt(meta, start)
+        start_ids = with_bos(meta, encode(start))
     except UserError as e:
         die(str(e))
     if not start_ids:
@@ -112,7 +112,7 @@ def main():
     torch.manual_seed(cfg["seed"])
     autocast = autocast_context(device_type, ptdtype)
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
-    eot = EOT if meta["tokenizer"] == "gpt2" else None
+    eot = eot_of(meta)  # <|endoftext|>, a Llama tokenizer's eos, or None (characters)
 
     try:
         generate(model, x, cfg, decode, start, instruct, eot, autocast)
@@ -143,7 +143,7 @@ def generate(model, x, cfg, decode, start, instruct, eot, autocast):
         if not instruct:  # an answer is printed alone, a continuation after its prompt
             sys.stdout.write(start)
         with autocast:
-            # stop at <|endoftext|> for BPE models: what follows would be a new, unrelated document
+            # stop at the end marker for BPE models: what follows would be a new, unrelated document
             model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
                            top_p=cfg["top_p"], on_token=on_token, stop_token=eot)
         sys.stdout.write(decode(new_ids)[printed:] + "\n")

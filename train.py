@@ -52,7 +52,7 @@ DEFAULTS = dict(
     log_interval=1,  # a log line every this many steps (each costs a host-device sync)
     checkpoint_interval=1000,  # overwrite out_dir/ckpt.pt every this many steps (and at the end); 0 = end only
     keep_interval=0,  # also keep a copy out_dir/ckpt_STEP.pt every this many steps (0 = never)
-    hellaswag_interval=0,  # HellaSwag every this many steps and at the end (0 = off); needs GPT-2 BPE data
+    hellaswag_interval=0,  # HellaSwag every this many steps and at the end (0 = off); needs BPE data
     hellaswag_limit=0,  # evaluate only the first N HellaSwag examples (0 = all 10,042)
     hellaswag_file="",  # a local hellaswag_val.jsonl instead of the download
     wandb_log=False,  # also log to Weights & Biases (pip install wandb)
@@ -72,9 +72,14 @@ DEFAULTS = dict(
     rope=False,  # rotary position embeddings instead of learned ones
     # from-scratch options (docs/modern.md); all off = GPT-2, so OpenAI's weights load and export
     qk_norm=False,  # RMS-normalise queries and keys per head before attention (stabler at high lr)
-    mlp="gelu",  # gelu (GPT-2) | relu2 (ReLU squared: trains faster from scratch)
+    mlp="gelu",  # gelu (GPT-2) | relu2 (ReLU squared: trains faster from scratch) | swiglu (Llama)
     zero_init_proj=False,  # the residual projections start at zero: every block the identity at step 0
     tie_embeddings=True,  # False: lm_head gets its own weight instead of sharing wte's
+    # Llama-family shape (docs/llama.md; a Llama loaded with init_from brings its own)
+    norm="layernorm",  # layernorm (GPT-2) | rmsnorm (Llama)
+    mlp_hidden=0,  # the MLP's hidden width (0 = 4 * n_embd); SwiGLU models use ~8/3 * n_embd
+    n_kv_head=0,  # key/value heads for grouped-query attention (0 = n_head)
+    rope_theta=10000.0,  # RoPE's base (rope=True)
     # LoRA (lora.py): rank 0 = off, train all weights
     lora_rank=0,
     lora_alpha=16.0,  # the update is scaled by lora_alpha / lora_rank
@@ -183,10 +188,10 @@ def load_hellaswag(cfg, meta):
     """The rendered HellaSwag examples to evaluate during training, or None if it is off."""
     if cfg["hellaswag_interval"] == 0:
         return None
-    if meta["tokenizer"] != "gpt2":
-        raise UserError("HellaSwag needs a GPT-2 BPE model; set hellaswag_interval=0 for char-level data")
+    if meta["tokenizer"] == "char":
+        raise UserError("HellaSwag needs a BPE model (GPT-2's or a Llama's tokenizer); set hellaswag_interval=0 for char-level data")
     return hellaswag.load_examples(split="val", data_file=cfg["hellaswag_file"] or None,
-                                   limit=cfg["hellaswag_limit"] or None)
+                                   limit=cfg["hellaswag_limit"] or None, meta=meta)
 
 
 def setup_model(cfg, world, meta, ckpt, ptdtype, say):

@@ -210,9 +210,8 @@ def test_pipeline_generates_from_a_short_context_model(tmp_path):
     """transformers' text-generation pipeline on an export whose context is far below GPT-2's
     1024: its generation defaults must fit the model's position table."""
     from transformers import pipeline
-    from dataloader import get_gpt2_encoding
     model = make_model()  # block_size 32
-    export_hf.export(model, get_gpt2_encoding(), str(tmp_path / "hf"))
+    export_hf.export(model, {"tokenizer": "gpt2"}, str(tmp_path / "hf"))
     out = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")("Hello,", do_sample=False)
     text = out[0]["generated_text"]
     assert text.startswith("Hello,") and len(text) > len("Hello,")

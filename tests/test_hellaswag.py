@@ -272,7 +272,7 @@ def test_cli_refuses_a_char_level_checkpoint_and_reports_its_val_loss(tmp_path, 
     out = str(tmp_path / "out")
     save_run(out, model, {"tokenizer": "char", "chars": chars})
     code, _, err = run_main(monkeypatch, capsys, [f"--out_dir={out}", "--data_file=x.jsonl"])
-    assert code == 2 and "needs a GPT-2 BPE model" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "character-level model cannot read it" in err and len(err.strip().splitlines()) == 1
 
     # the plain val loss on a dataset folder, against the same batches computed here
     g = torch.Generator().manual_seed(1)
@@ -298,4 +298,4 @@ def test_cli_refuses_a_char_level_checkpoint_and_reports_its_val_loss(tmp_path, 
     # a dataset of another tokenizer is refused, in one line
     write_meta(str(data), {"tokenizer": "gpt2"})
     code, _, err = run_main(monkeypatch, capsys, [f"--out_dir={out}", "--val_dataset=tiny"])
-    assert code == 2 and "tokenized with 'gpt2'" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "data/tiny uses gpt2" in err and len(err.strip().splitlines()) == 1

@@ -264,7 +264,10 @@ def test_newton_schulz_runs_in_bf16_only_where_it_is_native(monkeypatch):
 
 def test_bad_choices_are_one_line(capsys):
     check_one_line_refusal(dict(train_script.DEFAULTS, optimizer="sgd"), capsys, "adamw or muon")
-    check_one_line_refusal(dict(train_script.DEFAULTS, mlp="swiglu"), capsys, "gelu or relu2")
+    check_one_line_refusal(dict(train_script.DEFAULTS, mlp="geglu"), capsys, "gelu, relu2 or swiglu")
+    check_one_line_refusal(dict(train_script.DEFAULTS, norm="batchnorm"), capsys, "layernorm or rmsnorm")
+    check_one_line_refusal(dict(train_script.DEFAULTS, n_kv_head=5), capsys, "multiple of n_kv_head")
+    check_one_line_refusal(dict(train_script.DEFAULTS, mlp_hidden=-1), capsys, "--mlp_hidden")
 
 
 # -----------------------------------------------------------------------------
