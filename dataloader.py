@@ -107,8 +107,11 @@ def read_meta(data_dir):
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({type(e).__name__}); re-run the dataset's prepare script") from None
     problem = None
-    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("gpt2", "char"):
-        problem = 'it must be an object with "tokenizer": "gpt2" or "char"'
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("gpt2", "char", "hf"):
+        problem = 'it must be an object with "tokenizer": "gpt2", "char" or "hf"'
+    elif meta["tokenizer"] == "hf" and not (isinstance(meta.get("path"), str) and isinstance(meta.get("vocab_size"), int)
+                                            and isinstance(meta.get("eot"), int)):
+        problem = 'a Hugging Face tokenizer needs "path", "vocab_size" and "eot"'
     elif meta["tokenizer"] == "char" and not (isinstance(meta.get("chars"), list) and meta["chars"]
                                               and all(isinstance(c, str) and len(c) == 1 for c in meta["chars"])):
         problem = 'a char tokenizer needs "chars": a list of single characters'

@@ -537,7 +537,8 @@ def llama_config(hc, where):
     an activation other than SiLU, a head size other than hidden_size / num_attention_heads."""
     rope = dict(hc.get("rope_parameters") or {})
     scaling = hc.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    types = {rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
+    rope_type = types.pop() if types else "default"
     if rope_type != "default":
         raise ValueError(f"{where}: rope_scaling {rope_type!r} is not supported (only plain RoPE, rope_theta alone)")
     if hc.get("hidden_act", "silu") != "silu":

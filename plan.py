@@ -15,7 +15,7 @@ import torch
 import lora
 from configurator import die
 from dataloader import read_meta, vocab_size_of
-from model import GPT, PRESETS, GPTConfig, flops_per_token
+from model import GPT, PRESETS, GPTConfig, flops_per_token, gpt2_config, llama_config
 from runtime import format_time
 
 
@@ -174,11 +174,13 @@ def plan_model(cfg, meta):
     elif os.path.isfile(os.path.join(folder, "ckpt.pt")):
         config = GPTConfig(**torch.load(os.path.join(folder, "ckpt.pt"), map_location="meta", mmap=True,
                                         weights_only=True)["model_args"])
-    elif os.path.isfile(os.path.join(folder, "config.json")):
+    elif os.path.isfile(os.path.join(folder, "config.json")):  # a Hugging Face folder: GPT-2 or a Llama
         with open(os.path.join(folder, "config.json")) as f:
             hc = json.load(f)
-        config = GPTConfig(block_size=hc["n_positions"], vocab_size=hc["vocab_size"], n_layer=hc["n_layer"],
-                           n_head=hc["n_head"], n_embd=hc["n_embd"])
+        try:
+            config = (llama_config if hc.get("model_type") == "llama" else gpt2_config)(hc, folder)
+        except (ValueError, KeyError) as e:
+            die(f"--plan: {folder}/config.json does not fit this GPT: {e}")
     else:
         die(f"--plan: init_from={init_from!r} has no model here to size (no {folder}/ckpt.pt or config.json); "
             "plan with init_from=scratch or a GPT-2 name")

@@ -198,3 +198,46 @@ def tiny_hf_folder(tmp_path):
     folder = tmp_path / "hf_tiny"
     hf.save_pretrained(folder)
     return str(folder), hf
+
+
+# a small English text for a tokenizer trained in the test: every word often enough to be merged
+WORDS = ("the king and the queen walk to the castle where a man is reading a letter about the war "
+         "she asks him what it says and he answers that the army will come home before winter").split()
+LLAMA_TEXT = "\n".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)).capitalize() + "."
+                       for i in range(400))
+# a ChatML-like chat template whose turns end at the eos </s>, as an instruct model's do
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_llama_folder(folder, tie=False, n_kv_head=2, chat=True, seed=0):
+    """A random transformers LlamaForCausalLM (GQA, rope_theta 5000, untied unless tie) and a
+    byte-level BPE tokenizer trained here by `tokenizers` (bos <s> added before every text, as
+    Llama's does; eos </s>; a chat template if chat), saved with save_pretrained: (folder, hf_model)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|im_start|>"]
+    tk.train_from_iterator([LLAMA_TEXT], trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=n_kv_head, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder), hf
+
+
+@pytest.fixture
+def tiny_llama_folder(tmp_path):
+    """make_llama_folder in tmp_path/llama_tiny: (folder, hf_model)."""
+    return make_llama_folder(tmp_path / "llama_tiny")
