@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runtime import ddp_wrap
-from model import GPT, PRESETS, configure_optimizers, estimate_mfu, fully_shard, peak_flops, preset
+from model import GPT, HUB_SHAPES, PRESETS, GPTConfig, configure_optimizers, estimate_mfu, fully_shard, peak_flops
 
 # -----------------------------------------------------------------------------
 # settings: python bench.py [config/FILE.py] [--key=value ...]
@@ -48,14 +48,14 @@ from model import GPT, PRESETS, configure_optimizers, estimate_mfu, fully_shard,
 DEFAULTS = dict(
     mode="train",  # train: time optimizer steps; sample: time generation, KV cache vs recompute
     # the model (random weights: speed does not depend on them)
-    model="gpt2",  # a preset of model.py: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-1.3b
+    model="gpt2",  # a preset of model.py (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-1.3b) or smollm2-135m (Llama-shaped)
     n_layer=0,  # > 0: override the preset's number of layers
     n_head=0,  # > 0: override the preset's number of heads
     n_embd=0,  # > 0: override the preset's width
-    vocab_size=50304,  # 50257 is GPT-2's own; 50304 (a multiple of 128) gives faster matmuls
+    vocab_size=0,  # 0 = the model's: 50304 for GPT-2 (its 50257 padded to a multiple of 128: faster matmuls)
     rope=False,  # rotary position embeddings instead of the learned position table
     qk_norm=False,  # RMS-normalised queries and keys (train.py's setting of the same name)
-    mlp="gelu",  # gelu | relu2
+    mlp="gelu",  # gelu | relu2 (a Llama-shaped model is swiglu whatever this says)
     tie_embeddings=True,  # False: a separate lm_head
     optimizer="adamw",  # train mode: adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
     # train mode
@@ -78,6 +78,12 @@ DEFAULTS = dict(
     seed=1337,  # for the random tokens and weights
 )
 
+# the models to time: GPT-2's sizes, and SmolLM2-135M's shape (30 layers, 9 heads sharing 3
+# key/value heads, 576 wide, SwiGLU 1536, vocabulary 49152, tied), random weights: speed does not
+# depend on them
+SHAPES = {**{name: dict(shape, vocab_size=50304) for name, shape in PRESETS.items()},
+          "smollm2-135m": HUB_SHAPES["HuggingFaceTB/SmolLM2-135M"]}
+
 # the optimizer settings of train.py's defaults; they do not change the speed, only the numbers
 WEIGHT_DECAY, LEARNING_RATE, BETAS, GRAD_CLIP = 0.1, 6e-4, (0.9, 0.95), 1.0
 MUON = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
@@ -92,10 +98,10 @@ def setup(cfg):
     device_type is what torch.autocast wants: cuda, mps or cpu."""
     if cfg["mode"] not in ("train", "sample"):
         die(f"--mode must be train or sample, not {cfg['mode']!r}")
-    if cfg["model"] not in PRESETS:
-        die(f"unknown --model={cfg['model']}; choose one of {', '.join(PRESETS)}")
+    if cfg["model"] not in SHAPES:
+        die(f"unknown --model={cfg['model']}; choose one of {', '.join(SHAPES)}")
     for key in ("batch_size", "block_size", "grad_accum", "steps", "sample_batch", "prompt_len",
-                "new_tokens", "vocab_size"):
+                "new_tokens"):
         if cfg[key] < 1:
             die(f"--{key} must be at least 1, got {cfg[key]}")
     if cfg["warmup"] < 0 or cfg["peak_flops"] < 0:
@@ -104,8 +110,10 @@ def setup(cfg):
         die(f"--optimizer must be adamw or muon, got {cfg['optimizer']!r}")
     if cfg["mlp"] not in ("gelu", "relu2"):
         die(f"--mlp must be gelu or relu2, got {cfg['mlp']!r}")
-    n_head = cfg["n_head"] or PRESETS[cfg["model"]]["n_head"]
-    n_embd = cfg["n_embd"] or PRESETS[cfg["model"]]["n_embd"]
+    if cfg["vocab_size"] < 0:
+        die(f"--vocab_size must not be negative (0 = the model's), got {cfg['vocab_size']}")
+    n_head = cfg["n_head"] or SHAPES[cfg["model"]]["n_head"]
+    n_embd = cfg["n_embd"] or SHAPES[cfg["model"]]["n_embd"]
     if n_embd % n_head:
         die(f"n_embd={n_embd} is not a multiple of n_head={n_head}: change --n_embd or --n_head")
     if cfg["rope"] and (n_embd // n_head) % 2:
@@ -131,9 +139,13 @@ def setup(cfg):
 def build_model(cfg, device):
     """A randomly initialised GPT of the chosen preset and overrides, on device."""
     overrides = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd") if cfg[k] > 0}
-    config = preset(cfg["model"], block_size=cfg["block_size"], vocab_size=cfg["vocab_size"],
-                    rope=cfg["rope"], qk_norm=cfg["qk_norm"], mlp=cfg["mlp"],
-                    tie_embeddings=cfg["tie_embeddings"], **overrides)
+    shape = dict(SHAPES[cfg["model"]])
+    if shape.get("mlp") != "swiglu":  # the from-scratch options, on a GPT-2 shape
+        shape.update(rope=cfg["rope"], mlp=cfg["mlp"])
+    shape.update(qk_norm=cfg["qk_norm"], tie_embeddings=cfg["tie_embeddings"], block_size=cfg["block_size"], **overrides)
+    if cfg["vocab_size"]:
+        shape["vocab_size"] = cfg["vocab_size"]
+    config = GPTConfig(**shape)
     return GPT(config).to(device)
 
 
@@ -236,7 +248,8 @@ def device_name(device, device_type):
 def describe(model, cfg, dtype):
     """The config part of the summary line: enough to reproduce the row."""
     c = model.config
-    options = "".join([" rope"] * c.rope + [" qk_norm"] * c.qk_norm + [" relu2"] * (c.mlp == "relu2")
+    options = "".join([" rope"] * c.rope + [" qk_norm"] * c.qk_norm + [f" {c.mlp}"] * (c.mlp != "gelu")
+                      + [" rmsnorm"] * (c.norm == "rmsnorm") + [f" kv{c.n_kv_head}"] * (c.n_kv_head not in (0, c.n_head))
                       + [" untied"] * (not c.tie_embeddings))
     return (f"{cfg['model']} {model.num_params() / 1e6:.4g}M L{c.n_layer} H{c.n_head} C{c.n_embd} "
             f"V{c.vocab_size}{options} | {str(dtype).replace('torch.', '')}")

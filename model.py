@@ -72,6 +72,13 @@ PRESETS = {
     "gpt2-1.3b": dict(n_layer=24, n_head=16, n_embd=2048),  # 1.3B
 }
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # from_pretrained's names (no 1.3B)
+# Llama-family Hub models whose shapes --plan and bench.py know without a download (their
+# config.json's numbers; from_pretrained reads the real file)
+HUB_SHAPES = {
+    "HuggingFaceTB/SmolLM2-135M": dict(block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3,
+                                       n_embd=576, mlp="swiglu", mlp_hidden=1536, norm="rmsnorm", norm_eps=1e-5,
+                                       rope=True, rope_theta=100000.0, bias=False, tie_embeddings=True),
+}
 
 
 def unwrap(model):
@@ -507,7 +514,10 @@ def check_hf_folder(path):
     if kind not in HF_CLASSES:
         raise ValueError(f"{path} holds a {kind or 'model of unknown type'} (config.json's model_type): only GPT-2 "
                          "(model_type gpt2) and Llama-family models (model_type llama) load here")
-    (gpt2_config if kind == "gpt2" else llama_config)(hc, path)  # refuses what does not fit, before the weights
+    try:  # refuses what does not fit, before the weights are read
+        (gpt2_config if kind == "gpt2" else llama_config)(hc, path)
+    except KeyError as e:
+        raise ValueError(f"{path}/config.json has no {e.args[0]}, which a {kind} model's config must give") from None
     weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
     if not any(os.path.isfile(os.path.join(path, w)) for w in weights):
         raise OSError(f"{path} has a config.json but no weights ({' or '.join(weights[:2])})")

@@ -15,7 +15,7 @@ import torch
 import lora
 from configurator import die
 from dataloader import read_meta, vocab_size_of
-from model import GPT, PRESETS, GPTConfig, flops_per_token, gpt2_config, llama_config
+from model import GPT, HUB_SHAPES, PRESETS, GPTConfig, flops_per_token, gpt2_config, llama_config
 from runtime import format_time
 
 
@@ -149,7 +149,8 @@ def model_config(cfg, vocab_size):
 
 # the datasets the prepare scripts write, for a plan on a machine that has not prepared them
 KNOWN_DATA = {"shakespeare_char": dict(tokenizer="char", chars=[""] * 65),  # Tiny Shakespeare's 65 characters
-              "alpaca": dict(tokenizer="gpt2", format="sft")}  # anything else: GPT-2 BPE tokens
+              "alpaca": dict(tokenizer="gpt2", format="sft"),
+              "alpaca_smollm2": dict(tokenizer="hf", format="sft", vocab_size=49152)}  # anything else: GPT-2 BPE tokens
 ASSUMED_MFU = 0.45  # the README's recipe times assume it too: well-tuned GPT-2 runs on H100s report ~40-55%
 ASSUMED_GPU = ("H100 SXM", 989.5e12)  # when --peak_flops is not given: its dense bf16 peak
 
@@ -171,6 +172,8 @@ def plan_model(cfg, meta):
         config = model_config(cfg, vocab_size_of(meta))
     elif init_from in PRESETS:
         config = GPTConfig(block_size=1024, vocab_size=50257, **PRESETS[init_from])
+    elif init_from in HUB_SHAPES and not os.path.isdir(init_from):
+        config = GPTConfig(**HUB_SHAPES[init_from])
     elif os.path.isfile(os.path.join(folder, "ckpt.pt")):
         config = GPTConfig(**torch.load(os.path.join(folder, "ckpt.pt"), map_location="meta", mmap=True,
                                         weights_only=True)["model_args"])

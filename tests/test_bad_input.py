@@ -81,14 +81,17 @@ CASES = [
     ("merge: merged_dir is a file", ["checkpoint.py", "--out_dir=run", "--merged_dir=afile"], ["afile"]),
     ("plot: output under a file", ["plot.py", "run", "--output=afile/plot.png"], ["afile"]),
     # round 3: nothing wrong loaded silently, no explicit setting ignored silently
-    ("train: an HF folder of another architecture", TRAIN + ["--init_from=hf_llama", "--out_dir=o6"], ["llama", "not GPT-2"]),
+    ("train: an HF folder of another architecture", TRAIN + ["--init_from=hf_bert", "--out_dir=o6"], ["bert", "only GPT-2"]),
+    ("train: a Llama folder with long-context RoPE", TRAIN + ["--init_from=hf_llama3", "--out_dir=o6b"], ["rope_scaling 'llama3'"]),
+    ("train: a Llama config.json without its sizes", TRAIN + ["--init_from=hf_llama_partial", "--out_dir=o6c"],
+     ["config.json", "num_attention_heads"]),
     ("train: an HF folder without weights", TRAIN + ["--init_from=hf_noweights", "--out_dir=o7"], ["no weights"]),
     ("train: an HF folder with broken config.json", TRAIN + ["--init_from=hf_badjson", "--out_dir=o8"], ["config.json", "JSON"]),
-    ("train: an HF folder with config.json {}", TRAIN + ["--init_from=hf_emptyconfig", "--out_dir=o9"], ["not GPT-2"]),
+    ("train: an HF folder with config.json {}", TRAIN + ["--init_from=hf_emptyconfig", "--out_dir=o9"], ["only GPT-2"]),
     ("train: an HF folder with n_inner != 4 n_embd", TRAIN + ["--init_from=hf_ninner", "--out_dir=o10"], ["n_inner"]),
     ("train: an HF folder with corrupt safetensors", TRAIN + ["--init_from=hf_corrupt", "--out_dir=o11"], ["could not read"]),
     ("train: an HF folder with a malicious .bin", TRAIN + ["--init_from=hf_malicious", "--out_dir=o12"], ["could not read"]),
-    ("sample: an HF folder of another architecture", SAMPLE + ["--init_from=hf_llama"], ["llama"]),
+    ("sample: an HF folder of another architecture", SAMPLE + ["--init_from=hf_bert"], ["bert"]),
     ("sample: an HF folder with corrupt safetensors", SAMPLE + ["--init_from=hf_corrupt"], ["could not read"]),
     ("sample: an HF folder with a malicious .bin", SAMPLE + ["--init_from=hf_malicious"], ["could not read"]),
     ("sample: out_dir and init_from both", SAMPLE + ["--out_dir=run", "--init_from=gpt2"], ["not both"]),
@@ -181,14 +184,19 @@ def make_workdir(w):
         torch.save(obj, w / name / "ckpt.pt")
     # Hugging Face folders that are not a GPT-2 we can load
     gpt2 = dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=12)
-    configs = {"hf_llama": dict(model_type="llama", hidden_size=32), "hf_noweights": gpt2, "hf_emptyconfig": {},
+    llama = dict(model_type="llama", hidden_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=12,
+                 intermediate_size=48)
+    configs = {"hf_bert": dict(model_type="bert", hidden_size=32), "hf_noweights": gpt2, "hf_emptyconfig": {},
+               "hf_llama3": dict(llama, rope_scaling={"rope_type": "llama3", "factor": 32.0}),
+               "hf_llama_partial": dict(model_type="llama", hidden_size=32),
                "hf_ninner": dict(gpt2, n_inner=100), "hf_corrupt": gpt2, "hf_malicious": gpt2}
     for name, config in configs.items():
         os.makedirs(w / name)
         (w / name / "config.json").write_text(json.dumps(config))
     os.makedirs(w / "hf_badjson")
     (w / "hf_badjson" / "config.json").write_text('{"model_type": "gpt2", ')
-    (w / "hf_llama" / "model.safetensors").write_bytes(b"\0" * 64)
+    for name in ("hf_bert", "hf_llama3", "hf_llama_partial"):
+        (w / name / "model.safetensors").write_bytes(b"\0" * 64)
     (w / "hf_corrupt" / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not a header}" + b"\0" * 64)
     (w / "hf_malicious" / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
     (w / "exits.py").write_text("import sys\nsys.exit(0)\n")

@@ -149,7 +149,7 @@ SHARD_CHECK = r'''
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from model import GPT, GPTConfig, fully_shard
-from runtime import World
+from runtime import World, close_world
 from train import grad_sync
 dist.init_process_group("gloo")
 torch.manual_seed(0)
@@ -164,7 +164,7 @@ for micro in range(2):  # two micro-steps of one optimizer step, as train.py run
     local = sum(p.grad.to_local().numel() for p in model.parameters())
     out.write(f"micro {micro}: {local} of {total}\n")
 out.close()
-dist.destroy_process_group()
+close_world(world)  # leaves the group as train.py does (gloo's exit race: see close_world)
 '''
 
 
