@@ -331,8 +331,8 @@ def bench_train(cfg):
     # host tensors; in page-locked (pinned) memory the copy to the GPU runs asynchronously
     # (non_blocking) while the GPU still works, so it costs the step almost nothing.
     gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # each rank its own batches
-    xs = torch.randint(cfg["vocab_size"], (accum, B, T), generator=gen)  # (accum, B, T)
-    ys = torch.randint(cfg["vocab_size"], (accum, B, T), generator=gen)
+    xs = torch.randint(raw_model.config.vocab_size, (accum, B, T), generator=gen)  # (accum, B, T)
+    ys = torch.randint(raw_model.config.vocab_size, (accum, B, T), generator=gen)
     if device_type == "cuda":
         xs, ys = xs.pin_memory(), ys.pin_memory()
 
@@ -438,7 +438,7 @@ def bench_sample(cfg):
 
     r, parts, wall, cpu = {}, [], 0.0, 0.0
     for b in sorted({1, cfg["sample_batch"]}):
-        prompt = torch.randint(cfg["vocab_size"], (b, P), generator=gen).to(device)  # (b, P)
+        prompt = torch.randint(model.config.vocab_size, (b, P), generator=gen).to(device)  # (b, P)
         for use_cache in (True, False):
             generate(prompt, 2, use_cache)  # warm-up: first-call allocations and kernel choices
             synchronize(device_type)
@@ -460,7 +460,7 @@ def bench_sample(cfg):
                     + " | ".join(parts) + f" | {mem_what} {gib(mem)}{load_text(r['cores_used'])}")
     print(r["summary"])
     if cfg["profile"]:
-        prompt = torch.randint(cfg["vocab_size"], (1, P), generator=gen).to(device)
+        prompt = torch.randint(model.config.vocab_size, (1, P), generator=gen).to(device)
         profile(lambda: generate(prompt, N, True), device_type, repeats=1)
     return r
 

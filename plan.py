@@ -234,6 +234,10 @@ def activation_bytes(config, B, T, dtype, sharded):
     scaled to this shape. Activations are all the same kind of tensor at any size, so the
     per-token, per-channel bytes carry over (tests/test_plan.py checks this on a bigger model)."""
     small = dict(vars(config), block_size=128, vocab_size=256, n_embd=64, n_head=4, dropout=0.0)
+    if config.mlp_hidden:  # the MLP's width and the kv heads in the same proportion as the model's
+        small["mlp_hidden"] = max(1, round(config.mlp_hidden * 64 / config.n_embd))
+    if config.n_kv_head:
+        small["n_kv_head"] = next(k for k in (4, 2, 1) if k <= 4 * config.n_kv_head // config.n_head or k == 1)
     torch.manual_seed(0)
     one, two = (saved_bytes(GPT(GPTConfig(**dict(small, n_layer=n))), 8, 128, dtype, sharded) for n in (1, 2))
     per_block = (two - one) / (8 * 128 * 64)  # bytes per token and channel, per block

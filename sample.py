@@ -4,6 +4,7 @@ Generate text from a trained model, printing it as it comes.
     python sample.py --start "First Citizen:"             # the newest out*/ckpt.pt
     python sample.py --out_dir=out-shakespeare-char-cpu --num_samples=3 --max_new_tokens=500
     python sample.py --init_from=gpt2 --start "The meaning of life is" --top_p=0.9
+    python sample.py --init_from=HuggingFaceTB/SmolLM2-135M --start "The capital of France is"   # docs/llama.md
     python sample.py --start=FILE:prompt.txt               # the prompt from a file
     python sample.py --out_dir=out-alpaca --start "Name three primary colors."   # ask an SFT run
 

@@ -75,7 +75,7 @@ def test_every_recipe_in_config_is_valid_for_train_py():
         plan.check_settings(cfg, under_torchrun=False)  # exits (failing the test) on a setting train.py would refuse
         # batch arithmetic that train.py checks at start: a whole number of accumulation steps
         # on 1 and on 8 GPUs (tokens per step for pretraining; SFT steps count examples)
-        sft = cfg["dataset"] == "alpaca"  # prepare_alpaca.py's instruction data: steps count examples
+        sft = cfg["dataset"].startswith("alpaca")  # prepare_alpaca.py's instruction data: steps count examples
         per_gpu = cfg["batch_size"] * (1 if sft else cfg["block_size"])
         for gpus in (1, 8) if cfg["total_batch_size"] >= 8 * per_gpu else (1,):
             assert cfg["total_batch_size"] % (per_gpu * gpus) == 0 or cfg["total_batch_size"] == 0, (path, gpus)

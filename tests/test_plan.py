@@ -92,7 +92,8 @@ def measured_saved_bytes(config, B, T, dtype, sharded):
     return plan.saved_bytes(GPT(config), B, T, dtype, sharded)
 
 
-@pytest.mark.parametrize("options", [{}, dict(rope=True, qk_norm=True, mlp="relu2", bias=False)])
+@pytest.mark.parametrize("options", [{}, dict(rope=True, qk_norm=True, mlp="relu2", bias=False),
+                                     dict(rope=True, norm="rmsnorm", mlp="swiglu", mlp_hidden=256, n_kv_head=1, bias=False)])
 @pytest.mark.parametrize("dtype, sharded", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
 def test_activation_estimate_scales_to_a_bigger_model(options, dtype, sharded):
     # the plan measures two small models and scales; measured directly, a model of another
