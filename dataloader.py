@@ -433,11 +433,21 @@ class SFTLoader:
     `epoch` is the number of the pass in progress, from 0. The whole position is three integers
     and the grouping flag (state_dict), so a resumed run sees exactly the batches an
     uninterrupted one would, and keeps the grouping it began with.
+
+    pairs=True (preference data, prepare_preferences.py): examples 2i and 2i+1 are one prompt
+    with its chosen and its rejected answer, and everything above counts pairs: the order
+    shuffles pairs, batch_size is pairs, and a micro-batch is (2B, L): the B chosen rows, then
+    the B rejected rows of the same pairs, in the same order.
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
-                 shuffle=True, grad_accum=1, group_by_length=False, vocab_size=None):
+                 shuffle=True, grad_accum=1, group_by_length=False, vocab_size=None, pairs=False):
         self.tokens, self.index = read_sft(data_dir, split)
+        self.pairs = pairs
+        if pairs and (len(self.index) % 2 or (self.index[0::2, 1] != self.index[1::2, 1]).any()):
+            raise UserError(f"{data_dir}/{split}_index.npy is not a list of pairs (chosen, rejected) of one prompt each; "
+                            "re-run prepare_preferences.py")
+        self.n_units = len(self.index) // 2 if pairs else len(self.index)  # what batch_size counts
         if vocab_size:
             check_ids(self.tokens, vocab_size, os.path.join(data_dir, f"{split}.bin"))
         self.group_by_length = group_by_length and shuffle
@@ -450,11 +460,11 @@ class SFTLoader:
                             f"tokens (the longest has {self.index[:, 2].max()}); re-run prepare_alpaca.py with "
                             f"--max_len={block_size}, or raise block_size")
         need = self.B * self.world_size * self.grad_accum
-        if len(self.index) < need:
+        if self.n_units < need:
             what = f"one step needs ({need} = batch_size {self.B} x {self.world_size} ranks x {self.grad_accum} " \
                    "accumulation steps); use a smaller batch_size or total_batch_size" if shuffle else \
                    f"one batch needs ({need} = batch_size {self.B} x {self.world_size} ranks); use a smaller batch_size"
-            raise UserError(f"{data_dir}: {len(self.index)} {split} examples, fewer than {what}")
+            raise UserError(f"{data_dir}: {self.n_units} {split} {'pairs' if pairs else 'examples'}, fewer than {what}")
         self.reset()
 
     def reset(self):
@@ -472,28 +482,33 @@ class SFTLoader:
     def next_batch(self):
         """Return (x, y): this rank's next micro-batch, (B, L) int64 CPU tensors, L <= block_size."""
         step_rows = self.B * self.world_size * self.grad_accum
-        if self.micro == 0 and self.pos + step_rows > len(self.index):
+        if self.micro == 0 and self.pos + step_rows > self.n_units:
             self.epoch, self.pos, self._order = self.epoch + 1, 0, None  # the next epoch
         if self._order is None:
             self._order = self._epoch_order(step_rows)
         first = self.pos + self.rank * self.B
-        rows = self.index[self._order[first:first + self.B]]  # (B, 3): start, prompt_len, length
+        rows = self.index[self._rows(self._order[first:first + self.B])]  # (B or 2B, 3): start, prompt_len, length
         self.pos += self.B * self.world_size
         self.micro = (self.micro + 1) % self.grad_accum
         # padded to the longest example, rounded up to a multiple of 64 (at most block_size): a
         # handful of shapes, so torch.compile and cuBLAS see the same few, not one per length
         L = min(self.T, -(-(int(rows[:, 2].max()) - 1) // PAD_MULTIPLE) * PAD_MULTIPLE)
-        x = torch.zeros(self.B, L, dtype=torch.long)  # padding: token 0, seen by nothing, never a target
-        y = torch.full((self.B, L), -1, dtype=torch.long)
+        x = torch.zeros(len(rows), L, dtype=torch.long)  # padding: token 0, seen by nothing, never a target
+        y = torch.full((len(rows), L), -1, dtype=torch.long)
         for i, (start, p, n) in enumerate(rows.tolist()):
             tok = torch.from_numpy(self.tokens[start:start + n].astype(np.int64))  # (n,)
             x[i, :n - 1] = tok[:-1]
             y[i, p - 1:n - 1] = tok[p:]  # position j predicts token j+1: the first target is the response's first token
         return x, y
 
+    def _rows(self, units):
+        """Rows of self.index for examples (or pairs: all chosen rows, then all rejected rows)."""
+        return np.concatenate([2 * units, 2 * units + 1]) if self.pairs else units
+
     def _epoch_order(self, step_rows):
-        """The order in which this epoch visits the examples (indices into self.index)."""
-        n = len(self.index)
+        """The order in which this epoch visits the examples or pairs (indices of them)."""
+        n = self.n_units
+        lengths = np.maximum(self.index[0::2, 2], self.index[1::2, 2]) if self.pairs else self.index[:, 2]
         if not self.shuffle:
             return np.arange(n)
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -507,7 +522,7 @@ class SFTLoader:
         grouped = []
         for w in range(0, whole, window):
             chunk = order[w:min(w + window, whole)]
-            chunk = chunk[np.argsort(self.index[chunk, 2], kind="stable")]  # by length
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]  # by length
             steps = chunk.reshape(-1, step_rows)  # (steps in the window, step_rows)
             grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
         return np.concatenate(grouped + [order[whole:]])
@@ -522,11 +537,13 @@ class SFTLoader:
         assert self.micro == 0, "next_step() must start at a step boundary"
         micro = [self.next_batch() for _ in range(self.grad_accum)]
         step_rows = self.B * self.world_size * self.grad_accum
-        rows = self.index[self._order[self.pos - step_rows:self.pos]]  # the step's examples, every rank's
+        rows = self.index[self._rows(self._order[self.pos - step_rows:self.pos])]  # the step's examples, every rank's
         n_targets = int((rows[:, 2] - rows[:, 1]).sum())  # response tokens (with <|endoftext|>)
         n_tokens = int((rows[:, 2] - 1).sum())  # input tokens, padding not counted
         batches = []
         for x, y in micro:
             xy = to_device(torch.stack([x, y]), device)  # one copy of (2, B, L)
-            batches.append((xy[0], xy[1], int((y != -1).sum()) * self.world_size / n_targets))
+            # pairs: a loss is a mean over pairs, and every micro-batch holds B of the step's pairs
+            weight = self.B * self.world_size / step_rows if self.pairs else int((y != -1).sum()) * self.world_size / n_targets
+            batches.append((xy[0], xy[1], weight))
         return batches, n_tokens

@@ -11,7 +11,7 @@ Generate text from a trained model, printing it as it comes.
 A LoRA run's out_dir works as any other: its base is loaded and the adapter applied.
 --instruct wraps --start in the Alpaca template as the instruction (prepare_alpaca.py), prints
 only the response and ends it at <|endoftext|>; it is on by itself for a run fine-tuned on an
-instruction (SFT) dataset (--instruct=False to give the raw prompt).
+instruction (SFT) or preference dataset (--instruct=False to give the raw prompt).
 """
 
 import os
@@ -88,7 +88,7 @@ def main():
                 die(f"prompt file {path} is not UTF-8 text; save it as UTF-8")
         instruct = cfg["instruct"]
         if instruct is None:  # on when the checkpoint was fine-tuned on an instruction dataset
-            instruct = meta.get("format") == "sft"
+            instruct = meta.get("format") in ("sft", "preference")
         if instruct and meta["tokenizer"] == "char":
             die("--instruct wraps the prompt in an instruction template, which needs a BPE model; this one is "
                 "character-level: leave --instruct out")

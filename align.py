@@ -1,0 +1,371 @@
+"""
+Learning from preferences, after SFT: Direct Preference Optimization, or a reward model.
+
+    python prepare_preferences.py --input=pairs.jsonl --out_dir=data/prefs
+    python align.py --method=dpo --init_from=out-sft --dataset=prefs --out_dir=out-dpo
+    python align.py --method=reward --init_from=out-sft --dataset=prefs --out_dir=out-rm
+    python sample.py --out_dir=out-dpo --start "Name three primary colors."
+
+Both read preference pairs: a prompt x, the answer people chose y_w and the one they rejected
+y_l. log p(y | x) is the sum of the answer tokens' log-probabilities (the prompt is never
+scored). docs/alignment.md has the derivations; in short:
+
+  reward (Bradley-Terry): a scalar head on the GPT trunk, read at the answer's last token, gives
+      r(x, y); P(y_w preferred to y_l) = sigmoid(r(x, y_w) - r(x, y_l)); the loss is its -log.
+  dpo: the policy pi starts as the reference pi_ref (the starting model, frozen). Its implicit
+      reward is beta * log(pi(y|x) / pi_ref(y|x)), and the loss is Bradley-Terry's on it:
+      -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))]).
+      At step 0 pi = pi_ref, so every margin is 0 and the loss is log 2. With LoRA the
+      reference is the same weights with the adapters switched off: no second copy.
+
+The settings, the log (log.txt: train/val loss, acc = the share of pairs ranked right,
+margin, chosen, rejected), the checkpoint (ckpt.pt: sample.py, hellaswag.py and export_hf.py
+read it; a reward model's holds reward_head.weight beside the GPT), DDP under torchrun, Ctrl-C
+and --init_from=resume work as in train.py. PPO (a policy trained against a reward model with
+a KL penalty) is not built yet.
+"""
+
+import copy
+import math
+import os
+import time
+
+from configurator import UserError, autocast_context, configure, die, exit_on_ctrl_c, print_config, resolve_dtype
+
+if __name__ == "__main__":
+    exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+
+import lora
+from checkpoint import check_same_tokenizer, claim_out_dir, load_checkpoint, load_model, restore_run, save_run
+from dataloader import SFTLoader, read_meta
+from model import configure_optimizers
+from runtime import (StopFlag, close_world, ddp_wrap, format_time, nonfinite, rank_failed, setup_world, stop_agreed,
+                     worse_than_best)
+
+DEFAULTS = dict(
+    method="dpo",  # dpo | reward
+    out_dir="out-dpo",
+    init_from="",  # the starting model: a run's out_dir (an SFT run, usually), an HF folder or name; or resume
+    overwrite=False,  # replace a run already in out_dir
+    dataset="",  # data/<dataset>/ from prepare_preferences.py (meta.json "format": "preference")
+    beta=0.1,  # DPO: how far the policy may move from the reference (larger = closer to it)
+    batch_size=8,  # pairs per micro-batch on each rank (a micro-batch runs 2 x batch_size sequences)
+    total_batch_size=0,  # pairs per optimizer step over all ranks; 0 = one micro-batch per rank
+    block_size=512,  # the longest pair (prompt + the longer answer) it reads
+    max_iters=300,  # optimizer steps
+    learning_rate=5e-6,  # AdamW's rate after warmup, held constant (DPO's paper: 1e-6 for 7B models)
+    warmup_iters=20,  # linear warmup from 0
+    weight_decay=0.0,
+    grad_clip=1.0,
+    eval_interval=50,  # val loss and accuracy every this many steps (and at the end)
+    eval_iters=20,  # val micro-batches per evaluation
+    log_interval=10,
+    checkpoint_interval=0,  # also save every this many steps (0 = at the end and on a stop only)
+    keep_interval=0,  # keep ckpt_STEP.pt every this many steps (0 = only the latest)
+    lora_rank=0,  # DPO with LoRA: the reference is the base with the adapters off
+    lora_alpha=16.0,
+    lora_dropout=0.0,
+    lora_targets="q,v",
+    dropout=0.0,
+    device="auto",
+    dtype="auto",
+    seed=1337,
+    pg_timeout=600,  # seconds a rank waits for the others in a collective
+    wandb_log=False,
+    wandb_project="gpt2-align",
+    wandb_run_name="run",
+)
+
+
+# -----------------------------------------------------------------------------
+# the two objectives
+
+
+def sequence_logps(model, x, y):
+    """(N,): each row's summed log-probability of its targets, the answer tokens (y == -1 on the
+    prompt and the padding: not scored). x, y (N, L)."""
+    logits, _ = model(x)  # (N, L, V)
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+    return logp.view(y.shape).sum(dim=1)  # ignored positions add 0
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """DPO over B pairs (each argument (B,): summed log-probs). Returns (the mean loss, stats):
+    acc is the share of pairs whose implicit reward ranks chosen first; margin, chosen and
+    rejected are the mean implicit rewards' difference and the rewards themselves."""
+    chosen = beta * (policy_chosen - ref_chosen)  # (B,) implicit rewards
+    rejected = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen - rejected)
+    return loss.mean(), dict(acc=(chosen > rejected).float().mean(), margin=(chosen - rejected).mean(),
+                             chosen=chosen.mean(), rejected=rejected.mean())
+
+
+def reward_loss(r_chosen, r_rejected):
+    """Bradley-Terry over B pairs of scalar rewards (B,): (the mean loss, stats)."""
+    loss = -F.logsigmoid(r_chosen - r_rejected)
+    return loss.mean(), dict(acc=(r_chosen > r_rejected).float().mean(), margin=(r_chosen - r_rejected).mean(),
+                             chosen=r_chosen.mean(), rejected=r_rejected.mean())
+
+
+class Scorer(nn.Module):
+    """A reward model: the GPT trunk (no lm_head) and gpt.reward_head, C -> 1, read at each row's
+    last answer token: the position whose target is the end marker, which has read the whole
+    answer. (A module of its own so that DDP sees its forward.)"""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, x, y):  # (N, L) -> (N,)
+        h = self.gpt.hidden_states(x)  # (N, L, C)
+        last = y.size(1) - 1 - (y != -1).flip(1).int().argmax(dim=1)  # (N,) the last scored position
+        return self.gpt.reward_head(h[torch.arange(x.size(0), device=x.device), last]).squeeze(-1).float()
+
+
+def add_reward_head(gpt, state=None):
+    """Give the GPT its reward head (zeros: every reward 0 at the start, loss log 2), or load it."""
+    gpt.reward_head = nn.Linear(gpt.config.n_embd, 1, bias=False, device=gpt.lm_head.weight.device)
+    with torch.no_grad():
+        gpt.reward_head.weight.copy_(state) if state is not None else gpt.reward_head.weight.zero_()
+    if not gpt.config.tie_embeddings:  # untied, lm_head takes no part: DDP must not wait for its gradient
+        gpt.lm_head.weight.requires_grad_(False)
+    return gpt
+
+
+def pair_loss(cfg, model, reference, x, y):
+    """The method's loss and stats on one micro-batch of B pairs (x, y: (2B, L), chosen rows first)."""
+    B = x.size(0) // 2
+    if cfg["method"] == "reward":
+        r = model(x, y)  # (2B,)
+        return reward_loss(r[:B], r[B:])
+    logps = sequence_logps(model, x, y)  # (2B,)
+    with torch.no_grad():
+        ref = reference(x, y)
+    return dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], cfg["beta"])
+
+
+def make_reference(cfg, raw_model, init_from):
+    """DPO's frozen pi_ref as a function (x, y) -> summed log-probs: the adapters switched off
+    (LoRA), or a frozen copy of the starting model."""
+    if cfg["lora_rank"] > 0:
+        def reference(x, y):
+            lora.set_lora_enabled(raw_model, False)
+            try:
+                return sequence_logps(raw_model, x, y)
+            finally:
+                lora.set_lora_enabled(raw_model, True)
+        return reference
+    frozen = copy.deepcopy(raw_model).eval() if init_from is None else load_start(cfg, init_from, raw_model)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return lambda x, y: sequence_logps(frozen, x, y)
+
+
+def load_start(cfg, init_from, like):
+    """The starting model again (a resumed DPO run's reference), on like's device, eval mode."""
+    ours = os.path.isfile(os.path.join(init_from, "ckpt.pt"))
+    model, _ = load_model(out_dir=init_from) if ours else load_model(init_from=init_from)
+    if lora.has_lora(model):
+        lora.merge_lora(model)
+    model.crop_block_size(min(cfg["block_size"], model.config.block_size))
+    return model.to(like.lm_head.weight.device).eval()
+
+
+# -----------------------------------------------------------------------------
+# set-up
+
+
+def check_settings(cfg):
+    if cfg["method"] not in ("dpo", "reward"):
+        die(f"--method must be dpo or reward (PPO is not built yet), got {cfg['method']!r}")
+    if not cfg["init_from"] or not cfg["dataset"]:
+        die("give the starting model and the pairs: --init_from=RUN_OR_HF_MODEL --dataset=NAME (prepare_preferences.py)")
+    for key in ("batch_size", "block_size", "max_iters", "eval_iters", "log_interval"):
+        if cfg[key] < 1:
+            die(f"--{key} must be at least 1, got {cfg[key]}")
+    for key in ("total_batch_size", "learning_rate", "warmup_iters", "weight_decay", "grad_clip", "eval_interval",
+                "checkpoint_interval", "keep_interval", "lora_rank"):
+        if cfg[key] < 0:
+            die(f"--{key} must not be negative, got {cfg[key]}")
+    if cfg["beta"] <= 0:
+        die(f"--beta must be positive (0.1 is usual), got {cfg['beta']}")
+    if cfg["method"] == "reward" and cfg["lora_rank"] > 0:  # an adapter checkpoint would leave the head behind
+        die("a reward model trains its trunk and head in full: drop --lora_rank (LoRA is for --method=dpo)")
+
+
+def setup(cfg, world, meta, say):
+    """(raw_model, base, reference, start checkpoint or None): the model to train, where a LoRA
+    run's frozen base comes from, DPO's reference and (resuming) the checkpoint."""
+    resume = cfg["init_from"] == "resume"
+    ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if resume else None
+    if resume:
+        old = ckpt.get("config", {})
+        for key in ("method", "lora_rank", "lora_targets", "dataset"):
+            if old.get(key) != cfg[key]:
+                raise UserError(f"{cfg['out_dir']} was aligned with {key}={old.get(key)!r}; resume it with the same")
+        start = old["init_from"]
+        raw_model, model_meta = load_model(out_dir=cfg["out_dir"], dropout=cfg["dropout"])
+        base = ckpt.get("base")
+    else:
+        start = cfg["init_from"]
+        ours = os.path.isfile(os.path.join(start, "ckpt.pt"))
+        raw_model, model_meta = (load_model(out_dir=start, dropout=cfg["dropout"]) if ours
+                                 else load_model(init_from=start, dropout=cfg["dropout"]))
+        if lora.has_lora(raw_model):
+            lora.merge_lora(raw_model)
+        if cfg["block_size"] > raw_model.config.block_size:
+            raise UserError(f"block_size={cfg['block_size']} is larger than {start}'s {raw_model.config.block_size}")
+        raw_model.crop_block_size(cfg["block_size"])
+        if cfg["lora_rank"] > 0:
+            lora.apply_lora(raw_model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+                            targets=cfg["lora_targets"], verbose=world.master)
+        base = (os.path.abspath(start) if os.path.isdir(start) else start) if cfg["lora_rank"] > 0 else None
+    check_same_tokenizer(model_meta, meta, start, cfg["dataset"])
+    raw_model.to(world.device)
+    if cfg["method"] == "reward":
+        head = ckpt["model"]["reward_head.weight"] if resume else None
+        add_reward_head(raw_model, head)
+    say(f"{cfg['method']} from {start}: {raw_model.num_params():,} parameters")
+    reference = make_reference(cfg, raw_model, start if resume else None) if cfg["method"] == "dpo" else None
+    return raw_model, base, reference, ckpt
+
+
+def evaluate(cfg, model, reference, loader, world, autocast):
+    """The val loss and stats, means over eval_iters micro-batches on every rank (the same pairs
+    each time)."""
+    model.eval()
+    loader.reset()
+    sums = torch.zeros(5, device=world.device)  # loss, acc, margin, chosen, rejected
+    with torch.no_grad():
+        for _ in range(cfg["eval_iters"]):
+            x, y = loader.next_batch()
+            with autocast:
+                loss, stats = pair_loss(cfg, model, reference, x.to(world.device), y.to(world.device))
+            sums += torch.stack([loss, *stats.values()]).float()
+    model.train()
+    if world.ddp:
+        dist.all_reduce(sums)
+    values = (sums / (cfg["eval_iters"] * world.size)).tolist()
+    return dict(zip(("loss", "acc", "margin", "chosen", "rejected"), values))
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then constant (as DPO's paper trains)."""
+    return cfg["learning_rate"] * min(1.0, (step + 1) / cfg["warmup_iters"]) if cfg["warmup_iters"] else cfg["learning_rate"]
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def align(cfg, world):
+    stop = StopFlag()
+    say = print if world.master else (lambda *a, **k: None)
+    ptdtype = resolve_dtype(cfg["dtype"], world.device_type)
+    resume = cfg["init_from"] == "resume"
+    lock, log = claim_out_dir(cfg, resume, world)  # noqa: F841 (held while the run lives)
+    data_dir = os.path.join("data", cfg["dataset"])
+    meta = read_meta(data_dir)
+    if meta.get("format") != "preference":
+        raise UserError(f"data/{cfg['dataset']} is not a preference dataset (its meta.json format is "
+                        f"{meta.get('format', 'a token stream')!r}): prepare one with prepare_preferences.py")
+    step_pairs = cfg["total_batch_size"] or cfg["batch_size"] * world.size
+    if step_pairs % (cfg["batch_size"] * world.size):
+        raise UserError(f"total_batch_size={step_pairs} pairs is not a multiple of batch_size x ranks = "
+                        f"{cfg['batch_size'] * world.size}")
+    grad_accum = step_pairs // (cfg["batch_size"] * world.size)
+    common = dict(rank=world.rank, world_size=world.size, pairs=True)
+    train_loader = SFTLoader(data_dir, "train", cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
+                             grad_accum=grad_accum, **common)
+    val_loader = SFTLoader(data_dir, "val", cfg["batch_size"], cfg["block_size"], shuffle=False, **common)
+    if world.master:
+        print_config(cfg)
+    say(f"device {world.device}, {world.size} rank(s), {step_pairs} pairs per step = {cfg['batch_size']} x "
+        f"{world.size} ranks x {grad_accum} accumulation steps")
+    torch.manual_seed(cfg["seed"])
+    raw_model, base, reference, ckpt = setup(cfg, world, meta, say)
+    optimizers = configure_optimizers(raw_model, cfg["weight_decay"], cfg["learning_rate"], (0.9, 0.95),
+                                      world.device_type, verbose=False)
+    scaler = torch.amp.GradScaler(world.device_type, enabled=(ptdtype == torch.float16))
+    step, val_loss, best_val = (restore_run(ckpt, cfg["out_dir"], raw_model, optimizers, scaler, train_loader, world, say)
+                                if resume else (0, None, None))
+    del ckpt
+    module = Scorer(raw_model) if cfg["method"] == "reward" else raw_model
+    model = ddp_wrap(module, world.device, world.device_type) if world.ddp else module
+    autocast = autocast_context(world.device_type, ptdtype)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    start_step, t0 = step, time.time()
+
+    while True:
+        last = step >= cfg["max_iters"]
+        stopping = stop_agreed(stop, world)
+        due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step > start_step
+        val_loss = None if step > start_step else val_loss
+        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or due) and not stopping:
+            val = evaluate(cfg, module, reference, val_loader, world, autocast)
+            val_loss = val["loss"]
+            say(f"step {step}: val loss {val_loss:.4f}, acc {val['acc']:.4f}, margin {val['margin']:.4f}"
+                + worse_than_best(val_loss, best_val))
+            log(step, val=val_loss, val_acc=val["acc"], val_margin=val["margin"])
+        if (last or stopping or due) and step > start_step:
+            best_val = save_run(cfg, step, val_loss, best_val, model=raw_model, optimizers=optimizers, scaler=scaler,
+                                loader=train_loader, meta=meta, base=base, world=world)
+        if last or stopping:
+            if stopping:
+                say(f"stopped at step {step}; continue with --init_from=resume")
+            break
+
+        lr = lr_at(step, cfg)
+        for group in optimizers[0].param_groups:
+            group["lr"] = lr
+        batches, _ = train_loader.next_step(world.device)
+        sums = torch.zeros(5, device=world.device)  # loss, acc, margin, chosen, rejected: this rank's means
+        for micro, (x, y, weight) in enumerate(batches):
+            sync = world.ddp and micro < len(batches) - 1
+            with model.no_sync() if sync else torch.enable_grad():
+                with autocast:
+                    loss, stats = pair_loss(cfg, model, reference, x, y)
+                scaler.scale(loss * weight).backward()  # weight: 1 / accumulation steps
+            sums += torch.stack([loss.detach(), *(v.detach() for v in stats.values())]).float() * weight
+        scaler.unscale_(optimizers[0])
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
+        scaler.step(optimizers[0])
+        scaler.update()
+        optimizers[0].zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+            if world.ddp:
+                dist.all_reduce(sums)
+            loss_v, acc, margin, chosen, rejected = (sums / world.size).tolist()
+            if not math.isfinite(loss_v):
+                raise nonfinite(cfg["out_dir"], step - 1)
+            log(step - 1, train=loss_v, acc=acc, margin=margin, chosen=chosen, rejected=rejected, lr=lr,
+                norm=norm.item())
+            say(f"step {step - 1}: loss {loss_v:.4f}, acc {acc:.3f}, margin {margin:.4f} (chosen {chosen:.4f}, "
+                f"rejected {rejected:.4f}), lr {lr:.2e}", flush=True)
+    say(f"done in {format_time(time.time() - t0)}")
+
+
+def main():
+    cfg = configure(DEFAULTS)
+    check_settings(cfg)
+    world = setup_world(cfg["device"], timeout_s=cfg["pg_timeout"])
+    try:
+        align(cfg, world)
+    except UserError as e:
+        die(str(e))
+    except Exception as e:
+        if world.ddp:
+            rank_failed(world, e, cfg["pg_timeout"])
+        raise
+    finally:
+        close_world(world)
+
+
+if __name__ == "__main__":
+    main()
