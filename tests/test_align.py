@@ -1,0 +1,260 @@
+"""align.py: DPO and the reward model against hand computations, the start (policy = reference),
+response-only scoring, DDP = accumulation, exact resume, and a synthetic preference task whose
+preference an independent function checks."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import align
+from conftest import ROOT, WORDS, make_llama_folder, read_log, run_script, torchrun
+from dataloader import SFTLoader
+from model import GPT, GPTConfig
+
+
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def batch(B=3, L=12, seed=0):
+    """(2B, L) inputs and targets shaped as the pair loader makes them: a prompt (targets -1),
+    an answer, padding (-1); rows [0, B) chosen, [B, 2B) rejected."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50, (2 * B, L), generator=g)
+    y = torch.full((2 * B, L), -1)
+    for i in range(2 * B):
+        p, n = 2 + i % 3, L - (i % 4)  # prompt length, real length
+        y[i, p - 1:n - 1] = torch.randint(0, 50, (n - p,), generator=g)
+    return x, y
+
+
+def loop_logps(model, x, y):
+    """Summed log-probs of the answer tokens, one position at a time: the reference."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(x)[0].float(), dim=-1)
+    out = []
+    for i in range(x.size(0)):
+        total = 0.0
+        for t in range(x.size(1)):
+            if y[i, t] != -1:
+                total += logp[i, t, y[i, t]].item()
+        out.append(total)
+    return torch.tensor(out)
+
+
+def test_sequence_logps_score_only_the_answer_tokens():
+    model = tiny()
+    x, y = batch()
+    with torch.no_grad():
+        got = align.sequence_logps(model, x, y)
+    torch.testing.assert_close(got, loop_logps(model, x, y), atol=1e-4, rtol=1e-5)
+    # the padding after an answer changes nothing (causal attention, never a target)
+    pad = torch.zeros_like(y, dtype=torch.bool)
+    for i in range(y.size(0)):
+        last = int((y[i] != -1).nonzero().max())
+        pad[i, last + 1:] = True
+    x3 = torch.where(pad, (x + 7) % 50, x)
+    with torch.no_grad():
+        torch.testing.assert_close(align.sequence_logps(model, x3, y), got)
+
+
+def test_dpo_loss_equals_a_hand_computation():
+    policy, ref = tiny(), tiny()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    x, y = batch(B=4, seed=1)
+    beta = 0.3
+    pi, rf = loop_logps(policy, x, y), loop_logps(ref, x, y)
+    losses, right, margins = [], 0, []
+    for i in range(4):  # pair i: row i chosen, row 4 + i rejected
+        h = beta * ((pi[i] - rf[i]) - (pi[4 + i] - rf[4 + i])).item()
+        losses.append(math.log(1 + math.exp(-h)))  # -log sigmoid(h)
+        right += h > 0
+        margins.append(h)
+    with torch.no_grad():
+        loss, stats = align.pair_loss(dict(method="dpo", beta=beta), policy,
+                                      lambda a, b: align.sequence_logps(ref, a, b), x, y)
+    assert loss.item() == pytest.approx(sum(losses) / 4, rel=1e-4)
+    assert stats["acc"].item() == right / 4 and stats["margin"].item() == pytest.approx(sum(margins) / 4, rel=1e-3, abs=1e-6)
+
+
+def test_at_the_start_the_policy_is_the_reference():
+    """DPO's step 0, with a frozen copy and with LoRA's adapters switched off: loss log 2, margins 0."""
+    import lora
+    x, y = batch(seed=2)
+    for use_lora in (False, True):
+        model = tiny()
+        if use_lora:
+            lora.apply_lora(model, rank=2, alpha=4, verbose=False)
+            with torch.no_grad():  # adapters that do something, so that switching them off matters
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1)
+        cfg = dict(method="dpo", beta=0.1, lora_rank=2 if use_lora else 0)
+        ref = align.make_reference(cfg, model, None)
+        with torch.no_grad():
+            loss, stats = align.pair_loss(cfg, model, ref, x, y)
+        if use_lora:  # the reference is the base: not the model with its adapters
+            assert stats["margin"].abs().item() > 0
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.zero_()
+                loss, stats = align.pair_loss(cfg, model, ref, x, y)
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and stats["margin"].item() == 0.0
+
+
+def test_reward_model_reads_the_last_answer_token_and_starts_at_log_2():
+    model = align.add_reward_head(tiny())
+    scorer = align.Scorer(model)
+    x, y = batch(seed=3)
+    with torch.no_grad():
+        r = scorer(x, y)
+        assert torch.equal(r, torch.zeros(6))  # a zero head: every reward 0, Bradley-Terry loss log 2
+        loss, _ = align.reward_loss(r[:3], r[3:])
+        assert loss.item() == pytest.approx(math.log(2))
+        model.reward_head.weight.normal_()
+        r = scorer(x, y)
+        h = model.hidden_states(x)
+        for i in range(6):
+            last = int((y[i] != -1).nonzero().max())
+            assert r[i].item() == pytest.approx((h[i, last] @ model.reward_head.weight[0]).item(), rel=1e-5)
+
+
+def test_pair_loader_keeps_pairs_together(tmp_path):
+    from dataloader import write_sft
+    # pair i: prompt [1, 2, i], chosen [10 + i, 0], rejected [30 + i, 40, 0]
+    examples = [ex for i in range(6) for ex in (([1, 2, i], [10 + i, 0]), ([1, 2, i], [30 + i, 40, 0]))]
+    write_sft(str(tmp_path), "train", examples)
+    loader = SFTLoader(str(tmp_path), "train", 2, 8, pairs=True, seed=0)
+    for _ in range(5):
+        x, y = loader.next_batch()
+        assert x.shape[0] == 4
+        for i in range(2):  # row i chosen, row 2 + i rejected, of the same prompt
+            assert x[i, 2] == x[2 + i, 2] and y[i, 2] == 10 + x[i, 2] and y[2 + i, 2] == 30 + x[i, 2]
+
+
+# -----------------------------------------------------------------------------
+# end to end: a synthetic preference whose truth a function checks
+
+
+def ends_with_king(text):
+    return text.strip().endswith("king.")
+
+
+@pytest.fixture(scope="module")
+def pref_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("align")
+    folder, _ = make_llama_folder(d / "llama")
+    rng = random.Random(0)
+    with open(d / "pairs.jsonl", "w") as f:
+        for _ in range(120):
+            words = " ".join(rng.choice(WORDS) for _ in range(4))
+            f.write(json.dumps({"prompt": f"Tell me about the {rng.choice(WORDS)}.", "chosen": words + " king.",
+                                "rejected": words + " war."}) + "\n")
+    run_script([os.path.join(ROOT, "prepare_preferences.py"), "--input=pairs.jsonl", "--out_dir=data/prefs",
+                f"--tokenizer={folder}", "--max_len=64", "--val_fraction=0.1"], cwd=d)
+    return d, folder
+
+
+ALIGN = ["--dataset=prefs", "--block_size=64", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
+         "--learning_rate=1e-3", "--warmup_iters=2", "--device=cpu"]
+
+
+def final_weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_dpo_resume_is_exact_and_ddp_equals_accumulation(pref_dir):
+    d, folder = pref_dir
+    py = lambda *args: run_script([os.path.join(ROOT, "align.py"), *args], cwd=d)
+    py(f"--init_from={folder}", "--out_dir=whole", "--max_iters=6", "--eval_interval=3", *ALIGN)
+    py(f"--init_from={folder}", "--out_dir=parts", "--max_iters=3", "--eval_interval=3", *ALIGN)
+    py("--init_from=resume", "--out_dir=parts", "--max_iters=6", "--eval_interval=3", *ALIGN)
+    a, b = final_weights(d / "whole/ckpt.pt"), final_weights(d / "parts/ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert read_log(d / "whole/log.txt", "train") == read_log(d / "parts/log.txt", "train")
+    # 2 ranks x 4 pairs = 1 rank x 2 micro-steps of 4 pairs
+    py(f"--init_from={folder}", "--out_dir=accum", "--max_iters=3", "--eval_interval=3", "--total_batch_size=8", *ALIGN)
+    torchrun([os.path.join(ROOT, "align.py"), f"--init_from={folder}", "--out_dir=ddp", "--max_iters=3",
+              "--eval_interval=3", *ALIGN], cwd=d)
+    a, b = final_weights(d / "accum/ckpt.pt"), final_weights(d / "ddp/ckpt.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    losses_a, losses_b = read_log(d / "accum/log.txt", "train"), read_log(d / "ddp/log.txt", "train")
+    assert losses_a.keys() == losses_b.keys() and all(losses_a[k] == pytest.approx(losses_b[k], abs=1e-5) for k in losses_a)
+
+
+@pytest.mark.slow
+def test_dpo_and_reward_model_learn_the_preference(pref_dir):
+    d, folder = pref_dir
+    py = lambda script, *args: run_script([os.path.join(ROOT, script), *args], cwd=d)
+    py("align.py", "--method=reward", f"--init_from={folder}", "--out_dir=rm", "--max_iters=20", "--eval_interval=10",
+       *ALIGN)
+    val_acc = read_log(d / "rm/log.txt", "val_acc")
+    assert val_acc[0] == 0.0 and val_acc[20] == 1.0  # ties at the start (zero head), every pair right at the end
+    rm = torch.load(d / "rm/ckpt.pt", weights_only=True)
+    assert "reward_head.weight" in rm["model"]
+    out = py("sample.py", "--out_dir=rm", "--start=The king", "--max_new_tokens=3", "--num_samples=1", "--device=cpu",
+             "--instruct=False")  # the reward model's checkpoint is still a GPT every script reads
+    assert out.stdout.startswith("The king")
+
+    py("align.py", "--method=dpo", f"--init_from={folder}", "--out_dir=dpo", "--max_iters=40", "--eval_interval=20",
+       *ALIGN)
+    val = read_log(d / "dpo/log.txt", "val")
+    assert val[0] == pytest.approx(math.log(2), abs=1e-4) and val[40] < 0.2
+    # held-out prompts, greedy: the aligned model ends its answers with "king." far more than the start did
+    from checkpoint import load_model
+    from dataloader import get_tokenizer, with_bos
+    import prepare_alpaca
+    share = {}
+    for name, kw in (("start", dict(init_from=folder)), ("dpo", dict(out_dir=str(d / "dpo")))):
+        model, meta = load_model(**kw)
+        meta = meta if name == "dpo" else json.load(open(d / "data/prefs/meta.json"))
+        encode, decode = get_tokenizer(meta)
+        hits = 0
+        for w in WORDS[:8]:
+            ids = with_bos(meta, encode(prepare_alpaca.instruction_prompt(meta, f"Tell me about the {w}.")))
+            out = model.eval().generate(torch.tensor([ids]), 12, temperature=0, stop_token=meta["eot"])[0, len(ids):]
+            hits += ends_with_king(decode([t for t in out.tolist() if t != meta["eot"]]))
+        share[name] = hits / 8
+    assert share["dpo"] >= share["start"] + 0.5, share
+
+
+def test_bad_input_is_one_line(pref_dir, tmp_path):
+    d, folder = pref_dir
+    cases = [
+        ('{"prompt": "a", "chosen": "b"}\n', "expected an object with string prompt, chosen and rejected"),
+        ('{"prompt": "a", "chosen": "", "rejected": "c"}\n', "must all be non-empty"),
+        ('{"prompt": "a", "chosen": "same", "rejected": "same "}\n', "the same text"),
+    ]
+    for i, (text, words) in enumerate(cases):
+        (tmp_path / f"bad{i}.jsonl").write_text(text)
+        p = run_script([os.path.join(ROOT, "prepare_preferences.py"), f"--input=bad{i}.jsonl", f"--out_dir=data/b{i}",
+                        f"--tokenizer={folder}"], cwd=tmp_path, check=False)
+        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not (tmp_path / f"data/b{i}").exists()  # nothing written
+    # a dataset of another format: an SFT set is not preference pairs
+    os.makedirs(tmp_path / "data/sft")
+    (tmp_path / "data/sft/meta.json").write_text('{"tokenizer": "gpt2", "format": "sft"}')
+    p = run_script([os.path.join(ROOT, "align.py"), f"--init_from={folder}", "--dataset=sft", "--device=cpu"],
+                   cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "not a preference dataset" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = run_script([os.path.join(ROOT, "align.py"), "--method=ppo", f"--init_from={folder}", "--dataset=prefs"],
+                   cwd=d, check=False)
+    assert p.returncode == 2 and "dpo or reward" in p.stderr
+
+
+def test_split_dialogues_splits_hh_rlhf_at_the_last_shared_assistant_turn():
+    import prepare_preferences
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A joke?\n\nAssistant: Why did the chicken cross the road?"
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A joke?\n\nAssistant: No."
+    prompt, c, r = prepare_preferences.split_dialogues(chosen, rejected)
+    assert prompt.endswith("A joke?\n\nAssistant:") and c == "Why did the chicken cross the road?" and r == "No."
