@@ -8,6 +8,8 @@ Generate text from a trained model, printing it as it comes.
     python sample.py --start=FILE:prompt.txt               # the prompt from a file
     python sample.py --out_dir=out-alpaca --start "Name three primary colors."   # ask an SFT run
 
+    printf 'Hi\nTell me more\n' | python sample.py --out_dir=out-alpaca --chat   # a conversation
+
 A LoRA run's out_dir works as any other: its base is loaded and the adapter applied.
 --instruct wraps --start in the Alpaca template as the instruction (prepare_alpaca.py), prints
 only the response and ends it at <|endoftext|>; it is on by itself for a run fine-tuned on an
@@ -42,6 +44,7 @@ DEFAULTS = dict(
     device="auto",  # auto | cpu | cuda | cuda:N | mps
     dtype="auto",  # auto | float32 | bfloat16 | float16
     compile=False,  # torch.compile the model (a minute of compiling first: pays off for long samples)
+    chat=False,  # a conversation: each line of stdin is a turn, answered in the instruction template (/reset, /exit)
 )
 
 
@@ -76,6 +79,11 @@ def main():
             model, meta = load_model(out_dir=out_dir, device=device)
             print(f"loaded {checkpoint_path(out_dir)}", file=sys.stderr)
         encode, decode = get_tokenizer(meta)
+        if cfg["chat"]:
+            if eot_of(meta) is None:
+                die("--chat needs a BPE model that ends its answers (an SFT or aligned run); this one is character-level")
+            model.eval()
+            return chat(model, meta, encode, decode, cfg, autocast_context(device_type, ptdtype), device)
         start = cfg["start"]
         if start.startswith("FILE:"):
             path = start[len("FILE:"):]
@@ -120,6 +128,58 @@ def main():
     except BrokenPipeError:  # `python sample.py ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         sys.exit(0)
+
+
+def chat(model, meta, encode, decode, cfg, autocast, device):
+    """A conversation on stdin: every line is a turn of the user's, rendered with the instruction
+    template (prepare_alpaca.instruction_prompt) after the earlier turns and their answers; the
+    answer is streamed and ends at the end marker. When the conversation outgrows block_size (with
+    room for max_new_tokens), the oldest turns are dropped, said once. /reset forgets the
+    conversation, /exit (or the end of stdin) ends it."""
+    import prepare_alpaca
+    eot, block_size = eot_of(meta), model.config.block_size
+    turns, told = [], False  # turns: the token ids of each earlier turn, its answer and the end marker
+    torch.manual_seed(cfg["seed"])
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            turns = []
+            print("(the conversation is forgotten)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        prompt = encode(prepare_alpaca.instruction_prompt(meta, line.strip()))
+        while turns and len(meta.get("bos") or []) + sum(map(len, turns)) + len(prompt) + cfg["max_new_tokens"] > block_size:
+            turns.pop(0)  # the oldest turn goes first
+            if not told:
+                print(f"note: the conversation is longer than the model's {block_size} tokens: its oldest turns "
+                      "are dropped", file=sys.stderr)
+                told = True
+        context = with_bos(meta, [t for turn in turns for t in turn] + prompt)[-block_size:]
+        answer, printed = [], 0
+
+        def on_token(tok):  # streamed as in generate() below
+            nonlocal printed
+            tok = tok.item()
+            if tok != eot:
+                answer.append(tok)
+                text = decode(answer)
+                if not text.endswith("\ufffd"):
+                    sys.stdout.write(text[printed:])
+                    sys.stdout.flush()
+                    printed = len(text)
+
+        with autocast:
+            model.generate(torch.tensor([context], device=device), cfg["max_new_tokens"], temperature=cfg["temperature"],
+                           top_k=cfg["top_k"] or None, top_p=cfg["top_p"], on_token=on_token, stop_token=eot)
+        sys.stdout.write(decode(answer)[printed:] + "\n")
+        sys.stdout.flush()
+        turns.append(prompt + answer + [eot])
 
 
 def generate(model, x, cfg, decode, start, instruct, eot, autocast):

@@ -258,3 +258,47 @@ def test_split_dialogues_splits_hh_rlhf_at_the_last_shared_assistant_turn():
     rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A joke?\n\nAssistant: No."
     prompt, c, r = prepare_preferences.split_dialogues(chosen, rejected)
     assert prompt.endswith("A joke?\n\nAssistant:") and c == "Why did the chicken cross the road?" and r == "No."
+
+
+# -----------------------------------------------------------------------------
+# sample.py --chat
+
+
+class EchoModel:
+    """Stands in for a GPT in sample.chat: records each context, answers with fixed tokens."""
+
+    def __init__(self, answer, eot, block_size):
+        self.answer, self.eot, self.contexts = answer, eot, []
+        self.config = GPTConfig(block_size=block_size)
+
+    def generate(self, x, n, on_token=None, stop_token=None, **kw):
+        self.contexts.append(x[0].tolist())
+        for t in (self.answer + [stop_token])[:n]:
+            on_token(torch.tensor([[t]]))
+        return x
+
+
+def test_chat_keeps_earlier_turns_drops_the_oldest_and_resets(tmp_path, monkeypatch, capsys):
+    import io
+
+    import prepare_alpaca
+    import sample
+    from dataloader import get_tokenizer, hf_tokenizer_meta
+    folder, _ = make_llama_folder(tmp_path / "m")
+    meta = hf_tokenizer_meta(folder)
+    encode, decode = get_tokenizer(meta)
+    answer = encode(" the king.")
+    turn = lambda text: encode(prepare_alpaca.instruction_prompt(meta, text))
+    one = len(turn("Hi")) + len(answer) + 1  # a turn with its answer and eos
+    model = EchoModel(answer, meta["eot"], block_size=1 + 2 * one + len(turn("Hi")) + 8)  # room for ~3 turns
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nHi\nHi\nHi\n/reset\nHi\n/exit\nnever read\n"))
+    cfg = dict(sample.DEFAULTS, max_new_tokens=8)
+    sample.chat(model, meta, encode, decode, cfg, torch.autocast("cpu", enabled=False), "cpu")
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [" the king."] * 5  # five answers, each streamed and ended at the eos
+    c = model.contexts
+    assert c[0] == meta["bos"] + turn("Hi") and c[1] == c[0] + answer + [meta["eot"]] + turn("Hi")  # the earlier turn kept
+    assert len(c[2]) == len(c[1]) + one and len(c[3]) == len(c[2])  # the 4th turn: the oldest is dropped
+    assert err.count("oldest turns are dropped") == 1  # said once
+    assert c[4] == c[0]  # after /reset the conversation starts again; /exit ends it
+    assert len(c) == 5
