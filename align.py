@@ -35,6 +35,7 @@ from configurator import UserError, autocast_context, configure, die, exit_on_ct
 if __name__ == "__main__":
     exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -42,13 +43,13 @@ from torch.nn import functional as F
 
 import lora
 from checkpoint import check_same_tokenizer, claim_out_dir, load_checkpoint, load_model, restore_run, save_run
-from dataloader import SFTLoader, read_meta
+from dataloader import SFTLoader, eot_of, get_tokenizer, read_meta
 from model import configure_optimizers
 from runtime import (StopFlag, close_world, ddp_wrap, format_time, nonfinite, rank_failed, setup_world, stop_agreed,
                      worse_than_best)
 
 DEFAULTS = dict(
-    method="dpo",  # dpo | reward
+    method="dpo",  # dpo | reward | ppo
     out_dir="out-dpo",
     init_from="",  # the starting model: a run's out_dir (an SFT run, usually), an HF folder or name; or resume
     overwrite=False,  # replace a run already in out_dir
@@ -76,6 +77,17 @@ DEFAULTS = dict(
     dtype="auto",
     seed=1337,
     pg_timeout=600,  # seconds a rank waits for the others in a collective
+    # PPO (--method=ppo): rollouts from the dataset's prompts, scored by a reward model or a function
+    reward_from="",  # a reward model's out_dir (align.py --method=reward)
+    reward_fn="",  # or module:function, answer text in, float out (a checkable task), instead of a reward model
+    max_new_tokens=64,  # the longest sampled answer
+    temperature=1.0,  # sampling temperature of the rollouts
+    kl_coef=0.05,  # the per-token KL penalty to the reference, subtracted from the reward
+    ppo_epochs=4,  # optimizer passes over each batch of rollouts
+    clip_range=0.2,  # PPO's clip of the probability ratio (and of the value's change)
+    vf_coef=0.5,  # the value loss's weight next to the policy's
+    gamma=1.0,  # discount over an answer's tokens
+    lam=0.95,  # GAE's lambda: bias (0) against variance (1) of the advantages
     wandb_log=False,
     wandb_project="gpt2-align",
     wandb_run_name="run",
@@ -86,12 +98,17 @@ DEFAULTS = dict(
 # the two objectives
 
 
-def sequence_logps(model, x, y):
-    """(N,): each row's summed log-probability of its targets, the answer tokens (y == -1 on the
-    prompt and the padding: not scored). x, y (N, L)."""
+def token_logps(model, x, y):
+    """(N, L): the log-probability of each target, the answer tokens; 0 where y == -1 (the prompt
+    and the padding: not scored). x, y (N, L)."""
     logits, _ = model(x)  # (N, L, V)
     logp = -F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
-    return logp.view(y.shape).sum(dim=1)  # ignored positions add 0
+    return logp.view(y.shape)
+
+
+def sequence_logps(model, x, y):
+    """(N,): each row's summed log-probability of its answer tokens."""
+    return token_logps(model, x, y).sum(dim=1)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -127,12 +144,14 @@ class Scorer(nn.Module):
         return self.gpt.reward_head(h[torch.arange(x.size(0), device=x.device), last]).squeeze(-1).float()
 
 
-def add_reward_head(gpt, state=None):
-    """Give the GPT its reward head (zeros: every reward 0 at the start, loss log 2), or load it."""
-    gpt.reward_head = nn.Linear(gpt.config.n_embd, 1, bias=False, device=gpt.lm_head.weight.device)
+def add_reward_head(gpt, state=None, name="reward_head"):
+    """Give the GPT a scalar head, C -> 1 (zeros: every reward 0 at the start, loss log 2), or load
+    it: reward_head for a reward model, value_head for PPO's value estimate."""
+    head = nn.Linear(gpt.config.n_embd, 1, bias=False, device=gpt.lm_head.weight.device)
     with torch.no_grad():
-        gpt.reward_head.weight.copy_(state) if state is not None else gpt.reward_head.weight.zero_()
-    if not gpt.config.tie_embeddings:  # untied, lm_head takes no part: DDP must not wait for its gradient
+        head.weight.copy_(state) if state is not None else head.weight.zero_()
+    setattr(gpt, name, head)
+    if name == "reward_head" and not gpt.config.tie_embeddings:  # lm_head takes no part: DDP must not wait for it
         gpt.lm_head.weight.requires_grad_(False)
     return gpt
 
@@ -145,25 +164,25 @@ def pair_loss(cfg, model, reference, x, y):
         return reward_loss(r[:B], r[B:])
     logps = sequence_logps(model, x, y)  # (2B,)
     with torch.no_grad():
-        ref = reference(x, y)
+        ref = reference(x, y).sum(dim=1)
     return dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], cfg["beta"])
 
 
 def make_reference(cfg, raw_model, init_from):
-    """DPO's frozen pi_ref as a function (x, y) -> summed log-probs: the adapters switched off
-    (LoRA), or a frozen copy of the starting model."""
+    """The frozen pi_ref (DPO's, and PPO's KL anchor) as a function (x, y) -> per-token log-probs
+    (N, L): the adapters switched off (LoRA), or a frozen copy of the starting model."""
     if cfg["lora_rank"] > 0:
         def reference(x, y):
             lora.set_lora_enabled(raw_model, False)
             try:
-                return sequence_logps(raw_model, x, y)
+                return token_logps(raw_model, x, y)
             finally:
                 lora.set_lora_enabled(raw_model, True)
         return reference
     frozen = copy.deepcopy(raw_model).eval() if init_from is None else load_start(cfg, init_from, raw_model)
     for p in frozen.parameters():
         p.requires_grad_(False)
-    return lambda x, y: sequence_logps(frozen, x, y)
+    return lambda x, y: token_logps(frozen, x, y)
 
 
 def load_start(cfg, init_from, like):
@@ -177,12 +196,165 @@ def load_start(cfg, init_from, like):
 
 
 # -----------------------------------------------------------------------------
+# PPO: a policy trained on its own samples against a reward, with a KL penalty to the reference
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation over (N, T) per-token rewards and values; mask is 1 on the
+    answer's positions (contiguous in each row), 0 elsewhere. delta_t = r_t + gamma V_{t+1} - V_t
+    (V after the last answer token: 0), A_t = delta_t + gamma lam A_{t+1}: the advantages (0 off
+    the answer) and the returns A + V, the value head's targets."""
+    T = rewards.size(1)
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(mask[:, 0])
+        next_value = values[:, t + 1] * next_mask if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * next_mask * last
+        adv[:, t] = last * mask[:, t]
+    return adv, (adv + values) * mask
+
+
+class PolicyValue(nn.Module):
+    """The policy and its value head on one trunk: per-token log-probs of the targets, values and
+    entropies, each (N, L). (A module of its own so that DDP sees its forward.)"""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, x, y):
+        h = self.gpt.hidden_states(x)  # (N, L, C)
+        logp_all = F.log_softmax(self.gpt.lm_head(h).float(), dim=-1)  # (N, L, V)
+        logp = logp_all.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, L)
+        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+        return logp, self.gpt.value_head(h).squeeze(-1).float(), entropy
+
+
+def load_reward(cfg, meta, device):
+    """The reward as a function (x, y, answers' texts) -> (N,): a reward model's score
+    (--reward_from, a run of --method=reward) or a Python function's (--reward_fn=module:function,
+    text in, float out)."""
+    if cfg["reward_fn"]:
+        import importlib
+        import sys
+        sys.path.insert(0, os.getcwd())  # a module in the folder the run starts in
+        module, _, name = cfg["reward_fn"].partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UserError(f"--reward_fn={cfg['reward_fn']}: cannot import it ({type(e).__name__}: {e}); "
+                            "give module:function, the module in this folder or on the Python path") from None
+
+        def score(x, y, texts):
+            out = []
+            for text in texts:
+                try:
+                    r = fn(text)
+                except Exception as e:
+                    raise UserError(f"--reward_fn={cfg['reward_fn']} raised {type(e).__name__}: {e} on {text[:60]!r}") from None
+                if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+                    raise UserError(f"--reward_fn={cfg['reward_fn']} returned {r!r} for {text[:60]!r}; it must return a finite number")
+                out.append(float(r))
+            return torch.tensor(out, device=device)
+        return score
+    ckpt = load_checkpoint(os.path.join(cfg["reward_from"], "ckpt.pt"))
+    if "reward_head.weight" not in ckpt.get("model", {}):
+        raise UserError(f"--reward_from={cfg['reward_from']} is not a reward model (no reward_head in its checkpoint): "
+                        "train one with --method=reward")
+    rm, rm_meta = load_model(out_dir=cfg["reward_from"])
+    check_same_tokenizer(rm_meta, meta, cfg["reward_from"], cfg["dataset"])
+    scorer = Scorer(add_reward_head(rm, ckpt["model"]["reward_head.weight"])).to(device).eval()
+    for p in scorer.parameters():
+        p.requires_grad_(False)
+    return lambda x, y, texts: scorer(x, y)
+
+
+def prompts_of(loader):
+    """The distinct prompts (token lists) of a preference or SFT split, in file order."""
+    rows = loader.index[0::2] if loader.pairs else loader.index
+    return [loader.tokens[start:start + p].astype("int64").tolist() for start, p, _ in rows.tolist()]
+
+
+def rollout(cfg, raw_model, prompts, eot, generator, device):
+    """Sample an answer for each prompt with the KV cache (temperature, up to max_new_tokens, ended
+    at the end marker), as (x, y) padded like SFT batches: y the answer tokens, -1 elsewhere. Also
+    the answers' token lists (without the end marker)."""
+    seqs, answers = [], []
+    for p in prompts:
+        out = raw_model.generate(torch.tensor([p], device=device), cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                 stop_token=eot, generator=generator)[0, len(p):].tolist()
+        answer = out[:out.index(eot) + 1] if eot in out else out  # through the first end marker
+        seqs.append((p, answer))
+        answers.append([t for t in answer if t != eot])
+    L = max(len(p) + len(a) for p, a in seqs) - 1
+    x = torch.zeros(len(seqs), L, dtype=torch.long)
+    y = torch.full((len(seqs), L), -1, dtype=torch.long)
+    for i, (p, a) in enumerate(seqs):
+        tok = torch.tensor(p + a)
+        x[i, :len(tok) - 1] = tok[:-1]
+        y[i, len(p) - 1:len(tok) - 1] = tok[len(p):]
+    return x.to(device), y.to(device), answers
+
+
+def ppo_step(cfg, ctx, step):
+    """One PPO iteration, as in InstructGPT: sample answers to this rank's prompts, score them
+    (reward minus a per-token KL penalty to the reference), estimate advantages with GAE, then
+    ppo_epochs passes of the clipped surrogate and value losses on the batch. Returns this rank's
+    stats (reward, KL per answer, entropy, clip fraction, loss)."""
+    raw, model, world = ctx["raw"], ctx["model"], ctx["world"]
+    rng = np.random.default_rng([cfg["seed"], step])  # the step's prompts: the same on a resumed run
+    chosen = rng.choice(len(ctx["prompts"]), size=cfg["batch_size"] * world.size, replace=False)
+    mine = [ctx["prompts"][i] for i in chosen[world.rank * cfg["batch_size"]:(world.rank + 1) * cfg["batch_size"]]]
+    gen = torch.Generator(device=world.device).manual_seed(cfg["seed"] * 1_000_003 + step * world.size + world.rank)
+    with torch.no_grad(), ctx["autocast"]:
+        x, y, answers = rollout(cfg, raw, mine, ctx["eot"], gen, world.device)
+        mask = (y != -1).float()
+        logp_old, values_old, _ = ctx["module"](x, y)
+        kl = (logp_old - ctx["reference"](x, y)) * mask  # (N, L) per token, the sample's estimate
+        score = ctx["reward"](x, y, [ctx["decode"](a) for a in answers]).float()  # (N,)
+        rewards = -cfg["kl_coef"] * kl
+        last = y.size(1) - 1 - (y != -1).flip(1).int().argmax(dim=1)  # each answer's last position
+        rewards[torch.arange(len(x)), last] += score
+        adv, returns = gae(rewards, values_old * mask, mask, cfg["gamma"], cfg["lam"])
+        n = mask.sum()
+        mean = (adv * mask).sum() / n
+        adv = (adv - mean) * torch.rsqrt(((adv - mean) ** 2 * mask).sum() / n + 1e-8) * mask  # whitened
+    eps = cfg["clip_range"]
+    masked_mean = lambda t: (t * mask).sum() / n
+    for _ in range(cfg["ppo_epochs"]):
+        with ctx["autocast"]:
+            logp, values, entropy = model(x, y)
+            ratio = torch.exp(logp - logp_old)
+            pg = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)))
+            v_clipped = values_old + (values - values_old).clamp(-eps, eps)
+            vf = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2))
+            loss = pg + cfg["vf_coef"] * vf
+        ctx["scaler"].scale(loss).backward()
+        ctx["step_optimizer"]()
+    clip_frac = masked_mean(((ratio - 1).abs() > eps).float())
+    return torch.stack([score.mean(), kl.sum(1).mean(), masked_mean(entropy), clip_frac, loss]).detach().float()
+
+
+# -----------------------------------------------------------------------------
 # set-up
 
 
 def check_settings(cfg):
-    if cfg["method"] not in ("dpo", "reward"):
-        die(f"--method must be dpo or reward (PPO is not built yet), got {cfg['method']!r}")
+    if cfg["method"] not in ("dpo", "reward", "ppo"):
+        die(f"--method must be dpo, reward or ppo, got {cfg['method']!r}")
+    if cfg["method"] == "ppo":
+        if bool(cfg["reward_from"]) == bool(cfg["reward_fn"]):
+            die("PPO needs one reward: --reward_from=RM_RUN (a --method=reward run) or --reward_fn=module:function")
+        if cfg["lora_rank"] > 0 or cfg["total_batch_size"]:
+            die("PPO here trains the whole policy with batch_size prompts per rank: drop --lora_rank and --total_batch_size")
+        for key in ("max_new_tokens", "ppo_epochs"):
+            if cfg[key] < 1:
+                die(f"--{key} must be at least 1, got {cfg[key]}")
+        for key in ("temperature", "kl_coef", "clip_range", "vf_coef", "gamma", "lam"):
+            if cfg[key] < 0:
+                die(f"--{key} must not be negative, got {cfg[key]}")
     if not cfg["init_from"] or not cfg["dataset"]:
         die("give the starting model and the pairs: --init_from=RUN_OR_HF_MODEL --dataset=NAME (prepare_preferences.py)")
     for key in ("batch_size", "block_size", "max_iters", "eval_iters", "log_interval"):
@@ -227,11 +399,11 @@ def setup(cfg, world, meta, say):
         base = (os.path.abspath(start) if os.path.isdir(start) else start) if cfg["lora_rank"] > 0 else None
     check_same_tokenizer(model_meta, meta, start, cfg["dataset"])
     raw_model.to(world.device)
-    if cfg["method"] == "reward":
-        head = ckpt["model"]["reward_head.weight"] if resume else None
-        add_reward_head(raw_model, head)
+    reference = make_reference(cfg, raw_model, start if resume else None) if cfg["method"] != "reward" else None
+    if cfg["method"] != "dpo":  # the reward model's head, or PPO's value head beside the policy's lm_head
+        name = "reward_head" if cfg["method"] == "reward" else "value_head"
+        add_reward_head(raw_model, ckpt["model"][f"{name}.weight"] if resume else None, name)
     say(f"{cfg['method']} from {start}: {raw_model.num_params():,} parameters")
-    reference = make_reference(cfg, raw_model, start if resume else None) if cfg["method"] == "dpo" else None
     return raw_model, base, reference, ckpt
 
 
@@ -252,6 +424,17 @@ def evaluate(cfg, model, reference, loader, world, autocast):
         dist.all_reduce(sums)
     values = (sums / (cfg["eval_iters"] * world.size)).tolist()
     return dict(zip(("loss", "acc", "margin", "chosen", "rejected"), values))
+
+
+def evaluate_ppo(cfg, ctx, prompts):
+    """The mean reward and KL (per answer, to the reference) of answers sampled for the val prompts
+    with a fixed seed: every evaluation draws them the same way. (Each rank scores the same prompts.)"""
+    gen = torch.Generator(device=ctx["world"].device).manual_seed(cfg["seed"])
+    with torch.no_grad(), ctx["autocast"]:
+        x, y, answers = rollout(cfg, ctx["raw"], prompts, ctx["eot"], gen, ctx["world"].device)
+        kl = ((ctx["module"](x, y)[0] - ctx["reference"](x, y)) * (y != -1)).sum(1).mean()
+        score = ctx["reward"](x, y, [ctx["decode"](a) for a in answers]).float().mean()
+    return {"reward": score.item(), "kl": kl.item()}
 
 
 def lr_at(step, cfg):
@@ -295,10 +478,26 @@ def align(cfg, world):
     step, val_loss, best_val = (restore_run(ckpt, cfg["out_dir"], raw_model, optimizers, scaler, train_loader, world, say)
                                 if resume else (0, None, None))
     del ckpt
-    module = Scorer(raw_model) if cfg["method"] == "reward" else raw_model
+    module = {"reward": Scorer, "ppo": PolicyValue}.get(cfg["method"], lambda m: m)(raw_model)
     model = ddp_wrap(module, world.device, world.device_type) if world.ddp else module
     autocast = autocast_context(world.device_type, ptdtype)
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    ppo = cfg["method"] == "ppo"
+    names = ("reward", "kl", "entropy", "clip_frac", "train") if ppo else ("train", "acc", "margin", "chosen", "rejected")
+    norms = []
+
+    def step_optimizer():  # clip, step, clear: once per optimizer step (PPO: once per epoch)
+        scaler.unscale_(optimizers[0])
+        norms.append(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf")))
+        scaler.step(optimizers[0])
+        scaler.update()
+        optimizers[0].zero_grad(set_to_none=True)
+
+    if ppo:
+        ctx = dict(raw=raw_model, model=model, module=module, world=world, autocast=autocast, scaler=scaler,
+                   reference=reference, reward=load_reward(cfg, meta, world.device), eot=eot_of(meta),
+                   decode=get_tokenizer(meta)[1], prompts=prompts_of(train_loader), step_optimizer=step_optimizer)
+        val_prompts = prompts_of(val_loader)[:cfg["batch_size"]]
     start_step, t0 = step, time.time()
 
     while True:
@@ -307,11 +506,16 @@ def align(cfg, world):
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step > start_step
         val_loss = None if step > start_step else val_loss
         if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or due) and not stopping:
-            val = evaluate(cfg, module, reference, val_loader, world, autocast)
-            val_loss = val["loss"]
-            say(f"step {step}: val loss {val_loss:.4f}, acc {val['acc']:.4f}, margin {val['margin']:.4f}"
-                + worse_than_best(val_loss, best_val))
-            log(step, val=val_loss, val_acc=val["acc"], val_margin=val["margin"])
+            if ppo:  # the mean reward and KL of answers to the same val prompts, sampled with the same seed
+                val = evaluate_ppo(cfg, ctx, val_prompts)
+                say(f"step {step}: val reward {val['reward']:.4f}, KL {val['kl']:.4f}")
+                log(step, val_reward=val["reward"], val_kl=val["kl"])
+            else:
+                val = evaluate(cfg, module, reference, val_loader, world, autocast)
+                val_loss = val["loss"]
+                say(f"step {step}: val loss {val_loss:.4f}, acc {val['acc']:.4f}, margin {val['margin']:.4f}"
+                    + worse_than_best(val_loss, best_val))
+                log(step, val=val_loss, val_acc=val["acc"], val_margin=val["margin"])
         if (last or stopping or due) and step > start_step:
             best_val = save_run(cfg, step, val_loss, best_val, model=raw_model, optimizers=optimizers, scaler=scaler,
                                 loader=train_loader, meta=meta, base=base, world=world)
@@ -323,31 +527,29 @@ def align(cfg, world):
         lr = lr_at(step, cfg)
         for group in optimizers[0].param_groups:
             group["lr"] = lr
-        batches, _ = train_loader.next_step(world.device)
-        sums = torch.zeros(5, device=world.device)  # loss, acc, margin, chosen, rejected: this rank's means
-        for micro, (x, y, weight) in enumerate(batches):
-            sync = world.ddp and micro < len(batches) - 1
-            with model.no_sync() if sync else torch.enable_grad():
-                with autocast:
-                    loss, stats = pair_loss(cfg, model, reference, x, y)
-                scaler.scale(loss * weight).backward()  # weight: 1 / accumulation steps
-            sums += torch.stack([loss.detach(), *(v.detach() for v in stats.values())]).float() * weight
-        scaler.unscale_(optimizers[0])
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
-        scaler.step(optimizers[0])
-        scaler.update()
-        optimizers[0].zero_grad(set_to_none=True)
+        norms.clear()
+        if ppo:
+            sums = ppo_step(cfg, ctx, step)  # (its prompts are drawn by the step number: a resume repeats them)
+        else:
+            batches, _ = train_loader.next_step(world.device)
+            sums = torch.zeros(5, device=world.device)  # loss, acc, margin, chosen, rejected: this rank's means
+            for micro, (x, y, weight) in enumerate(batches):
+                sync = world.ddp and micro < len(batches) - 1
+                with model.no_sync() if sync else torch.enable_grad():
+                    with autocast:
+                        loss, stats = pair_loss(cfg, model, reference, x, y)
+                    scaler.scale(loss * weight).backward()  # weight: 1 / accumulation steps
+                sums += torch.stack([loss.detach(), *(v.detach() for v in stats.values())]).float() * weight
+            step_optimizer()
         step += 1
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
             if world.ddp:
                 dist.all_reduce(sums)
-            loss_v, acc, margin, chosen, rejected = (sums / world.size).tolist()
-            if not math.isfinite(loss_v):
+            values = dict(zip(names, (sums / world.size).tolist()))
+            if not all(map(math.isfinite, values.values())):
                 raise nonfinite(cfg["out_dir"], step - 1)
-            log(step - 1, train=loss_v, acc=acc, margin=margin, chosen=chosen, rejected=rejected, lr=lr,
-                norm=norm.item())
-            say(f"step {step - 1}: loss {loss_v:.4f}, acc {acc:.3f}, margin {margin:.4f} (chosen {chosen:.4f}, "
-                f"rejected {rejected:.4f}), lr {lr:.2e}", flush=True)
+            log(step - 1, **values, lr=lr, norm=norms[-1].item())
+            say(f"step {step - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()) + f", lr {lr:.2e}", flush=True)
     say(f"done in {format_time(time.time() - t0)}")
 
 

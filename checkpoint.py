@@ -145,8 +145,8 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
             lora.load_lora(model, ckpt["lora"])
         else:
             model = GPT(GPTConfig(**dict(ckpt["model_args"], dropout=dropout)))
-            # a reward model (align.py --method=reward) is a GPT plus reward_head.weight: the GPT loads here
-            model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("reward_head.")})
+            # align.py's reward model and PPO policy are a GPT plus reward_head / value_head: the GPT loads here
+            model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith(("reward_head.", "value_head."))})
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as e:  # wrong args, shapes, names
         raise UserError(f"{path} does not fit this project's GPT ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None

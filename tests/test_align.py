@@ -80,7 +80,7 @@ def test_dpo_loss_equals_a_hand_computation():
         margins.append(h)
     with torch.no_grad():
         loss, stats = align.pair_loss(dict(method="dpo", beta=beta), policy,
-                                      lambda a, b: align.sequence_logps(ref, a, b), x, y)
+                                      lambda a, b: align.token_logps(ref, a, b), x, y)
     assert loss.item() == pytest.approx(sum(losses) / 4, rel=1e-4)
     assert stats["acc"].item() == right / 4 and stats["margin"].item() == pytest.approx(sum(margins) / 4, rel=1e-3, abs=1e-6)
 
@@ -161,6 +161,16 @@ def pref_dir(tmp_path_factory):
                                 "rejected": words + " war."}) + "\n")
     run_script([os.path.join(ROOT, "prepare_preferences.py"), "--input=pairs.jsonl", "--out_dir=data/prefs",
                 f"--tokenizer={folder}", "--max_len=64", "--val_fraction=0.1"], cwd=d)
+    # an SFT model that answers in the format, with either ending half of the time (PPO's start)
+    with open(d / "pairs.jsonl") as f, open(d / "sft.jsonl", "w") as g:
+        for i, line in enumerate(f):
+            pair = json.loads(line)
+            g.write(json.dumps({"instruction": pair["prompt"], "output": pair["chosen" if i % 2 else "rejected"]}) + "\n")
+    run_script([os.path.join(ROOT, "prepare_alpaca.py"), "--input=sft.jsonl", "--out_dir=data/sft",
+                f"--tokenizer={folder}", "--max_len=64", "--val_fraction=0.2"], cwd=d)
+    run_script([os.path.join(ROOT, "train.py"), f"--init_from={folder}", "--dataset=sft", "--out_dir=sft", "--block_size=64",
+                "--batch_size=16", "--max_iters=150", "--eval_interval=150", "--eval_iters=2", "--log_interval=50",
+                "--learning_rate=3e-3", "--warmup_iters=20", "--device=cpu"], cwd=d)
     return d, folder
 
 
@@ -302,3 +312,87 @@ def test_chat_keeps_earlier_turns_drops_the_oldest_and_resets(tmp_path, monkeypa
     assert err.count("oldest turns are dropped") == 1  # said once
     assert c[4] == c[0]  # after /reset the conversation starts again; /exit ends it
     assert len(c) == 5
+
+
+# -----------------------------------------------------------------------------
+# PPO
+
+
+def test_gae_equals_a_plain_backward_loop():
+    g = torch.Generator().manual_seed(0)
+    N, T, gamma, lam = 4, 10, 0.9, 0.8
+    rewards, values = torch.randn(N, T, generator=g), torch.randn(N, T, generator=g)
+    mask = torch.zeros(N, T)
+    for i, (a, b) in enumerate([(2, 10), (0, 5), (3, 4), (6, 9)]):  # each row's answer positions [a, b)
+        mask[i, a:b] = 1
+    adv, ret = align.gae(rewards * mask, values * mask, mask, gamma, lam)
+    for i in range(N):
+        pos = mask[i].nonzero().flatten().tolist()
+        r, v = [rewards[i, t].item() for t in pos], [values[i, t].item() for t in pos]
+        deltas = [r[k] + gamma * (v[k + 1] if k + 1 < len(pos) else 0.0) - v[k] for k in range(len(pos))]
+        for k, t in enumerate(pos):
+            want = sum((gamma * lam) ** l * deltas[k + l] for l in range(len(pos) - k))
+            assert adv[i, t].item() == pytest.approx(want, abs=1e-5) and ret[i, t].item() == pytest.approx(want + v[k], abs=1e-5)
+        assert (adv[i][mask[i] == 0] == 0).all()
+
+
+def test_ppo_first_rollout_has_kl_0_and_ratio_1(tmp_path):
+    """At the first step the policy is the reference (KL 0) and, in the first epoch, the ratio
+    pi / pi_old is 1 (nothing clipped); only answer tokens are in the batch's mask."""
+    from dataloader import get_tokenizer, hf_tokenizer_meta
+    folder, _ = make_llama_folder(tmp_path / "m")
+    meta = hf_tokenizer_meta(folder)
+    model = GPT.from_pretrained(folder)
+    align.add_reward_head(model, name="value_head")
+    cfg = dict(align.DEFAULTS, method="ppo", batch_size=3, max_new_tokens=6, ppo_epochs=1, seed=0)
+    module = align.PolicyValue(model)
+    prompts = [get_tokenizer(meta)[0](f"Tell me about the {w}.") for w in WORDS[:5]]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step changes nothing
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step_optimizer():
+        opt.step()
+        opt.zero_grad()
+    world = align.setup_world("cpu")
+    ctx = dict(raw=model, model=module, module=module, world=world, autocast=torch.autocast("cpu", enabled=False),
+               scaler=scaler, reference=align.make_reference(dict(cfg, lora_rank=0), model, None),
+               reward=lambda x, y, texts: torch.ones(len(texts)), eot=meta["eot"], decode=get_tokenizer(meta)[1],
+               prompts=prompts, step_optimizer=step_optimizer)
+    reward, kl, entropy, clip_frac, loss = align.ppo_step(cfg, ctx, 0).tolist()
+    assert reward == 1.0 and kl == pytest.approx(0.0, abs=1e-6) and clip_frac == 0.0 and entropy > 0
+    x, y, answers = align.rollout(cfg, model, prompts[:2], meta["eot"], torch.Generator().manual_seed(0), "cpu")
+    for i, p in enumerate(prompts[:2]):  # targets: the answer (and its end marker, if reached) only
+        scored = y[i][y[i] != -1].tolist()
+        assert scored[:len(answers[i])] == answers[i] and (y[i, :len(p) - 1] == -1).all()
+
+
+def reward_module(d):
+    (d / "rewards.py").write_text(
+        "def king(text):\n    return 1.0 if text.strip().endswith('king.') else 0.0\n"
+        "def boom(text):\n    raise ValueError('no')\n"
+        "def words(text):\n    return 'good'\n")
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_reward_and_resumes_exactly(pref_dir):
+    d, folder = pref_dir
+    reward_module(d)
+    py = lambda *args, check=True: run_script([os.path.join(ROOT, "align.py"), "--method=ppo", *args], cwd=d, check=check)
+    ppo = ["--dataset=prefs", "--block_size=64", "--batch_size=8", "--max_new_tokens=16", "--log_interval=1",
+           "--learning_rate=3e-4", "--warmup_iters=0", "--device=cpu", "--reward_fn=rewards:king"]
+    py("--init_from=sft", "--out_dir=ppo", "--max_iters=12", "--eval_interval=6", *ppo)  # from the SFT model
+    val = read_log(d / "ppo/log.txt", "val_reward")  # the share of val answers ending "king."
+    assert read_log(d / "ppo/log.txt", "val_kl")[0] == 0.0 and val[12] >= val[0] + 0.25, val
+    py(f"--init_from={folder}", "--out_dir=p6", "--max_iters=4", "--eval_interval=2", *ppo)
+    py(f"--init_from={folder}", "--out_dir=p3", "--max_iters=2", "--eval_interval=2", *ppo)
+    py("--init_from=resume", "--out_dir=p3", "--max_iters=4", "--eval_interval=2", *ppo)
+    a, b = final_weights(d / "p6/ckpt.pt"), final_weights(d / "p3/ckpt.pt")
+    assert "value_head.weight" in a and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    # a reward function that raises or returns no number, a reward_from that is not a reward model
+    for fn, words in (("rewards:boom", "raised ValueError: no"), ("rewards:words", "must return a finite number"),
+                      ("rewards:nothing", "cannot import it")):
+        p = py(f"--init_from={folder}", "--out_dir=bad", "--max_iters=1", *ppo[:-1], f"--reward_fn={fn}", check=False)
+        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = py(f"--init_from={folder}", "--out_dir=bad2", "--max_iters=1", *ppo[:-1], "--reward_from=p6", check=False)
+    assert p.returncode == 2 and "is not a reward model" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not os.path.exists(d / "bad/ckpt.pt") and not os.path.exists(d / "bad2/ckpt.pt")
