@@ -1,28 +1,30 @@
 """
-Learning from preferences, after SFT: Direct Preference Optimization, or a reward model.
+Learning from preferences, after SFT: a reward model, PPO against it, or Direct Preference Optimization.
 
     python prepare_preferences.py --input=pairs.jsonl --out_dir=data/prefs
     python align.py --method=dpo --init_from=out-sft --dataset=prefs --out_dir=out-dpo
     python align.py --method=reward --init_from=out-sft --dataset=prefs --out_dir=out-rm
+    python align.py --method=ppo --init_from=out-sft --reward_from=out-rm --dataset=prefs --out_dir=out-ppo
     python sample.py --out_dir=out-dpo --start "Name three primary colors."
 
-Both read preference pairs: a prompt x, the answer people chose y_w and the one they rejected
+The data are preference pairs: a prompt x, the answer people chose y_w and the one they rejected
 y_l. log p(y | x) is the sum of the answer tokens' log-probabilities (the prompt is never
 scored). docs/alignment.md has the derivations; in short:
 
   reward (Bradley-Terry): a scalar head on the GPT trunk, read at the answer's last token, gives
       r(x, y); P(y_w preferred to y_l) = sigmoid(r(x, y_w) - r(x, y_l)); the loss is its -log.
+  ppo (InstructGPT): the policy samples answers to the prompts; each gets the reward model's
+      score (or --reward_fn's) minus a per-token KL penalty to the reference; a value head and
+      GAE give advantages, and a few epochs of PPO's clipped surrogate follow.
   dpo: the policy pi starts as the reference pi_ref (the starting model, frozen). Its implicit
       reward is beta * log(pi(y|x) / pi_ref(y|x)), and the loss is Bradley-Terry's on it:
       -log sigmoid(beta * [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))]).
       At step 0 pi = pi_ref, so every margin is 0 and the loss is log 2. With LoRA the
       reference is the same weights with the adapters switched off: no second copy.
 
-The settings, the log (log.txt: train/val loss, acc = the share of pairs ranked right,
-margin, chosen, rejected), the checkpoint (ckpt.pt: sample.py, hellaswag.py and export_hf.py
-read it; a reward model's holds reward_head.weight beside the GPT), DDP under torchrun, Ctrl-C
-and --init_from=resume work as in train.py. PPO (a policy trained against a reward model with
-a KL penalty) is not built yet.
+The settings, the log (log.txt), the checkpoint (ckpt.pt: sample.py, hellaswag.py and
+export_hf.py read it; a reward model's holds reward_head.weight beside the GPT, a PPO policy's
+value_head.weight), DDP under torchrun, Ctrl-C and --init_from=resume work as in train.py.
 """
 
 import copy

@@ -4,6 +4,7 @@ into an issue:
 
     python bench.py --mode=train --model=gpt2 --batch_size=16 --block_size=1024 --dtype=bfloat16 --compile=True
     python bench.py --mode=sample --model=gpt2 --prompt_len=16 --new_tokens=200
+    python bench.py --mode=dpo --model=gpt2 --batch_size=4 --block_size=256 --compile=False
     torchrun --standalone --nproc_per_node=2 bench.py --model=gpt2 --fsdp   # per-rank memory, FSDP (or DDP without --fsdp)
 
 train   times whole optimizer steps on random tokens: host-to-device copy, forward, backward
@@ -46,7 +47,7 @@ from model import GPT, HUB_SHAPES, PRESETS, GPTConfig, configure_optimizers, est
 # settings: python bench.py [config/FILE.py] [--key=value ...]
 
 DEFAULTS = dict(
-    mode="train",  # train: time optimizer steps; sample: time generation, KV cache vs recompute
+    mode="train",  # train: time optimizer steps; sample: generation, KV cache vs recompute; dpo: a DPO step vs an SFT step
     # the model (random weights: speed does not depend on them)
     model="gpt2",  # a preset of model.py (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-1.3b) or smollm2-135m (Llama-shaped)
     n_layer=0,  # > 0: override the preset's number of layers
@@ -96,8 +97,8 @@ MUON = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
 def setup(cfg):
     """Check the settings and pick the device and dtype. Returns (device, device_type, dtype);
     device_type is what torch.autocast wants: cuda, mps or cpu."""
-    if cfg["mode"] not in ("train", "sample"):
-        die(f"--mode must be train or sample, not {cfg['mode']!r}")
+    if cfg["mode"] not in ("train", "sample", "dpo"):
+        die(f"--mode must be train, sample or dpo, not {cfg['mode']!r}")
     if cfg["model"] not in SHAPES:
         die(f"unknown --model={cfg['model']}; choose one of {', '.join(SHAPES)}")
     for key in ("batch_size", "block_size", "grad_accum", "steps", "sample_batch", "prompt_len",
@@ -465,6 +466,63 @@ def bench_sample(cfg):
     return r
 
 
+# dpo mode
+
+
+def bench_dpo(cfg):
+    """A DPO step next to an SFT step on the same pairs, in one run: batch_size pairs of
+    block_size tokens (the first half of each row the prompt, the second the answer), as align.py
+    runs them: SFT is the loss on the 2B answers' tokens, DPO the summed log-probs of the same 2B
+    rows under the policy (with backward) and a frozen reference (forward only), then the loss.
+    AdamW steps both; eager (no compile). Returns {sft_ms, dpo_ms, ratio, summary}."""
+    import copy
+
+    import align
+    device, device_type, dtype = setup(cfg)
+    model = build_model(cfg, device)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    autocast = autocast_context(device_type, dtype)
+    B, T = cfg["batch_size"], cfg["block_size"]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randint(model.config.vocab_size, (2 * B, T), generator=gen).to(device)  # rows: B chosen, B rejected
+    y = torch.randint(model.config.vocab_size, (2 * B, T), generator=gen).to(device)
+    y[:, :T // 2] = -1  # the prompt half: not scored
+
+    def sft():
+        with autocast:
+            _, loss = model(x, y)
+        return loss
+
+    def dpo():
+        with autocast:
+            logps = align.sequence_logps(model, x, y)
+            with torch.no_grad():
+                ref = align.sequence_logps(reference, x, y)
+            loss, _ = align.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=0.1)
+        return loss
+
+    r = {}
+    for name, fn in (("sft", sft), ("dpo", dpo)):
+        times = []
+        for i in range(cfg["warmup"] + cfg["steps"]):
+            synchronize(device_type)
+            t0 = time.perf_counter()
+            fn().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            synchronize(device_type)
+            if i >= cfg["warmup"]:
+                times.append(time.perf_counter() - t0)
+        r[f"{name}_ms"] = 1000 * sorted(times)[len(times) // 2]  # the median step
+    r["ratio"] = r["dpo_ms"] / r["sft_ms"]
+    r["summary"] = (f"bench dpo | {device_name(device, device_type)} | torch {torch.__version__} | "
+                    f"{describe(model, cfg, dtype)} | {B} pairs x {T} tokens | SFT step {r['sft_ms']:.1f} ms, "
+                    f"DPO step {r['dpo_ms']:.1f} ms, {r['ratio']:.2f}x")
+    print(r["summary"])
+    return r
+
+
 def main():
     cfg = configure(DEFAULTS)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 only
@@ -472,6 +530,8 @@ def main():
     try:
         if cfg["mode"] == "sample":
             bench_sample(cfg)
+        elif cfg["mode"] == "dpo":
+            bench_dpo(cfg)
         else:
             bench_train(cfg)
     except torch.OutOfMemoryError:

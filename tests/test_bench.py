@@ -121,3 +121,22 @@ def test_train_with_muon_and_the_options_reports_the_update_share(capsys):
     assert 0 < r["optimizer_share"] < 1  # a share of the step, not a time
     assert "muon update" in r["summary"] and "qk_norm relu2 untied" in r["summary"]
     assert summary_printed(capsys.readouterr().out, r["summary"])
+
+
+def test_dpo_mode_times_both_steps_and_prints_the_ratio(capsys):
+    cfg = configure(bench.DEFAULTS, TINY + ["--mode=dpo", "--batch_size=2", "--block_size=16", "--warmup=1", "--steps=2"])
+    r = bench.bench_dpo(cfg)
+    assert positive_finite(r["sft_ms"]) and positive_finite(r["dpo_ms"])
+    assert r["ratio"] == pytest.approx(r["dpo_ms"] / r["sft_ms"])
+    assert summary_printed(capsys.readouterr().out, r["summary"]) and "2 pairs x 16 tokens" in r["summary"]
+
+
+def test_smollm2_shape_is_llama_shaped():
+    cfg = configure(bench.DEFAULTS, ["--model=smollm2-135m", "--block_size=16", "--device=cpu"])
+    import torch
+    with torch.device("meta"):
+        model = bench.build_model(cfg, "meta")
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.mlp_hidden, c.vocab_size) == (30, 9, 3, 576, 1536, 49152)
+    assert c.mlp == "swiglu" and c.norm == "rmsnorm" and c.rope and not c.bias and c.tie_embeddings
+    assert 134e6 < model.num_params() < 135e6  # SmolLM2-135M's 134.5M parameters
