@@ -396,3 +396,26 @@ def test_ppo_raises_the_reward_and_resumes_exactly(pref_dir):
     p = py(f"--init_from={folder}", "--out_dir=bad2", "--max_iters=1", *ppo[:-1], "--reward_from=p6", check=False)
     assert p.returncode == 2 and "is not a reward model" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not os.path.exists(d / "bad/ckpt.pt") and not os.path.exists(d / "bad2/ckpt.pt")
+
+
+def test_align_recipes_are_valid_settings():
+    import glob
+
+    from configurator import configure
+    recipes = sorted(glob.glob(os.path.join(ROOT, "config", "align_*.py")))
+    assert {os.path.basename(p) for p in recipes} == {"align_dpo_hh.py", "align_reward_hh.py", "align_ppo_hh.py"}
+    for path in recipes:
+        cfg = configure(align.DEFAULTS, [path])  # an unknown key or a wrong type would exit here
+        align.check_settings(cfg)
+        assert cfg["total_batch_size"] % cfg["batch_size"] == 0
+
+
+@pytest.mark.slow
+def test_reward_model_resume_is_exact(pref_dir):
+    d, folder = pref_dir
+    py = lambda *args: run_script([os.path.join(ROOT, "align.py"), "--method=reward", *args], cwd=d)
+    py(f"--init_from={folder}", "--out_dir=rm6", "--max_iters=6", "--eval_interval=3", *ALIGN)
+    py(f"--init_from={folder}", "--out_dir=rm3", "--max_iters=3", "--eval_interval=3", *ALIGN)
+    py("--init_from=resume", "--out_dir=rm3", "--max_iters=6", "--eval_interval=3", *ALIGN)
+    a, b = final_weights(d / "rm6/ckpt.pt"), final_weights(d / "rm3/ckpt.pt")
+    assert "reward_head.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
