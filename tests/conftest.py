@@ -210,10 +210,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def make_llama_folder(folder, tie=False, n_kv_head=2, chat=True, seed=0):
+def make_llama_folder(folder, tie=False, n_kv_head=2, chat=True, seed=0, text=LLAMA_TEXT, vocab_size=320):
     """A random transformers LlamaForCausalLM (GQA, rope_theta 5000, untied unless tie) and a
     byte-level BPE tokenizer trained here by `tokenizers` (bos <s> added before every text, as
-    Llama's does; eos </s>; a chat template if chat), saved with save_pretrained: (folder, hf_model)."""
+    Llama's does; eos </s>; a chat template if chat; vocab_size ids, from `text`), saved with
+    save_pretrained: (folder, hf_model)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -221,7 +222,7 @@ def make_llama_folder(folder, tie=False, n_kv_head=2, chat=True, seed=0):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     specials = ["<s>", "</s>", "<|im_start|>"]
-    tk.train_from_iterator([LLAMA_TEXT], trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")

@@ -257,9 +257,12 @@ def test_bad_input_is_one_line(pref_dir, tmp_path):
     p = run_script([os.path.join(ROOT, "align.py"), f"--init_from={folder}", "--dataset=sft", "--device=cpu"],
                    cwd=tmp_path, check=False)
     assert p.returncode == 2 and "not a preference dataset" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = run_script([os.path.join(ROOT, "align.py"), "--method=kto", f"--init_from={folder}", "--dataset=prefs"],
+                   cwd=d, check=False)
+    assert p.returncode == 2 and "dpo, reward or ppo" in p.stderr
     p = run_script([os.path.join(ROOT, "align.py"), "--method=ppo", f"--init_from={folder}", "--dataset=prefs"],
                    cwd=d, check=False)
-    assert p.returncode == 2 and "dpo or reward" in p.stderr
+    assert p.returncode == 2 and "PPO needs one reward" in p.stderr
 
 
 def test_split_dialogues_splits_hh_rlhf_at_the_last_shared_assistant_turn():
@@ -383,9 +386,10 @@ def test_ppo_raises_the_reward_and_resumes_exactly(pref_dir):
     py("--init_from=sft", "--out_dir=ppo", "--max_iters=12", "--eval_interval=6", *ppo)  # from the SFT model
     val = read_log(d / "ppo/log.txt", "val_reward")  # the share of val answers ending "king."
     assert read_log(d / "ppo/log.txt", "val_kl")[0] == 0.0 and val[12] >= val[0] + 0.25, val
-    py(f"--init_from={folder}", "--out_dir=p6", "--max_iters=4", "--eval_interval=2", *ppo)
-    py(f"--init_from={folder}", "--out_dir=p3", "--max_iters=2", "--eval_interval=2", *ppo)
-    py("--init_from=resume", "--out_dir=p3", "--max_iters=4", "--eval_interval=2", *ppo)
+    short = ["--ppo_epochs=2", "--max_new_tokens=8"]
+    py(f"--init_from={folder}", "--out_dir=p6", "--max_iters=4", "--eval_interval=2", *ppo, *short)
+    py(f"--init_from={folder}", "--out_dir=p3", "--max_iters=2", "--eval_interval=2", *ppo, *short)
+    py("--init_from=resume", "--out_dir=p3", "--max_iters=4", "--eval_interval=2", *ppo, *short)
     a, b = final_weights(d / "p6/ckpt.pt"), final_weights(d / "p3/ckpt.pt")
     assert "value_head.weight" in a and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
     # a reward function that raises or returns no number, a reward_from that is not a reward model

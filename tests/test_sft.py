@@ -319,56 +319,61 @@ def task(name, letter):
     return {"instruction": f"{name} asks you to repeat this letter: {letter}", "input": "", "output": letter}
 
 
-def held_out_accuracy(model, records, enc):
+def held_out_accuracy(model, records, meta):
     """Greedy answers to the records' instructions, batched by prompt length; the share that is
-    exactly the expected output followed by <|endoftext|>."""
+    exactly the expected output followed by the end marker."""
+    from dataloader import eot_of, get_tokenizer, with_bos
     from prepare_alpaca import render_prompt
+    encode, decode = get_tokenizer(meta)
+    eot = eot_of(meta)
     groups = defaultdict(list)
     for r in records:
-        prompt = enc.encode_ordinary(render_prompt(r["instruction"], r["input"]))
+        prompt = with_bos(meta, encode(render_prompt(r["instruction"], r["input"])))
         groups[len(prompt)].append((prompt, r["output"]))
     right = 0
     for n, group in groups.items():
-        out = model.generate(torch.tensor([p for p, _ in group]), 4, temperature=0, stop_token=EOT)[:, n:]
+        out = model.generate(torch.tensor([p for p, _ in group]), 4, temperature=0, stop_token=eot)[:, n:]
         for row, expected in zip(out.tolist(), group):
-            right += EOT in row and enc.decode(row[:row.index(EOT)]) == expected[1]
+            right += eot in row and decode(row[:row.index(eot)]) == expected[1]
     return right / len(records)
 
 
 @pytest.mark.slow
-@needs_gpt2_bpe
 def test_end_to_end_learns_an_instruction_task(tmp_path):
     from checkpoint import load_model
-    from dataloader import get_gpt2_encoding
+    from conftest import make_llama_folder
     # "repeat this letter", asked by different people: every letter and every name is seen in
     # training, 48 of the 208 (name, letter) pairs only at test time. Copying needs attention from
     # the answer back over the template to the letter, which a 1-layer model from scratch finds
-    # after ~150-200 steps (held-out accuracy 0.02 at step 50, 0.19 at 150, 0.98 at 200, 1.0 at
-    # 300). Most of the time goes into the 50K-way lm_head at every position, prompts included:
-    # this is the slowest test of the file (~1-2 min on 2 busy cores).
+    # in a few hundred steps. The tokens are those of a small BPE tokenizer trained in the test
+    # (conftest.make_llama_folder, 400 ids; Alpaca's template kept): with GPT-2's 50K-way lm_head
+    # at every position the same run took ~85 s of this suite's time, with 320 ids a few seconds.
+    from prepare_alpaca import render_prompt
     pairs = [(n, c) for c in LETTERS for n in NAMES]
+    # the tokenizer learns its merges from the template and the names, as a real one has seen English
+    folder, _ = make_llama_folder(tmp_path / "tok", text=" ".join(render_prompt(task(n, "")["instruction"])
+                                                                    for n in NAMES) * 20, vocab_size=400)
     np.random.default_rng(0).shuffle(pairs)
     train_pairs, test_pairs = pairs[:160], pairs[160:]
     with open(tmp_path / "task.jsonl", "w") as f:
         for n, c in train_pairs:
             f.write(json.dumps(task(n, c)) + "\n")
     run_script([os.path.join(ROOT, "prepare_alpaca.py"), "--input=task.jsonl", "--out_dir=data/task", "--max_len=48",
-                "--val_fraction=0.1"], cwd=tmp_path)
+                "--val_fraction=0.1", f"--tokenizer={folder}", "--template=alpaca"], cwd=tmp_path)
     run_script([os.path.join(ROOT, "train.py"), "--dataset=task", "--out_dir=out", "--n_layer=1", "--n_head=8",
                 "--n_embd=64", "--block_size=48", "--batch_size=8", "--device=cpu", "--dtype=float32",
                 "--max_iters=250", "--warmup_iters=0", "--learning_rate=1e-2", "--decay_lr=False", "--grad_clip=0.0",
                 "--weight_decay=0.0", "--eval_interval=0", "--eval_iters=2", "--log_interval=50"], cwd=tmp_path)
 
-    enc = get_gpt2_encoding()
     test = [task(n, c) for n, c in test_pairs]
     trained, meta = load_model(out_dir=str(tmp_path / "out"))
-    assert meta["format"] == "sft"
+    assert meta["format"] == "sft" and meta["template"] == "alpaca"
     untrained = GPT(GPTConfig(**vars(trained.config)))
-    acc, acc0 = held_out_accuracy(trained, test, enc), held_out_accuracy(untrained, test, enc)
-    assert acc >= 0.6 and acc0 <= 0.05, (acc, acc0)  # 0.94 and 0.0 here; guessing a letter: 0.04
+    acc, acc0 = held_out_accuracy(trained, test, meta), held_out_accuracy(untrained, test, meta)
+    assert acc >= 0.6 and acc0 <= 0.05, (acc, acc0)  # guessing a letter: 0.04
 
     # sample.py: instruct mode by itself for an SFT run; prints the answer alone, and stops there
-    n, c = next(pair for pair in test_pairs if held_out_accuracy(trained, [task(*pair)], enc) == 1)
+    n, c = next(pair for pair in test_pairs if held_out_accuracy(trained, [task(*pair)], meta) == 1)
     p = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=out", f"--start={n} asks you to repeat this letter: {c}",
                     "--num_samples=1", "--max_new_tokens=20", "--temperature=0", "--device=cpu"], cwd=tmp_path)
-    assert p.stdout == f"{c}\n"  # no template, no <|endoftext|>, nothing after it
+    assert p.stdout == f"{c}\n"  # no template, no end marker, nothing after it
