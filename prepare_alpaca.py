@@ -166,12 +166,12 @@ def download(url):
 # -----------------------------------------------------------------------------
 
 
-def prepare(cfg):
-    if not 0 < cfg["val_fraction"] < 1:
-        die(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+def instruction_tokenizer(cfg, data_format):
+    """(meta, encode, eot, end_text) for --tokenizer and --template: GPT-2's BPE, or a Hugging Face
+    model's (its end marker, its bos, its chat template); meta names the format ("sft" here,
+    "preference" for prepare_preferences.py) and the template the prompts are rendered in."""
     if cfg["template"] not in ("auto", "alpaca", "chat"):
         die(f"--template must be auto, alpaca or chat, got {cfg['template']!r}")
-    # the tokenizer: GPT-2's, or a Hugging Face model's (its end marker, its bos, its chat template)
     if cfg["tokenizer"] == "gpt2":
         enc = get_gpt2_encoding()
         # encode_ordinary: a literal "<|endoftext|>" in the data stays text, not the marker
@@ -182,7 +182,13 @@ def prepare(cfg):
     template = cfg["template"] if cfg["template"] != "auto" else ("chat" if meta.get("chat_template") else "alpaca")
     if template == "chat" and not meta.get("chat_template"):
         die(f"--template=chat needs a tokenizer with a chat template; {cfg['tokenizer']} has none: use --template=alpaca")
-    meta = {**meta, "format": "sft", "template": template}
+    return {**meta, "format": data_format, "template": template}, encode, eot, end_text
+
+
+def prepare(cfg):
+    if not 0 < cfg["val_fraction"] < 1:
+        die(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+    meta, encode, eot, end_text = instruction_tokenizer(cfg, "sft")
     records, skipped = load_records(cfg["input"] or download(cfg["url"]), end_text)
     for reason, n in skipped.items():
         if n:

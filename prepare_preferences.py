@@ -30,8 +30,8 @@ if __name__ == "__main__":
 
 import numpy as np
 
-from dataloader import EOT, get_gpt2_encoding, get_hf_tokenizer, get_tokenizer, hf_tokenizer_meta, with_bos, write_meta, write_sft
-from prepare_alpaca import instruction_prompt
+from dataloader import with_bos, write_meta, write_sft
+from prepare_alpaca import instruction_prompt, instruction_tokenizer
 
 DEFAULTS = dict(
     input="",  # a local JSON list or JSONL of {"prompt", "chosen", "rejected"}; empty = download HH-RLHF
@@ -124,18 +124,7 @@ def check_pairs(items, end_text):
 def prepare(cfg):
     if not 0 < cfg["val_fraction"] < 1:
         die(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
-    if cfg["template"] not in ("auto", "alpaca", "chat"):
-        die(f"--template must be auto, alpaca or chat, got {cfg['template']!r}")
-    if cfg["tokenizer"] == "gpt2":
-        enc = get_gpt2_encoding()
-        meta, encode, eot, end_text = {"tokenizer": "gpt2"}, enc.encode_ordinary, EOT, "<|endoftext|>"
-    else:
-        meta = hf_tokenizer_meta(cfg["tokenizer"])
-        encode, eot, end_text = get_tokenizer(meta)[0], meta["eot"], get_hf_tokenizer(meta["path"]).eos_token
-    template = cfg["template"] if cfg["template"] != "auto" else ("chat" if meta.get("chat_template") else "alpaca")
-    if template == "chat" and not meta.get("chat_template"):
-        die(f"--template=chat needs a tokenizer with a chat template; {cfg['tokenizer']} has none: use --template=alpaca")
-    meta = {**meta, "format": "preference", "template": template}
+    meta, encode, eot, end_text = instruction_tokenizer(cfg, "preference")  # as prepare_alpaca.py's SFT data
     pairs = check_pairs(read_records(cfg["input"]) if cfg["input"] else download(cfg["hf_dataset"]), end_text)
 
     n_val = max(1, round(len(pairs) * cfg["val_fraction"]))
