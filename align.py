@@ -83,7 +83,7 @@ DEFAULTS = dict(
     reward_from="",  # a reward model's out_dir (align.py --method=reward)
     reward_fn="",  # or module:function, answer text in, float out (a checkable task), instead of a reward model
     max_new_tokens=64,  # the longest sampled answer
-    temperature=1.0,  # sampling temperature of the rollouts
+    temperature=1.0,  # sampling temperature of the rollouts (PPO: must be 1, the policy being optimised)
     kl_coef=0.05,  # the per-token KL penalty to the reference, subtracted from the reward
     ppo_epochs=4,  # optimizer passes over each batch of rollouts
     clip_range=0.2,  # PPO's clip of the probability ratio (and of the value's change)
@@ -175,11 +175,14 @@ def make_reference(cfg, raw_model, init_from):
     (N, L): the adapters switched off (LoRA), or a frozen copy of the starting model."""
     if cfg["lora_rank"] > 0:
         def reference(x, y):
+            was_training = raw_model.training
             lora.set_lora_enabled(raw_model, False)
+            raw_model.eval()  # the reference has no dropout
             try:
                 return token_logps(raw_model, x, y)
             finally:
                 lora.set_lora_enabled(raw_model, True)
+                raw_model.train(was_training)
         return reference
     frozen = copy.deepcopy(raw_model).eval() if init_from is None else load_start(cfg, init_from, raw_model)
     for p in frozen.parameters():
@@ -230,7 +233,8 @@ class PolicyValue(nn.Module):
         h = self.gpt.hidden_states(x)  # (N, L, C)
         logp_all = F.log_softmax(self.gpt.lm_head(h).float(), dim=-1)  # (N, L, V)
         logp = logp_all.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, L)
-        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+        with torch.no_grad():  # logged only: no (N, L, V) graph kept for it
+            entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
         return logp, self.gpt.value_head(h).squeeze(-1).float(), entropy
 
 
@@ -267,6 +271,9 @@ def load_reward(cfg, meta, device):
                         "train one with --method=reward")
     rm, rm_meta = load_model(out_dir=cfg["reward_from"])
     check_same_tokenizer(rm_meta, meta, cfg["reward_from"], cfg["dataset"])
+    if rm.config.block_size < cfg["block_size"]:  # it scores prompt + answer, up to block_size + 1 tokens
+        raise UserError(f"--reward_from={cfg['reward_from']} reads {rm.config.block_size} positions, fewer than "
+                        f"block_size={cfg['block_size']}: use a block_size of at most {rm.config.block_size}")
     scorer = Scorer(add_reward_head(rm, ckpt["model"]["reward_head.weight"])).to(device).eval()
     for p in scorer.parameters():
         p.requires_grad_(False)
@@ -285,7 +292,9 @@ def rollout(cfg, raw_model, prompts, eot, generator, device):
     the answers' token lists (without the end marker)."""
     seqs, answers = [], []
     for p in prompts:
-        out = raw_model.generate(torch.tensor([p], device=device), cfg["max_new_tokens"], temperature=cfg["temperature"],
+        # prompt and answer must fit the policy's block_size (and the reward model's: block_size)
+        room = max(1, min(cfg["max_new_tokens"], cfg["block_size"] + 1 - len(p)))
+        out = raw_model.generate(torch.tensor([p], device=device), room, temperature=cfg["temperature"],
                                  stop_token=eot, generator=generator)[0, len(p):].tolist()
         answer = out[:out.index(eot) + 1] if eot in out else out  # through the first end marker
         seqs.append((p, answer))
@@ -351,6 +360,8 @@ def check_settings(cfg):
             die("PPO needs one reward: --reward_from=RM_RUN (a --method=reward run) or --reward_fn=module:function")
         if cfg["lora_rank"] > 0 or cfg["total_batch_size"]:
             die("PPO here trains the whole policy with batch_size prompts per rank: drop --lora_rank and --total_batch_size")
+        if cfg["temperature"] != 1.0:  # the rollouts must come from the policy that is scored and optimised
+            die(f"PPO samples at temperature 1 (the policy it optimises), got --temperature={cfg['temperature']}")
         for key in ("max_new_tokens", "ppo_epochs"):
             if cfg[key] < 1:
                 die(f"--{key} must be at least 1, got {cfg[key]}")
@@ -382,9 +393,10 @@ def setup(cfg, world, meta, say):
         for key in ("method", "lora_rank", "lora_targets", "dataset"):
             if old.get(key) != cfg[key]:
                 raise UserError(f"{cfg['out_dir']} was aligned with {key}={old.get(key)!r}; resume it with the same")
-        start = old["init_from"]
+        start = base = ckpt.get("base") or old["init_from"]  # the starting model, saved as "base" (below)
         raw_model, model_meta = load_model(out_dir=cfg["out_dir"], dropout=cfg["dropout"])
-        base = ckpt.get("base")
+        if cfg["block_size"] > raw_model.config.block_size:
+            raise UserError(f"block_size={cfg['block_size']} is larger than the run's {raw_model.config.block_size}")
     else:
         start = cfg["init_from"]
         ours = os.path.isfile(os.path.join(start, "ckpt.pt"))
@@ -398,7 +410,9 @@ def setup(cfg, world, meta, say):
         if cfg["lora_rank"] > 0:
             lora.apply_lora(raw_model, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
                             targets=cfg["lora_targets"], verbose=world.master)
-        base = (os.path.abspath(start) if os.path.isdir(start) else start) if cfg["lora_rank"] > 0 else None
+        # the starting model by its absolute path: a LoRA run's frozen base, and for every method where a
+        # resumed run finds its reference again (load_model reads "base" for LoRA runs only)
+        base = os.path.abspath(start) if os.path.isdir(start) else start
     check_same_tokenizer(model_meta, meta, start, cfg["dataset"])
     raw_model.to(world.device)
     reference = make_reference(cfg, raw_model, start if resume else None) if cfg["method"] != "reward" else None
@@ -470,7 +484,8 @@ def align(cfg, world):
     val_loader = SFTLoader(data_dir, "val", cfg["batch_size"], cfg["block_size"], shuffle=False, **common)
     if world.master:
         print_config(cfg)
-    say(f"device {world.device}, {world.size} rank(s), {step_pairs} pairs per step = {cfg['batch_size']} x "
+    unit = "prompts" if cfg["method"] == "ppo" else "pairs"
+    say(f"device {world.device}, {world.size} rank(s), {step_pairs} {unit} per step = {cfg['batch_size']} x "
         f"{world.size} ranks x {grad_accum} accumulation steps")
     torch.manual_seed(cfg["seed"])
     raw_model, base, reference, ckpt = setup(cfg, world, meta, say)

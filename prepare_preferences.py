@@ -51,7 +51,7 @@ def split_dialogues(chosen, rejected, marker="\n\nAssistant:"):
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = chosen.rfind(marker, 0, n + 1)
+    cut = chosen.rfind(marker, 0, n)  # the marker wholly inside the shared part
     if cut < 0:
         return None
     cut += len(marker)
@@ -93,11 +93,17 @@ def download(name):
         ds = load_dataset(name, split="train")
     except Exception as e:  # offline, a renamed dataset
         die(f"could not load {name} ({type(e).__name__}); give a local copy with --input=PATH")
-    items = []
+    items, skipped = [], 0
     for i, row in enumerate(ds):
         parts = split_dialogues(row["chosen"], row["rejected"])
-        if parts:  # (a record whose dialogues share no assistant turn has no prompt to split off)
-            items.append((dict(zip(("prompt", "chosen", "rejected"), parts)), f"{name}: row {i}"))
+        # left out: no shared assistant turn to split off, an empty answer, or the same answer twice
+        # (a published set's rows cannot be edited by the user, unlike an --input file's, which are refused)
+        if not parts or not parts[1] or not parts[2] or parts[1] == parts[2]:
+            skipped += 1
+            continue
+        items.append((dict(zip(("prompt", "chosen", "rejected"), parts)), f"{name}: row {i}"))
+    if skipped:
+        print(f"left out {skipped:,} of {name}'s rows: no shared prompt, an empty answer, or chosen = rejected")
     return items
 
 
