@@ -131,14 +131,28 @@ def main():
 
 
 def chat(model, meta, encode, decode, cfg, autocast, device):
-    """A conversation on stdin: every line is a turn of the user's, rendered with the instruction
-    template (prepare_alpaca.instruction_prompt) after the earlier turns and their answers; the
-    answer is streamed and ends at the end marker. When the conversation outgrows block_size (with
-    room for max_new_tokens), the oldest turns are dropped, said once. /reset forgets the
-    conversation, /exit (or the end of stdin) ends it."""
+    """A conversation on stdin: every line is a turn of the user's, answered after the earlier
+    turns and their answers, in the run's instruction template: a chat template renders the whole
+    conversation at once (its bos and headers once, as the model was trained), Alpaca's template
+    each turn, ended by the end marker. The answer is streamed and ends at the end marker. When the
+    conversation outgrows block_size (with room for max_new_tokens), the oldest turns are dropped,
+    said once. /reset forgets the conversation, /exit (or the end of stdin) ends it."""
     import prepare_alpaca
+    from dataloader import get_hf_tokenizer
     eot, block_size = eot_of(meta), model.config.block_size
-    turns, told = [], False  # turns: the token ids of each earlier turn, its answer and the end marker
+    chat_template = (meta.get("template") or ("chat" if meta.get("chat_template") else "alpaca")) == "chat"
+
+    def context(history, line):  # the token ids the model reads before its answer
+        if chat_template:
+            turns = [m for user, answer in history for m in ({"role": "user", "content": user},
+                                                             {"role": "assistant", "content": decode(answer)})]
+            text = get_hf_tokenizer(meta["path"]).apply_chat_template(
+                turns + [{"role": "user", "content": line}], tokenize=False, add_generation_prompt=True)
+            return with_bos(meta, encode(text))
+        ids = [t for user, answer in history for t in encode(prepare_alpaca.instruction_prompt(meta, user)) + answer + [eot]]
+        return with_bos(meta, ids + encode(prepare_alpaca.instruction_prompt(meta, line)))
+
+    history, told = [], False  # history: (the user's line, the answer's token ids) of each earlier turn
     torch.manual_seed(cfg["seed"])
     tty = sys.stdin.isatty()
     while True:
@@ -147,20 +161,21 @@ def chat(model, meta, encode, decode, cfg, autocast, device):
         line = sys.stdin.readline()
         if not line or line.strip() == "/exit":
             return
-        if line.strip() == "/reset":
-            turns = []
+        line = line.strip()
+        if line == "/reset":
+            history = []
             print("(the conversation is forgotten)", file=sys.stderr)
             continue
-        if not line.strip():
+        if not line:
             continue
-        prompt = encode(prepare_alpaca.instruction_prompt(meta, line.strip()))
-        while turns and len(meta.get("bos") or []) + sum(map(len, turns)) + len(prompt) + cfg["max_new_tokens"] > block_size:
-            turns.pop(0)  # the oldest turn goes first
+        ids = context(history, line)
+        while history and len(ids) + cfg["max_new_tokens"] > block_size:
+            history.pop(0)  # the oldest turn goes first
+            ids = context(history, line)
             if not told:
                 print(f"note: the conversation is longer than the model's {block_size} tokens: its oldest turns "
                       "are dropped", file=sys.stderr)
                 told = True
-        context = with_bos(meta, [t for turn in turns for t in turn] + prompt)[-block_size:]
         answer, printed = [], 0
 
         def on_token(tok):  # streamed as in generate() below
@@ -175,11 +190,12 @@ def chat(model, meta, encode, decode, cfg, autocast, device):
                     printed = len(text)
 
         with autocast:
-            model.generate(torch.tensor([context], device=device), cfg["max_new_tokens"], temperature=cfg["temperature"],
-                           top_k=cfg["top_k"] or None, top_p=cfg["top_p"], on_token=on_token, stop_token=eot)
+            model.generate(torch.tensor([ids[-block_size:]], device=device), cfg["max_new_tokens"],
+                           temperature=cfg["temperature"], top_k=cfg["top_k"] or None, top_p=cfg["top_p"],
+                           on_token=on_token, stop_token=eot)
         sys.stdout.write(decode(answer)[printed:] + "\n")
         sys.stdout.flush()
-        turns.append(prompt + answer + [eot])
+        history.append((line, answer))
 
 
 def generate(model, x, cfg, decode, start, instruct, eot, autocast):

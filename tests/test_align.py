@@ -297,25 +297,32 @@ def test_chat_keeps_earlier_turns_drops_the_oldest_and_resets(tmp_path, monkeypa
 
     import prepare_alpaca
     import sample
-    from dataloader import get_tokenizer, hf_tokenizer_meta
+    from dataloader import get_hf_tokenizer, get_tokenizer, hf_tokenizer_meta
     folder, _ = make_llama_folder(tmp_path / "m")
-    meta = hf_tokenizer_meta(folder)
-    encode, decode = get_tokenizer(meta)
-    answer = encode(" the king.")
-    turn = lambda text: encode(prepare_alpaca.instruction_prompt(meta, text))
-    one = len(turn("Hi")) + len(answer) + 1  # a turn with its answer and eos
-    model = EchoModel(answer, meta["eot"], block_size=1 + 2 * one + len(turn("Hi")) + 8)  # room for ~3 turns
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nHi\nHi\nHi\n/reset\nHi\n/exit\nnever read\n"))
-    cfg = dict(sample.DEFAULTS, max_new_tokens=8)
-    sample.chat(model, meta, encode, decode, cfg, torch.autocast("cpu", enabled=False), "cpu")
-    out, err = capsys.readouterr()
-    assert out.splitlines() == [" the king."] * 5  # five answers, each streamed and ended at the eos
-    c = model.contexts
-    assert c[0] == meta["bos"] + turn("Hi") and c[1] == c[0] + answer + [meta["eot"]] + turn("Hi")  # the earlier turn kept
-    assert len(c[2]) == len(c[1]) + one and len(c[3]) == len(c[2])  # the 4th turn: the oldest is dropped
-    assert err.count("oldest turns are dropped") == 1  # said once
-    assert c[4] == c[0]  # after /reset the conversation starts again; /exit ends it
-    assert len(c) == 5
+    for template in ("chat", "alpaca"):
+        meta = dict(hf_tokenizer_meta(folder), template=template)
+        encode, decode = get_tokenizer(meta)
+        answer = encode(" the king.")
+        if template == "chat":  # the whole conversation rendered by the chat template, once
+            tok = get_hf_tokenizer(folder)
+            convo = lambda n: [m for _ in range(n) for m in ({"role": "user", "content": "Hi"},
+                                                             {"role": "assistant", "content": " the king."})]
+            render = lambda n: meta["bos"] + encode(tok.apply_chat_template(convo(n) + [{"role": "user", "content": "Hi"}],
+                                                                            tokenize=False, add_generation_prompt=True))
+        else:  # Alpaca's: each turn, its answer and the end marker, back to back
+            turn = encode(prepare_alpaca.instruction_prompt(meta, "Hi"))
+            render = lambda n: meta["bos"] + (turn + answer + [meta["eot"]]) * n + turn
+        model = EchoModel(answer, meta["eot"], block_size=len(render(2)) + 8)  # room for two earlier turns
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nHi\nHi\nHi\n/reset\nHi\n/exit\nnever read\n"))
+        sample.chat(model, meta, encode, decode, dict(sample.DEFAULTS, max_new_tokens=8),
+                    torch.autocast("cpu", enabled=False), "cpu")
+        out, err = capsys.readouterr()
+        assert out.splitlines() == [" the king."] * 5  # five answers, each streamed and ended at the eos
+        c = model.contexts
+        assert [c[0], c[1], c[2]] == [render(0), render(1), render(2)], template  # the earlier turns kept
+        assert c[3] == render(2)  # the 4th turn: the oldest is dropped to make room
+        assert err.count("oldest turns are dropped") == 1  # said once
+        assert c[4] == render(0) and len(c) == 5  # after /reset the conversation starts again; /exit ends it
 
 
 # -----------------------------------------------------------------------------
