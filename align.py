@@ -146,7 +146,7 @@ class Scorer(nn.Module):
         return self.gpt.reward_head(h[torch.arange(x.size(0), device=x.device), last]).squeeze(-1).float()
 
 
-def add_reward_head(gpt, state=None, name="reward_head"):
+def add_head(gpt, state=None, name="reward_head"):
     """Give the GPT a scalar head, C -> 1 (zeros: every reward 0 at the start, loss log 2), or load
     it: reward_head for a reward model, value_head for PPO's value estimate."""
     head = nn.Linear(gpt.config.n_embd, 1, bias=False, device=gpt.lm_head.weight.device)
@@ -274,7 +274,7 @@ def load_reward(cfg, meta, device):
     if rm.config.block_size < cfg["block_size"]:  # it scores prompt + answer, up to block_size + 1 tokens
         raise UserError(f"--reward_from={cfg['reward_from']} reads {rm.config.block_size} positions, fewer than "
                         f"block_size={cfg['block_size']}: use a block_size of at most {rm.config.block_size}")
-    scorer = Scorer(add_reward_head(rm, ckpt["model"]["reward_head.weight"])).to(device).eval()
+    scorer = Scorer(add_head(rm, ckpt["model"]["reward_head.weight"])).to(device).eval()
     for p in scorer.parameters():
         p.requires_grad_(False)
     return lambda x, y, texts: scorer(x, y)
@@ -418,7 +418,7 @@ def setup(cfg, world, meta, say):
     reference = make_reference(cfg, raw_model, start if resume else None) if cfg["method"] != "reward" else None
     if cfg["method"] != "dpo":  # the reward model's head, or PPO's value head beside the policy's lm_head
         name = "reward_head" if cfg["method"] == "reward" else "value_head"
-        add_reward_head(raw_model, ckpt["model"][f"{name}.weight"] if resume else None, name)
+        add_head(raw_model, ckpt["model"][f"{name}.weight"] if resume else None, name)
     say(f"{cfg['method']} from {start}: {raw_model.num_params():,} parameters")
     return raw_model, base, reference, ckpt
 

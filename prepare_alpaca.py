@@ -98,10 +98,10 @@ def instruction_prompt(meta, instruction, input=""):
 # reading the records
 
 
-def load_records(path, end_text="<|endoftext|>"):
-    """A JSON list or a JSONL file -> ([(instruction, input, output), ...], {reason: records
-    left out}). A bad record is an error naming its line (JSONL) or index (JSON list) and what
-    is wrong with it; one with nothing to learn from is left out and counted."""
+def read_json_records(path):
+    """The items of a JSON list or a JSONL file (one record a line, blank lines skipped), each with
+    where it is for error lines: [(item, "PATH: line N" or "PATH: record I"), ...]. A file that is
+    missing, not UTF-8 or not valid JSON ends the run with one line (prepare_preferences.py too)."""
     if not os.path.isfile(path):
         die(f"--input file {path} not found")
     try:
@@ -114,19 +114,25 @@ def load_records(path, end_text="<|endoftext|>"):
             items = json.loads(text)
         except json.JSONDecodeError as e:
             die(f"{path}: not valid JSON at line {e.lineno}: {e.msg}")
-        where = [f"{path}: record {i} (counting from 0)" for i in range(len(items))]
-    else:  # JSONL: one record a line, blank lines skipped
-        items, where = [], []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                die(f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one record a line")
-            where.append(f"{path}: line {lineno}")
+        return [(item, f"{path}: record {i} (counting from 0)") for i, item in enumerate(items)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((json.loads(line), f"{path}: line {lineno}"))
+        except json.JSONDecodeError as e:
+            die(f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one record a line")
+    return out
+
+
+def load_records(path, end_text="<|endoftext|>"):
+    """A JSON list or a JSONL file -> ([(instruction, input, output), ...], {reason: records
+    left out}). A bad record is an error naming its line (JSONL) or index (JSON list) and what
+    is wrong with it; one with nothing to learn from is left out and counted."""
+    items = read_json_records(path)
     records, skipped = [], {"an empty output": 0, f"{end_text} in the output": 0}
-    for item, loc in zip(items, where):
+    for item, loc in items:
         if not isinstance(item, dict):
             die(f"{loc}: expected an object with instruction, input and output, got {type(item).__name__}")
         instruction, inp, output = item.get("instruction"), item.get("input", ""), item.get("output")

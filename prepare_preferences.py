@@ -20,9 +20,6 @@ A seeded --val_fraction of the pairs is val. Pairs longer than --max_len + 1 tok
 the longer answer) are dropped, not cut, and counted.
 """
 
-import json
-import os
-
 from configurator import UserError, configure, die, exit_on_ctrl_c, print_config
 
 if __name__ == "__main__":
@@ -31,7 +28,7 @@ if __name__ == "__main__":
 import numpy as np
 
 from dataloader import with_bos, write_meta, write_sft
-from prepare_alpaca import instruction_prompt, instruction_tokenizer
+from prepare_alpaca import instruction_prompt, instruction_tokenizer, read_json_records
 
 DEFAULTS = dict(
     input="",  # a local JSON list or JSONL of {"prompt", "chosen", "rejected"}; empty = download HH-RLHF
@@ -56,31 +53,6 @@ def split_dialogues(chosen, rejected, marker="\n\nAssistant:"):
         return None
     cut += len(marker)
     return chosen[:cut].strip(), chosen[cut:].strip(), rejected[cut:].strip()
-
-
-def read_records(path):
-    """The items of a JSON list or JSONL file, each with where it is (for error lines)."""
-    if not os.path.isfile(path):
-        die(f"--input file {path} not found")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        die(f"{path} is not UTF-8 text (JSON files are UTF-8); convert it")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            die(f"{path}: not valid JSON at line {e.lineno}: {e.msg}")
-        return [(item, f"{path}: record {i} (counting from 0)") for i, item in enumerate(items)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((json.loads(line), f"{path}: line {lineno}"))
-            except json.JSONDecodeError as e:
-                die(f"{path}: line {lineno} is not valid JSON ({e.msg}); expected one record a line")
-    return out
 
 
 def download(name):
@@ -131,7 +103,7 @@ def prepare(cfg):
     if not 0 < cfg["val_fraction"] < 1:
         die(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     meta, encode, eot, end_text = instruction_tokenizer(cfg, "preference")  # as prepare_alpaca.py's SFT data
-    pairs = check_pairs(read_records(cfg["input"]) if cfg["input"] else download(cfg["hf_dataset"]), end_text)
+    pairs = check_pairs(read_json_records(cfg["input"]) if cfg["input"] else download(cfg["hf_dataset"]), end_text)
 
     n_val = max(1, round(len(pairs) * cfg["val_fraction"]))
     if len(pairs) - n_val < 1:

@@ -112,7 +112,7 @@ def test_at_the_start_the_policy_is_the_reference():
 
 
 def test_reward_model_reads_the_last_answer_token_and_starts_at_log_2():
-    model = align.add_reward_head(tiny())
+    model = align.add_head(tiny())
     scorer = align.Scorer(model)
     x, y = batch(seed=3)
     with torch.no_grad():
@@ -354,7 +354,7 @@ def test_ppo_first_rollout_has_kl_0_and_ratio_1(tmp_path):
     folder, _ = make_llama_folder(tmp_path / "m")
     meta = hf_tokenizer_meta(folder)
     model = GPT.from_pretrained(folder)
-    align.add_reward_head(model, name="value_head")
+    align.add_head(model, name="value_head")
     cfg = dict(align.DEFAULTS, method="ppo", batch_size=3, max_new_tokens=6, ppo_epochs=1, seed=0)
     module = align.PolicyValue(model)
     prompts = [get_tokenizer(meta)[0](f"Tell me about the {w}.") for w in WORDS[:5]]
