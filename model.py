@@ -726,15 +726,38 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mom)  # buf = mom * buf + (1 - mom) * grad
                 update = p.grad.lerp(buf, mom) if group["nesterov"] else buf  # Nesterov: look one step ahead
+                # FSDP: p, its gradient and buffer are DTensors, this rank's rows of each. Newton-
+                # Schulz needs the whole matrix: gathered once, then plain tensors (DTensor would
+                # give the same numbers op by op, at 2.6x the time on CPU). Every rank then
+                # orthogonalises every matrix, and keeps its own rows of the result.
+                sharded = hasattr(update, "full_tensor")
+                if sharded:
+                    update = update.full_tensor()
                 # each block of rows its own matrix, with its own shape's scale (relative to the
                 # first block's, which goes into alpha: equal blocks multiply by exactly 1)
                 blocks = update.split(split, dim=0) if isinstance(split, list) else update.chunk(split, dim=0)
                 scales = [max(1, u.size(0) / u.size(1)) ** 0.5 for u in blocks]
                 update = torch.cat([newton_schulz(u, group["ns_steps"], self.ns_dtype) * (s / scales[0])
                                     for u, s in zip(blocks, scales)])
+                if sharded:
+                    update = rows_of_shard(update, p)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * scales[0])
         return loss
+
+
+def rows_of_shard(full, shard):
+    """The rows of full (A, B) that this rank holds of shard, an FSDP weight (a DTensor cut along
+    its rows the way torch.chunk cuts: ranks past the last piece hold none), as a DTensor like it."""
+    from torch.distributed.tensor import DTensor
+    mesh = shard.device_mesh
+    pieces = full.chunk(mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    mine = pieces[rank] if rank < len(pieces) else full[:0]
+    if mine.shape != shard.to_local().shape:  # (FSDP's layout changed: fail loudly, never train wrong)
+        raise RuntimeError(f"Muon under FSDP: rows {tuple(mine.shape)} but the shard is {tuple(shard.to_local().shape)}")
+    return DTensor.from_local(mine.contiguous(), mesh, shard.placements, run_check=False)
+
 
 def fully_shard(model, param_dtype=torch.float32):
     """Shard a GPT across the ranks of the process group with FSDP2 (train.py and

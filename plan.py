@@ -65,9 +65,6 @@ def check_settings(cfg, under_torchrun):
                 die(f"--{key} must not be negative, got {cfg[key]}")
         if cfg["muon_momentum"] >= 1:  # a momentum of 1 or more never forgets: the update grows without end
             die(f"--muon_momentum must be below 1 (0.95 is usual), got {cfg['muon_momentum']}")
-    if cfg["fsdp"] and cfg["optimizer"] == "muon":  # Newton-Schulz of a shard is not that of the matrix
-        die("Muon orthogonalises whole matrices, and under FSDP each rank holds a shard of each: use DDP "
-            "(drop --fsdp) with optimizer=muon")
     if cfg["fsdp"]:  # FSDP shards over the ranks torchrun starts; alone it would only hide a missing launcher
         try:
             from torch.distributed.fsdp import fully_shard  # noqa: F401 (FSDP2: PyTorch 2.6 and later)

@@ -73,6 +73,29 @@ def test_fsdp_resume_is_exact_and_crosses_with_ddp(workdir):
 
 
 @pytest.mark.slow
+def test_fsdp_with_muon_equals_one_process_and_resumes(workdir):
+    # under FSDP each rank gathers every Muon matrix's update, orthogonalises it whole (q, k, v
+    # apart) and keeps its own rows: the same steps as one process; the sharded momentum
+    # buffers go through a stop and a resume, and the checkpoint holds them whole
+    common = COMMON + ["--optimizer=muon", "--muon_lr=0.02", "--dropout=0.0", "--lr_decay_iters=8",
+                       "--eval_interval=4"]
+    train(workdir, *common, "--max_iters=8", "--out_dir=one", "--eval_iters=4")
+    fsdp = [TRAIN] + TINY + common + ["--fsdp", "--out_dir=f"]
+    p = torchrun(fsdp + ["--max_iters=4"], cwd=workdir)
+    assert "Muon tensors: 8" in p.stdout
+    torchrun(fsdp + ["--max_iters=8", "--init_from=resume"], cwd=workdir)
+    one, two = workdir / "one" / "log.txt", workdir / "f" / "log.txt"
+    same(read_log(one, "train"), read_log(two, "train"))
+    same(read_log(one, "val"), read_log(two, "val"))
+    a = torch.load(workdir / "one" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    b = torch.load(workdir / "f" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    buffers = [k for k in a if "momentum_buffer" in a[k]]
+    assert len(buffers) == 8 and set(a) == set(b)
+    for k in buffers:
+        torch.testing.assert_close(a[k]["momentum_buffer"], b[k]["momentum_buffer"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoint_loads_in_sample_and_hellaswag(workdir):
     torchrun([TRAIN] + TINY + COMMON + ["--max_iters=4", "--eval_iters=2", "--out_dir=out_fsdp", "--fsdp"],
              cwd=workdir)
@@ -140,7 +163,7 @@ def test_fsdp_refusals_are_one_line(workdir):
     assert p.returncode == 2 and "under torchrun" in p.stderr and "Traceback" not in p.stderr
     # under torchrun (RANK set), settings FSDP does not take are refused before any work
     for extra, message in ((["--lora_rank=4", "--init_from=gpt2"], "LoRA"),
-                           (["--optimizer=muon"], "Muon")):
+                           (["--dtype=float16"], "float16")):
         p = run_script([TRAIN] + TINY + ["--fsdp"] + extra, cwd=workdir, env=dict(RANK="0"), check=False)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
 

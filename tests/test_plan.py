@@ -44,12 +44,12 @@ NODE_RECIPES = {"gpt2_124m.py", "gpt2_124m_modern.py", "gpt2_355m.py", "gpt2_1.3
 
 def modes(path):
     """The launches a recipe is made for: one GPU always; DDP and FSDP on 8 for node recipes,
-    FSDP except where it is refused by design (LoRA adapters, Muon's whole-matrix step)."""
+    FSDP except where it is refused by design (LoRA adapters)."""
     cfg = configure(train.DEFAULTS, [path])
     out = [["--plan_world=1"]]
     if os.path.basename(path) in NODE_RECIPES:
         out.append(["--plan_world=8"])
-        if cfg["lora_rank"] == 0 and cfg["optimizer"] != "muon":
+        if cfg["lora_rank"] == 0:
             out.append(["--plan_world=8", "--fsdp"])
     return out
 
@@ -69,7 +69,7 @@ def test_every_recipe_passes_plan_in_every_mode_it_is_made_for(tmp_path, monkeyp
             out = capsys.readouterr().out
             assert "memory per GPU" in out and "time" in out, out
             planned += 1
-    assert planned >= len(RECIPES) + 7  # the node recipes in DDP, and in FSDP but the Muon one
+    assert planned >= len(RECIPES) + 8  # the node recipes in DDP, and in FSDP
     assert os.listdir(tmp_path) == []  # nothing written
 
 
