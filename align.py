@@ -289,14 +289,20 @@ def prompts_of(loader):
 def rollout(cfg, raw_model, prompts, eot, generator, device):
     """Sample an answer for each prompt with the KV cache (temperature, up to max_new_tokens, ended
     at the end marker), as (x, y) padded like SFT batches: y the answer tokens, -1 elsewhere. Also
-    the answers' token lists (without the end marker)."""
+    the answers' token lists (without the end marker). All prompts at once: generate's lengths
+    keeps rows of different prompt lengths aligned."""
+    # prompt and answer must fit the policy's block_size (and the reward model's: block_size)
+    ends = [len(p) + max(1, min(cfg["max_new_tokens"], cfg["block_size"] + 1 - len(p))) for p in prompts]
+    idx = torch.full((len(prompts), max(map(len, prompts))), eot, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, :len(p)] = torch.tensor(p)
+    shortest = min(map(len, prompts))
+    out = raw_model.generate(idx.to(device), max(ends) - shortest, temperature=cfg["temperature"], stop_token=eot,
+                             generator=generator, lengths=[len(p) for p in prompts]).tolist()
     seqs, answers = [], []
-    for p in prompts:
-        # prompt and answer must fit the policy's block_size (and the reward model's: block_size)
-        room = max(1, min(cfg["max_new_tokens"], cfg["block_size"] + 1 - len(p)))
-        out = raw_model.generate(torch.tensor([p], device=device), room, temperature=cfg["temperature"],
-                                 stop_token=eot, generator=generator)[0, len(p):].tolist()
-        answer = out[:out.index(eot) + 1] if eot in out else out  # through the first end marker
+    for p, row, end in zip(prompts, out, ends):
+        new = row[len(p):end]
+        answer = new[:new.index(eot) + 1] if eot in new else new  # through the first end marker
         seqs.append((p, answer))
         answers.append([t for t in answer if t != eot])
     L = max(len(p) + len(a) for p, a in seqs) - 1
@@ -443,14 +449,18 @@ def evaluate(cfg, model, reference, loader, world, autocast):
 
 
 def evaluate_ppo(cfg, ctx, prompts):
-    """The mean reward and KL (per answer, to the reference) of answers sampled for the val prompts
-    with a fixed seed: every evaluation draws them the same way. (Each rank scores the same prompts.)"""
+    """The mean reward and KL (per answer, to the reference) of eval_iters x batch_size answers
+    sampled for the val prompts (taken in turn, again from the first when they run out) with a
+    fixed seed: every evaluation draws them the same way. (Each rank scores the same prompts.)"""
     gen = torch.Generator(device=ctx["world"].device).manual_seed(cfg["seed"])
+    B, reward, kl = cfg["batch_size"], 0.0, 0.0
     with torch.no_grad(), ctx["autocast"]:
-        x, y, answers = rollout(cfg, ctx["raw"], prompts, ctx["eot"], gen, ctx["world"].device)
-        kl = ((ctx["module"](x, y)[0] - ctx["reference"](x, y)) * (y != -1)).sum(1).mean()
-        score = ctx["reward"](x, y, [ctx["decode"](a) for a in answers]).float().mean()
-    return {"reward": score.item(), "kl": kl.item()}
+        for k in range(cfg["eval_iters"]):
+            batch = [prompts[(k * B + j) % len(prompts)] for j in range(B)]
+            x, y, answers = rollout(cfg, ctx["raw"], batch, ctx["eot"], gen, ctx["world"].device)
+            kl += ((ctx["module"](x, y)[0] - ctx["reference"](x, y)) * (y != -1)).sum(1).mean().item()
+            reward += ctx["reward"](x, y, [ctx["decode"](a) for a in answers]).float().mean().item()
+    return {"reward": reward / cfg["eval_iters"], "kl": kl / cfg["eval_iters"]}
 
 
 def lr_at(step, cfg):
@@ -514,7 +524,7 @@ def align(cfg, world):
         ctx = dict(raw=raw_model, model=model, module=module, world=world, autocast=autocast, scaler=scaler,
                    reference=reference, reward=load_reward(cfg, meta, world.device), eot=eot_of(meta),
                    decode=get_tokenizer(meta)[1], prompts=prompts_of(train_loader), step_optimizer=step_optimizer)
-        val_prompts = prompts_of(val_loader)[:cfg["batch_size"]]
+        val_prompts = prompts_of(val_loader)
     start_step, t0 = step, time.time()
 
     while True:

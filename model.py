@@ -350,7 +350,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, on_token=None, stop_token=None, generator=None):
+                 use_cache=True, on_token=None, stop_token=None, generator=None, lengths=None):
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
         temperature=0 picks the most likely token (greedy). top_k keeps the k likeliest
@@ -366,6 +366,13 @@ class GPT(nn.Module):
         and in deeper layers what it attended to), so each further step re-runs the last
         block_size tokens from scratch. That is exactly what a full recompute does; a rolling
         cache that just dropped the oldest entry would give different tokens.
+
+        Prompts of different lengths (PPO's rollouts): lengths (B,) gives each row's prompt
+        length, the rest of its idx row being padding. Sampling starts after the shortest prompt;
+        a longer prompt's own tokens are fed in place of the samples until it ends (a stop_token
+        among them ends nothing). Every row is then one unbroken sequence from position 0 (no
+        padding inside: no attention mask), and row b's new tokens start at lengths[b]. Returns
+        (B, min(lengths) + max_new_tokens).
         """
         was_training = self.training
         self.eval()
@@ -373,6 +380,9 @@ class GPT(nn.Module):
             block_size = self.config.block_size
             cache, cached = None, 0  # cached: how many tokens of idx the cache holds
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1): rows that stopped
+            if lengths is not None:  # the prompts, (B, T); generation starts from the shortest one
+                prompts, lengths = idx, torch.as_tensor(lengths, device=idx.device).view(-1, 1)  # (B, 1)
+                idx = idx[:, :int(lengths.min())]
             for i in range(max_new_tokens):
                 # hidden states, not logits: only the last position predicts, so lm_head (the
                 # largest matmul of a small model) runs on that one position
@@ -391,9 +401,13 @@ class GPT(nn.Module):
                     cached = context.size(1)
                 logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
                 idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                in_prompt = torch.zeros_like(done)  # (B, 1): rows still reading their prompt
+                if lengths is not None and idx.size(1) < prompts.size(1):
+                    in_prompt = idx.size(1) < lengths
+                    idx_next = torch.where(in_prompt, prompts[:, idx.size(1):idx.size(1) + 1], idx_next)
                 if stop_token is not None:  # finished rows are padded with stop_token
                     idx_next = idx_next.masked_fill(done, stop_token)
-                    done = done | (idx_next == stop_token)
+                    done = done | ((idx_next == stop_token) & ~in_prompt)
                 idx = torch.cat((idx, idx_next), dim=1)
                 if on_token is not None:
                     on_token(idx_next)

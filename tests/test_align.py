@@ -389,7 +389,7 @@ def test_ppo_raises_the_reward_and_resumes_exactly(pref_dir):
     d, folder = pref_dir
     reward_module(d)
     py = lambda *args, check=True: run_script([os.path.join(ROOT, "align.py"), "--method=ppo", *args], cwd=d, check=check)
-    ppo = ["--dataset=prefs", "--block_size=64", "--batch_size=8", "--max_new_tokens=16", "--log_interval=1",
+    ppo = ["--dataset=prefs", "--block_size=64", "--batch_size=8", "--max_new_tokens=16", "--log_interval=1", "--eval_iters=8",
            "--learning_rate=3e-4", "--warmup_iters=0", "--device=cpu", "--reward_fn=rewards:king"]
     py("--init_from=sft", "--out_dir=ppo", "--max_iters=12", "--eval_interval=6", *ppo)  # from the SFT model
     val = read_log(d / "ppo/log.txt", "val_reward")  # the share of val answers ending "king."

@@ -107,6 +107,34 @@ def test_kv_cache_chunked_prefill_matches_full_forward():
         assert_chunked_prefill_matches_full_forward(tiny(rope=rope))
 
 
+def test_generate_prompts_of_different_lengths_equal_one_row_at_a_time():
+    # lengths: rows of 3, 7 and 5 prompt tokens in one batch (padded), greedy; each row's tokens
+    # equal generate on that prompt alone. 15 steps from the shortest prompt cross block_size
+    # (16), so the recompute branch runs with the prompts fed in too. Then with a stop token, one
+    # the first row samples early on, and one inside the second row's prompt (which ends
+    # nothing): every row as alone up to its own stop, then only the stop token.
+    for rope in (False, True):
+        model = tiny(rope=rope)
+        torch.manual_seed(1)
+        prompts = [torch.randint(0, 64, (n,)) for n in (3, 7, 5)]
+        idx = torch.zeros(3, 7, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, :len(p)] = p
+        out = model.generate(idx, 15, temperature=0, lengths=[3, 7, 5])
+        assert out.shape == (3, 18)
+        alone = [model.generate(p[None], 18 - len(p), temperature=0)[0] for p in prompts]
+        for i, p in enumerate(prompts):
+            assert torch.equal(out[i], alone[i]), (rope, i)  # (the prompt itself first, not samples)
+        for stop in (out[0, 5].item(), prompts[1][4].item()):
+            stopped = model.generate(idx, 15, temperature=0, lengths=[3, 7, 5], stop_token=stop)
+            for i, p in enumerate(prompts):
+                new = alone[i][len(p):].tolist()
+                end = len(p) + (new.index(stop) + 1 if stop in new else len(new))
+                n = min(end, stopped.size(1))
+                assert n >= len(p) and torch.equal(stopped[i, :n], alone[i][:n]), (rope, i, stop)
+                assert set(stopped[i, n:].tolist()) <= {stop}, (rope, i, stop)
+
+
 def test_generate_restores_mode_and_streams():
     model = tiny()
     model.train()
