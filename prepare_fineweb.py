@@ -1,19 +1,24 @@
 """
-Prepare FineWeb-edu (or any text corpus) for pretraining: tokenize it with GPT-2's BPE and
-cut the token stream into shards in the llm.c format (see dataloader.py).
+Prepare FineWeb-edu (or any text corpus) for pretraining: tokenize it with GPT-2's BPE (or a
+Hugging Face model's tokenizer) and cut the token stream into shards in the llm.c format (see
+dataloader.py).
 
     python prepare_fineweb.py                                   # FineWeb-edu sample-10BT, ~10B tokens
     python prepare_fineweb.py --name=sample-100BT --out_dir=data/fineweb_edu100B
     python prepare_fineweb.py --dataset=HuggingFaceFW/fineweb --name=sample-10BT --out_dir=data/fineweb10B
     python prepare_fineweb.py --data_files='corpus/*.jsonl' --out_dir=data/mycorpus --shard_size=10000000
     python prepare_fineweb.py --max_tokens=20000000 --shard_size=5000000   # a quick try
+    python prepare_fineweb.py --tokenizer=HuggingFaceTB/SmolLM2-135M --out_dir=data/fineweb_edu10B_smol
 
 Every document becomes <|endoftext|> followed by its tokens, and the documents follow each
 other in the dataset's order into shards of exactly `shard_size` tokens (a document that does
 not fit is continued in the next shard; only the last shard is shorter). The first shard is
 the validation split, the rest are training: fineweb_val_000000.bin, fineweb_train_000001.bin,
 ... the names and format of llm.c's and modded-nanogpt's FineWeb shards, so shards from either
-work here and these work there.
+work here and these work there. With --tokenizer=FOLDER_OR_NAME (a Llama-family model's, see
+docs/llama.md) a document is its eos, then the tokenizer's bos if it has one (Llama's <s>), then
+its tokens: the eos still separates documents, and each starts as that model's texts did.
+Vocabularies of more than 65,536 ids are written as uint32 (the format's version 2).
 
 Resuming. Tokenizing 10B tokens takes hours, so an interrupted run must not start over. After
 each shard is written (atomically), prepare_progress.json records where in the corpus that
@@ -39,7 +44,7 @@ if __name__ == "__main__":
 
 import numpy as np
 
-from dataloader import EOT, get_gpt2_encoding, read_tokens, write_meta, write_tokens
+from dataloader import EOT, get_gpt2_encoding, get_hf_tokenizer, hf_tokenizer_meta, read_tokens, write_meta, write_tokens
 
 # -----------------------------------------------------------------------------
 # settings; override with a config file or --key=value
@@ -53,6 +58,7 @@ DEFAULTS = dict(
     shard_size=100_000_000,  # tokens per shard (100M tokens = 200 MB); the first shard is validation
     max_tokens=0,  # stop after this many tokens in all (0: the whole corpus); for a quick try
     num_proc=os.cpu_count() or 1,  # tokenizer processes (1: tokenize in this process, no pool)
+    tokenizer="gpt2",  # "gpt2" (GPT-2's BPE), or a Hugging Face model's folder or Hub name (e.g. HuggingFaceTB/SmolLM2-135M)
 )
 
 PROGRESS = "prepare_progress.json"  # the resume record, in out_dir
@@ -124,25 +130,38 @@ def document_batches(ds, text_field, start_doc):
 # -----------------------------------------------------------------------------
 # tokenizing (runs in the worker processes)
 
-_enc = None  # each process loads the BPE once, on its first task
+_spec = ("gpt2", [EOT], np.uint16)  # what to tokenize with: set in every process by use_tokenizer
+_enc = None  # each process loads its tokenizer once, on its first task
+
+
+def use_tokenizer(name, head, dtype):
+    """The pool's initializer: the tokenizer's name ("gpt2", or a Hugging Face folder or Hub
+    name), the ids every document starts with, and the token dtype."""
+    global _spec, _enc
+    _spec, _enc = (name, head, dtype), None
 
 
 def tokenize(texts):
-    """A list of texts -> a list of uint16 arrays, one per document: [EOT, its tokens...]."""
+    """A list of texts -> a list of arrays, one per document: [EOT, its tokens...] (GPT-2), or
+    [eos, bos..., its tokens...] (a Hugging Face tokenizer)."""
     global _enc
+    name, head, dtype = _spec
     if _enc is None:
-        _enc = get_gpt2_encoding()
+        _enc = get_gpt2_encoding() if name == "gpt2" else get_hf_tokenizer(name)
+    texts = ["" if t is None else t for t in texts]  # an empty document still counts: numbers stay aligned
+    for t in texts:
+        if not isinstance(t, str):
+            raise UserError(f"the text field holds {type(t).__name__} values, not text: pick another --text_field")
+    # a literal "<|endoftext|>" (or "</s>") inside a web page is text, not a separator
+    if name == "gpt2":
+        ids = [_enc.encode_ordinary(t) for t in texts]
+    else:  # the whole batch at once: the Rust tokenizer's own loop
+        ids = _enc(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     out = []
-    for text in texts:
-        if text is None:
-            text = ""  # an empty document still counts, so that document numbers stay aligned
-        if not isinstance(text, str):
-            raise UserError(f"the text field holds {type(text).__name__} values, not text: pick another --text_field")
-        # encode_ordinary: a literal "<|endoftext|>" inside a web page is text, not a separator
-        ids = _enc.encode_ordinary(text)
-        doc = np.empty(len(ids) + 1, dtype=np.uint16)  # GPT-2's 50,257 ids fit in uint16
-        doc[0] = EOT  # every document starts with <|endoftext|>: the model learns where texts begin
-        doc[1:] = ids
+    for doc_ids in ids:
+        doc = np.empty(len(head) + len(doc_ids), dtype=dtype)  # uint16: GPT-2's 50,257 ids fit
+        doc[:len(head)] = head  # every document starts with the separator: the model learns where texts begin
+        doc[len(head):] = doc_ids
         out.append(doc)
     return out
 
@@ -176,7 +195,10 @@ def completed_shards(out_dir, source):
     with open(path) as f:
         progress = json.load(f)
     if progress["source"] != source:
-        diff = ", ".join(f"{k}={progress['source'].get(k)!r}" for k in source if progress["source"].get(k) != source[k])
+        keys = sorted(set(source) | set(progress["source"]))
+        show = lambda k, v: (f"{k}={v!r}" if k != "tokenizer" else "--tokenizer=gpt2" if v is None else
+                             f"the tokenizer of vocabulary fingerprint {v} (its path is in meta.json)")
+        diff = ", ".join(show(k, progress["source"].get(k)) for k in keys if progress["source"].get(k) != source.get(k))
         die(f"{out_dir} was prepared with {diff}; rerun with those settings, or use another --out_dir")
     kept = []
     for i, shard in enumerate(progress["shards"]):
@@ -200,13 +222,22 @@ def main():
     print_config(cfg)
     if cfg["shard_size"] < 1 or cfg["max_tokens"] < 0 or cfg["num_proc"] < 1:
         die("--shard_size and --num_proc must be >= 1, --max_tokens >= 0 (0 means the whole corpus)")
-    shard_size, max_tokens = cfg["shard_size"], cfg["max_tokens"]
+    shard_size, max_tokens, gpt2 = cfg["shard_size"], cfg["max_tokens"], cfg["tokenizer"] == "gpt2"
+    if not gpt2 and not cfg["out_dir"]:  # the default folders hold GPT-2 tokens
+        die(f"--tokenizer={cfg['tokenizer']}: give --out_dir=data/NAME for these tokens (the default folder is "
+            "for GPT-2's)")
     files, builder = resolve_files(cfg["data_files"]) if cfg["data_files"] else ([], None)
     out_dir = cfg["out_dir"] or (os.path.join("data", os.path.basename(files[0]).split(".")[0]) if files
                                  else os.path.join("data", "fineweb_edu10B"))
     print(f"writing the shards to {out_dir}/ (train.py --dataset={os.path.basename(out_dir)})")
-    try:
-        get_gpt2_encoding()  # fail now, in one line, rather than inside every worker
+    try:  # the tokenizer loads now, to fail in one line rather than inside every worker
+        if gpt2:
+            get_gpt2_encoding()
+            meta, head = {"tokenizer": "gpt2"}, [EOT]
+        else:
+            meta = hf_tokenizer_meta(cfg["tokenizer"])
+            head = [meta["eot"]] + meta["bos"]  # the eos ends the previous document, the bos starts this one
+        dtype = np.uint16 if meta.get("vocab_size", 50257) <= 2 ** 16 else np.uint32
         # one writer per folder, held while this process lives; what a killed one half-wrote (*.tmp) is removed
         busy = f"another prepare_fineweb.py is writing into {out_dir}; wait for it or choose another --out_dir"
         lock = lock_folder(out_dir, busy)  # noqa: F841
@@ -217,11 +248,13 @@ def main():
     source = dict(data_files=files, text_field=cfg["text_field"], shard_size=shard_size, streaming=cfg["streaming"])
     if not files:
         source.update(dataset=cfg["dataset"], name=cfg["name"])
+    if not gpt2:  # (GPT-2's records have no such key: they stay valid)
+        source["tokenizer"] = meta["fingerprint"]  # the vocabulary, wherever the tokenizer lives
     kept, finished = completed_shards(out_dir, source)
     done_tokens = sum(s["tokens"] for s in kept)
     if finished or (max_tokens and done_tokens >= max_tokens):
         print(f"{out_dir} is already complete: {len(kept)} shards, {done_tokens:,} tokens")
-        write_meta(out_dir, {"tokenizer": "gpt2"})
+        write_meta(out_dir, meta)
         return
     progress = dict(source=source, shards=kept, finished=False)
     start_doc, start_skip = (kept[-1]["next_doc"], kept[-1]["next_token"]) if kept else (0, 0)
@@ -236,7 +269,7 @@ def main():
 
     from tqdm import tqdm
 
-    shard = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
+    shard = np.empty(shard_size, dtype=dtype)  # the shard being filled
     fill = 0  # tokens in it so far
     total = done_tokens  # tokens in all shards, written or being filled
     doc = start_doc  # number of the document being consumed
@@ -252,7 +285,10 @@ def main():
 
     t0 = time.time()
     bar = tqdm(total=max_tokens or None, initial=total, unit="tok", unit_scale=True, desc="tokenizing")
-    pool = Pool(cfg["num_proc"]) if cfg["num_proc"] > 1 else None
+    use_tokenizer(cfg["tokenizer"], head, dtype)
+    if cfg["num_proc"] > 1:  # the processes are the parallelism: no Rust threads inside each as well
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    pool = Pool(cfg["num_proc"], use_tokenizer, (cfg["tokenizer"], head, dtype)) if cfg["num_proc"] > 1 else None
     try:
         batches = document_batches(ds, cfg["text_field"], start_doc)
         # imap keeps the corpus order, whichever worker finishes first
@@ -295,7 +331,7 @@ def main():
         bar.close()
         if pool:
             pool.terminate()
-    write_meta(out_dir, {"tokenizer": "gpt2"})
+    write_meta(out_dir, meta)
     # a shorter rerun (a smaller --max_tokens) leaves a longer run's later shards behind
     stale = sorted(set(map(os.path.basename, glob.glob(os.path.join(out_dir, "fineweb_*.bin"))))
                    - {s["file"] for s in progress["shards"]})

@@ -60,7 +60,6 @@ CASES = [
     ("train: dropout 1.5", TRAIN + ["--dropout=1.5"], ["dropout"]),
     ("train: RoPE with an odd head size", TRAIN + ["--rope=True", "--n_embd=30", "--n_head=2"], ["even head size"]),
     ("train: negative keep_interval", TRAIN + ["--keep_interval=-2"], ["keep_interval"]),
-    ("train: Muon under FSDP", TRAIN + ["--fsdp", "--optimizer=muon"], ["Muon", "FSDP"]),
     ("train: an unknown optimizer", TRAIN + ["--optimizer=sgd"], ["adamw or muon"]),
     ("sample: top_k -5", SAMPLE + ["--out_dir=run", "--top_k=-5"], ["top_k"]),
     ("sample: top_p 0", SAMPLE + ["--out_dir=run", "--top_p=0.0"], ["top_p"]),

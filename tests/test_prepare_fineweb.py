@@ -252,3 +252,37 @@ def test_missing_text_field_names_the_fields(tmp_path, hf_cache, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2
     assert "'text'" in err and "body, id" in err  # names the missing field and the real ones
+
+
+def test_a_hugging_face_tokenizer_gives_its_own_tokens_and_resumes(tmp_path, hf_cache, monkeypatch, capsys):
+    # a Llama-style tokenizer (bos <s> = 0, eos </s> = 1), trained in the test: every document is
+    # eos, bos, then its tokens as transformers encodes it (a literal "</s>" stays text); the pool
+    # (2 workers, a subprocess) and one process give the same bytes, and so does a resumed run
+    from conftest import make_llama_folder
+    from transformers import AutoTokenizer
+    folder, _ = make_llama_folder(tmp_path / "llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    docs = make_docs(120)
+    docs[11] = "a page that quotes </s> and <s> literally"
+    write_jsonl(str(tmp_path / "c.jsonl"), docs)
+    common = [f"--data_files={tmp_path}/c.jsonl", f"--tokenizer={folder}", "--shard_size=1000"]
+    run_script(["prepare_fineweb.py", *common, f"--out_dir={tmp_path}/pool", "--num_proc=2"],
+               env={"HF_DATASETS_CACHE": hf_cache, "HF_HUB_OFFLINE": "1"})
+    ref = [t for d in docs for t in [1, 0] + tok(d, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+    assert tok(docs[11], add_special_tokens=False)["input_ids"] != tok(docs[11], add_special_tokens=False,
+                                                                      split_special_tokens=True)["input_ids"]
+    stream = np.concatenate([np.asarray(read_tokens(f)) for f in shard_files(tmp_path / "pool")])
+    np.testing.assert_array_equal(stream, np.array(ref))
+    meta = read_meta(tmp_path / "pool")
+    assert meta["tokenizer"] == "hf" and meta["eot"] == 1 and meta["bos"] == [0] and meta["vocab_size"] == len(tok)
+    out = str(tmp_path / "one")
+    prepare(monkeypatch, *common, f"--out_dir={out}", "--max_tokens=1500")  # stopped mid-shard
+    prepare(monkeypatch, *common, f"--out_dir={out}")
+    assert folder_bytes(out) == folder_bytes(tmp_path / "pool")
+    # GPT-2's BPE into this folder, or an HF tokenizer without a folder of its own: one line each
+    for args in ([f"--data_files={tmp_path}/c.jsonl", "--shard_size=1000", f"--out_dir={out}"], common):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            prepare(monkeypatch, *args)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.count("\n") == 0 and "tokenizer" in err and "--out_dir" in err, err
