@@ -24,7 +24,8 @@ scored). docs/alignment.md has the derivations; in short:
 
 The settings, the log (log.txt), the checkpoint (ckpt.pt: sample.py, hellaswag.py and
 export_hf.py read it; a reward model's holds reward_head.weight beside the GPT, a PPO policy's
-value_head.weight), DDP under torchrun, Ctrl-C and --init_from=resume work as in train.py.
+value_head.weight), DDP under torchrun (and --fsdp for DPO), Ctrl-C and --init_from=resume work as in
+train.py.
 """
 
 import copy
@@ -46,7 +47,7 @@ from torch.nn import functional as F
 import lora
 from checkpoint import check_same_tokenizer, claim_out_dir, load_checkpoint, load_model, restore_run, save_run
 from dataloader import SFTLoader, eot_of, get_tokenizer, read_meta
-from model import configure_optimizers
+from model import configure_optimizers, fully_shard
 from runtime import (StopFlag, close_world, ddp_wrap, format_time, nonfinite, rank_failed, setup_world, stop_agreed,
                      worse_than_best)
 
@@ -79,6 +80,7 @@ DEFAULTS = dict(
     dtype="auto",
     seed=1337,
     pg_timeout=600,  # seconds a rank waits for the others in a collective
+    fsdp=False,  # DPO under torchrun: the policy and the reference sharded over the ranks (FSDP2), not copied
     # PPO (--method=ppo): rollouts from the dataset's prompts, scored by a reward model or a function
     reward_from="",  # a reward model's out_dir (align.py --method=reward)
     reward_fn="",  # or module:function, answer text in, float out (a checkable task), instead of a reward model
@@ -170,9 +172,10 @@ def pair_loss(cfg, model, reference, x, y):
     return dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], cfg["beta"])
 
 
-def make_reference(cfg, raw_model, init_from):
+def make_reference(cfg, raw_model, init_from, shard_dtype=None):
     """The frozen pi_ref (DPO's, and PPO's KL anchor) as a function (x, y) -> per-token log-probs
-    (N, L): the adapters switched off (LoRA), or a frozen copy of the starting model."""
+    (N, L): the adapters switched off (LoRA), or a frozen copy of the starting model (under FSDP
+    sharded like the policy: shard_dtype is its compute dtype)."""
     if cfg["lora_rank"] > 0:
         def reference(x, y):
             was_training = raw_model.training
@@ -187,6 +190,8 @@ def make_reference(cfg, raw_model, init_from):
     frozen = copy.deepcopy(raw_model).eval() if init_from is None else load_start(cfg, init_from, raw_model)
     for p in frozen.parameters():
         p.requires_grad_(False)
+    if shard_dtype is not None:
+        fully_shard(frozen, param_dtype=shard_dtype)
     return lambda x, y: token_logps(frozen, x, y)
 
 
@@ -387,11 +392,20 @@ def check_settings(cfg):
         die(f"--beta must be positive (0.1 is usual), got {cfg['beta']}")
     if cfg["method"] == "reward" and cfg["lora_rank"] > 0:  # an adapter checkpoint would leave the head behind
         die("a reward model trains its trunk and head in full: drop --lora_rank (LoRA is for --method=dpo)")
+    if cfg["fsdp"]:  # as train.py's FSDP, for the method whose models are plain GPTs called by forward()
+        if cfg["method"] != "dpo":
+            die(f"--fsdp is built for --method=dpo; --method={cfg['method']} runs under DDP: drop --fsdp")
+        if cfg["lora_rank"] > 0 or cfg["dtype"] == "float16":
+            die("--fsdp trains every weight in bfloat16 or float32: drop --lora_rank (LoRA needs no sharding) "
+                "or --dtype=float16")
+        if "RANK" not in os.environ:
+            die("--fsdp shards the models over the processes torchrun starts: run it under torchrun, or drop --fsdp")
 
 
-def setup(cfg, world, meta, say):
+def setup(cfg, world, meta, ptdtype, say):
     """(raw_model, base, reference, start checkpoint or None): the model to train, where a LoRA
-    run's frozen base comes from, DPO's reference and (resuming) the checkpoint."""
+    run's frozen base comes from, DPO's reference and (resuming) the checkpoint. Under FSDP both
+    models are sharded here, before the optimizer is built (its moments are sharded too)."""
     resume = cfg["init_from"] == "resume"
     ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt")) if resume else None
     if resume:
@@ -420,8 +434,15 @@ def setup(cfg, world, meta, say):
         # resumed run finds its reference again (load_model reads "base" for LoRA runs only)
         base = os.path.abspath(start) if os.path.isdir(start) else start
     check_same_tokenizer(model_meta, meta, start, cfg["dataset"])
-    raw_model.to(world.device)
-    reference = make_reference(cfg, raw_model, start if resume else None) if cfg["method"] != "reward" else None
+    if world.fsdp and ptdtype == torch.float16:  # dtype=auto on a GPU without native bf16
+        raise UserError("this GPU has no native bfloat16 and FSDP does not train in float16: set --dtype=float32")
+    if not world.fsdp:  # (FSDP moves each shard to the device as it cuts it)
+        raw_model.to(world.device)
+    reference = (make_reference(cfg, raw_model, start if resume else None, ptdtype if world.fsdp else None)
+                 if cfg["method"] != "reward" else None)
+    if world.fsdp:
+        fully_shard(raw_model, param_dtype=ptdtype)
+        say(f"FSDP: the policy and the reference sharded over {world.size} ranks, one unit per Block")
     if cfg["method"] != "dpo":  # the reward model's head, or PPO's value head beside the policy's lm_head
         name = "reward_head" if cfg["method"] == "reward" else "value_head"
         add_head(raw_model, ckpt["model"][f"{name}.weight"] if resume else None, name)
@@ -498,7 +519,7 @@ def align(cfg, world):
     say(f"device {world.device}, {world.size} rank(s), {step_pairs} {unit} per step = {cfg['batch_size']} x "
         f"{world.size} ranks x {grad_accum} accumulation steps")
     torch.manual_seed(cfg["seed"])
-    raw_model, base, reference, ckpt = setup(cfg, world, meta, say)
+    raw_model, base, reference, ckpt = setup(cfg, world, meta, ptdtype, say)
     optimizers = configure_optimizers(raw_model, cfg["weight_decay"], cfg["learning_rate"], (0.9, 0.95),
                                       world.device_type, verbose=False)
     scaler = torch.amp.GradScaler(world.device_type, enabled=(ptdtype == torch.float16))
@@ -506,7 +527,7 @@ def align(cfg, world):
                                 if resume else (0, None, None))
     del ckpt
     module = {"reward": Scorer, "ppo": PolicyValue}.get(cfg["method"], lambda m: m)(raw_model)
-    model = ddp_wrap(module, world.device, world.device_type) if world.ddp else module
+    model = ddp_wrap(module, world.device, world.device_type) if world.ddp and not world.fsdp else module
     autocast = autocast_context(world.device_type, ptdtype)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     ppo = cfg["method"] == "ppo"
@@ -561,7 +582,7 @@ def align(cfg, world):
             batches, _ = train_loader.next_step(world.device)
             sums = torch.zeros(5, device=world.device)  # loss, acc, margin, chosen, rejected: this rank's means
             for micro, (x, y, weight) in enumerate(batches):
-                sync = world.ddp and micro < len(batches) - 1
+                sync = world.ddp and not world.fsdp and micro < len(batches) - 1  # (FSDP: reduce-scatters each)
                 with model.no_sync() if sync else torch.enable_grad():
                     with autocast:
                         loss, stats = pair_loss(cfg, model, reference, x, y)
@@ -575,7 +596,7 @@ def align(cfg, world):
             values = dict(zip(names, (sums / world.size).tolist()))
             if not all(map(math.isfinite, values.values())):
                 raise nonfinite(cfg["out_dir"], step - 1)
-            log(step - 1, **values, lr=lr, norm=norms[-1].item())
+            log(step - 1, **values, lr=lr, norm=(norms[-1].full_tensor() if world.fsdp else norms[-1]).item())
             say(f"step {step - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()) + f", lr {lr:.2e}", flush=True)
     say(f"done in {format_time(time.time() - t0)}")
 
@@ -583,7 +604,7 @@ def align(cfg, world):
 def main():
     cfg = configure(DEFAULTS)
     check_settings(cfg)
-    world = setup_world(cfg["device"], timeout_s=cfg["pg_timeout"])
+    world = setup_world(cfg["device"], fsdp=cfg["fsdp"], timeout_s=cfg["pg_timeout"])
     try:
         align(cfg, world)
     except UserError as e:

@@ -201,6 +201,17 @@ def test_dpo_resume_is_exact_and_ddp_equals_accumulation(pref_dir):
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     losses_a, losses_b = read_log(d / "accum/log.txt", "train"), read_log(d / "ddp/log.txt", "train")
     assert losses_a.keys() == losses_b.keys() and all(losses_a[k] == pytest.approx(losses_b[k], abs=1e-5) for k in losses_a)
+    # FSDP (the policy and the reference sharded): 2 steps, then resumed for the third; the same
+    # training as one process, up to the order of float additions; its checkpoint is a whole one
+    fsdp = [os.path.join(ROOT, "align.py"), "--out_dir=fsdp", "--eval_interval=3", "--fsdp", *ALIGN]
+    p = torchrun(fsdp + [f"--init_from={folder}", "--max_iters=2"], cwd=d)
+    assert "FSDP: the policy and the reference sharded over 2 ranks" in p.stdout
+    torchrun(fsdp + ["--init_from=resume", "--max_iters=3"], cwd=d)
+    c = final_weights(d / "fsdp/ckpt.pt")
+    assert c.keys() == a.keys() and all(torch.allclose(a[k], c[k], atol=1e-6, rtol=0) for k in a)
+    for stream in ("train", "val", "val_acc"):
+        one, two = read_log(d / "accum/log.txt", stream), read_log(d / "fsdp/log.txt", stream)
+        assert one.keys() <= two.keys() and all(one[k] == pytest.approx(two[k], abs=1e-5) for k in one), stream  # (+ step 2's val)
 
 
 @pytest.mark.slow
@@ -264,6 +275,23 @@ def test_bad_input_is_one_line(pref_dir, tmp_path):
     p = run_script([os.path.join(ROOT, "align.py"), "--method=ppo", f"--init_from={folder}", "--dataset=prefs"],
                    cwd=d, check=False)
     assert p.returncode == 2 and "PPO needs one reward" in p.stderr
+
+
+def test_fsdp_is_for_dpo_under_torchrun_and_refused_otherwise_in_one_line(monkeypatch, capsys):
+    from configurator import configure
+    for extra, rank, words in ((["--method=reward"], "0", "built for --method=dpo"),
+                               (["--method=ppo", "--reward_fn=m:f"], "0", "built for --method=dpo"),
+                               (["--lora_rank=4"], "0", "drop --lora_rank"), ([], None, "under torchrun")):
+        monkeypatch.delenv("RANK", raising=False)
+        if rank is not None:
+            monkeypatch.setenv("RANK", rank)
+        cfg = configure(align.DEFAULTS, ["--init_from=x", "--dataset=prefs", "--fsdp", *extra])
+        with pytest.raises(SystemExit) as e:
+            align.check_settings(cfg)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and words in err and err.count("\n") == 0, err
+    monkeypatch.setenv("RANK", "0")
+    align.check_settings(configure(align.DEFAULTS, ["--init_from=x", "--dataset=prefs", "--fsdp"]))  # DPO: taken
 
 
 def test_split_dialogues_splits_hh_rlhf_at_the_last_shared_assistant_turn():
