@@ -190,9 +190,18 @@ def make_reference(cfg, raw_model, init_from, shard_dtype=None):
     frozen = copy.deepcopy(raw_model).eval() if init_from is None else load_start(cfg, init_from, raw_model)
     for p in frozen.parameters():
         p.requires_grad_(False)
-    if shard_dtype is not None:
-        fully_shard(frozen, param_dtype=shard_dtype)
-    return lambda x, y: token_logps(frozen, x, y)
+    if shard_dtype is None:
+        return lambda x, y: token_logps(frozen, x, y)
+    fully_shard(frozen, param_dtype=shard_dtype)
+
+    def sharded_reference(x, y):
+        logps = token_logps(frozen, x, y)
+        # FSDP frees a root's gathered weights (wte = lm_head, wpe, ln_f) at the end of backward,
+        # which the reference never runs: free them here, or every rank keeps them whole
+        frozen.reshard()
+        return logps
+    sharded_reference.model = frozen  # (for the test that checks it stays sharded)
+    return sharded_reference
 
 
 def load_start(cfg, init_from, like):
@@ -395,9 +404,16 @@ def check_settings(cfg):
     if cfg["fsdp"]:  # as train.py's FSDP, for the method whose models are plain GPTs called by forward()
         if cfg["method"] != "dpo":
             die(f"--fsdp is built for --method=dpo; --method={cfg['method']} runs under DDP: drop --fsdp")
-        if cfg["lora_rank"] > 0 or cfg["dtype"] == "float16":
-            die("--fsdp trains every weight in bfloat16 or float32: drop --lora_rank (LoRA needs no sharding) "
-                "or --dtype=float16")
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401 (FSDP2: PyTorch 2.6 and later)
+        except ImportError:
+            die(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), in PyTorch 2.6 and later (this is "
+                f"{torch.__version__}): pip install -U 'torch>=2.6', or drop --fsdp")
+        if cfg["lora_rank"] > 0:
+            die("--fsdp trains every weight of the policy: drop --lora_rank (a LoRA run needs no sharding)")
+        if cfg["dtype"] == "float16":
+            die("--fsdp trains in bfloat16 or float32, not float16 (it has no GradScaler): set --dtype=bfloat16 "
+                "or --dtype=float32")
         if "RANK" not in os.environ:
             die("--fsdp shards the models over the processes torchrun starts: run it under torchrun, or drop --fsdp")
 

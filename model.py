@@ -382,7 +382,12 @@ class GPT(nn.Module):
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1): rows that stopped
             if lengths is not None:  # the prompts, (B, T); generation starts from the shortest one
                 prompts, lengths = idx, torch.as_tensor(lengths, device=idx.device).view(-1, 1)  # (B, 1)
-                idx = idx[:, :int(lengths.min())]
+                shortest, longest = int(lengths.min()), int(lengths.max())  # (one host sync, before the loop)
+                if shortest < 1 or longest > idx.size(1) or longest - shortest > max_new_tokens:
+                    raise ValueError(f"lengths from {shortest} to {longest}: each must be within idx's "
+                                     f"{idx.size(1)} columns, and max_new_tokens={max_new_tokens} must cover "
+                                     f"the longest prompt past the shortest")
+                idx = idx[:, :shortest]
             for i in range(max_new_tokens):
                 # hidden states, not logits: only the last position predicts, so lm_head (the
                 # largest matmul of a small model) runs on that one position
@@ -770,7 +775,10 @@ def rows_of_shard(full, shard):
     mine = pieces[rank] if rank < len(pieces) else full[:0]
     if mine.shape != shard.to_local().shape:  # (FSDP's layout changed: fail loudly, never train wrong)
         raise RuntimeError(f"Muon under FSDP: rows {tuple(mine.shape)} but the shard is {tuple(shard.to_local().shape)}")
-    return DTensor.from_local(mine.contiguous(), mesh, shard.placements, run_check=False)
+    # the global shape is given, not inferred: from_local would take it as rows x ranks, wrong
+    # (and different on each rank) when the rows do not split evenly
+    return DTensor.from_local(mine.contiguous(), mesh, shard.placements, run_check=False,
+                              shape=shard.shape, stride=shard.stride())
 
 
 def fully_shard(model, param_dtype=torch.float32):

@@ -18,7 +18,8 @@ the validation split, the rest are training: fineweb_val_000000.bin, fineweb_tra
 work here and these work there. With --tokenizer=FOLDER_OR_NAME (a Llama-family model's, see
 docs/llama.md) a document is its eos, then the tokenizer's bos if it has one (Llama's <s>), then
 its tokens: the eos still separates documents, and each starts as that model's texts did.
-Vocabularies of more than 65,536 ids are written as uint32 (the format's version 2).
+A shard whose ids all fit in 16 bits is written as uint16 (the format's version 1), any other
+as uint32 (version 2); the readers take both.
 
 Resuming. Tokenizing 10B tokens takes hours, so an interrupted run must not start over. After
 each shard is written (atomically), prepare_progress.json records where in the corpus that
@@ -237,6 +238,13 @@ def main():
         else:
             meta = hf_tokenizer_meta(cfg["tokenizer"])
             head = [meta["eot"]] + meta["bos"]  # the eos ends the previous document, the bos starts this one
+            # a page that quotes "</s>" must not end its document there: tokenize() asks for
+            # split_special_tokens, which a transformers too old to know it would ignore
+            tok = get_hf_tokenizer(cfg["tokenizer"])
+            if meta["eot"] in tok(f"a {tok.eos_token} b", add_special_tokens=False, split_special_tokens=True)["input_ids"]:
+                import transformers
+                raise UserError(f"transformers {transformers.__version__} reads a literal {tok.eos_token} in the text "
+                                f"as the eos token: pip install -U transformers")
         dtype = np.uint16 if meta.get("vocab_size", 50257) <= 2 ** 16 else np.uint32
         # one writer per folder, held while this process lives; what a killed one half-wrote (*.tmp) is removed
         busy = f"another prepare_fineweb.py is writing into {out_dir}; wait for it or choose another --out_dir"

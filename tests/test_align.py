@@ -281,7 +281,8 @@ def test_fsdp_is_for_dpo_under_torchrun_and_refused_otherwise_in_one_line(monkey
     from configurator import configure
     for extra, rank, words in ((["--method=reward"], "0", "built for --method=dpo"),
                                (["--method=ppo", "--reward_fn=m:f"], "0", "built for --method=dpo"),
-                               (["--lora_rank=4"], "0", "drop --lora_rank"), ([], None, "under torchrun")):
+                               (["--lora_rank=4"], "0", "drop --lora_rank"),
+                               (["--dtype=float16"], "0", "not float16"), ([], None, "under torchrun")):
         monkeypatch.delenv("RANK", raising=False)
         if rank is not None:
             monkeypatch.setenv("RANK", rank)
@@ -292,6 +293,27 @@ def test_fsdp_is_for_dpo_under_torchrun_and_refused_otherwise_in_one_line(monkey
         assert e.value.code == 2 and words in err and err.count("\n") == 0, err
     monkeypatch.setenv("RANK", "0")
     align.check_settings(configure(align.DEFAULTS, ["--init_from=x", "--dataset=prefs", "--fsdp"]))  # DPO: taken
+
+
+def test_the_sharded_reference_frees_its_gathered_weights(tmp_path):
+    # FSDP reshards a root's weights after backward, which DPO's frozen reference never runs: after
+    # each of its calls every parameter must be a shard again (one gloo rank, in this process)
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        policy = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+        reference = align.make_reference({"lora_rank": 0}, policy, None, torch.float32)
+        x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+        with torch.no_grad():
+            logps = reference(x, y)
+            assert torch.allclose(logps, align.token_logps(policy, x, y), atol=1e-5)  # the starting model's
+        params = dict(reference.model.named_parameters())
+        assert len(params) == len(dict(policy.named_parameters()))
+        assert all(isinstance(p, DTensor) for p in params.values()), [n for n, p in params.items()
+                                                                     if not isinstance(p, DTensor)]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_split_dialogues_splits_hh_rlhf_at_the_last_shared_assistant_turn():

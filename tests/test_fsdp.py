@@ -76,9 +76,10 @@ def test_fsdp_resume_is_exact_and_crosses_with_ddp(workdir):
 def test_fsdp_with_muon_equals_one_process_and_resumes(workdir):
     # under FSDP each rank gathers every Muon matrix's update, orthogonalises it whole (q, k, v
     # apart) and keeps its own rows: the same steps as one process; the sharded momentum
-    # buffers go through a stop and a resume, and the checkpoint holds them whole
+    # buffers go through a stop and a resume, and the checkpoint holds them whole. 33 wide, 3 heads:
+    # every matrix but c_fc has an odd number of rows, so the two ranks' shards differ in size
     common = COMMON + ["--optimizer=muon", "--muon_lr=0.02", "--dropout=0.0", "--lr_decay_iters=8",
-                       "--eval_interval=4"]
+                       "--eval_interval=4", "--n_embd=33", "--n_head=3"]
     train(workdir, *common, "--max_iters=8", "--out_dir=one", "--eval_iters=4")
     fsdp = [TRAIN] + TINY + common + ["--fsdp", "--out_dir=f"]
     p = torchrun(fsdp + ["--max_iters=4"], cwd=workdir)

@@ -133,6 +133,10 @@ def test_generate_prompts_of_different_lengths_equal_one_row_at_a_time():
                 n = min(end, stopped.size(1))
                 assert n >= len(p) and torch.equal(stopped[i, :n], alone[i][:n]), (rope, i, stop)
                 assert set(stopped[i, n:].tolist()) <= {stop}, (rope, i, stop)
+    # too few steps to reach past the longest prompt, or a length beyond idx: refused, not cut short
+    for steps, lengths in ((3, [3, 7, 5]), (15, [3, 8, 5]), (15, [0, 7, 5])):
+        with pytest.raises(ValueError, match="lengths from"):
+            model.generate(idx, steps, temperature=0, lengths=lengths)
 
 
 def test_generate_restores_mode_and_streams():
