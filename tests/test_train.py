@@ -390,7 +390,7 @@ def next_step(self, device="cpu"):  # rank 1's third training step fails or neve
     if os.environ["RANK"] == "1" and calls[0] == 3:
         if how == "raise":
             raise OSError(28, "No space left on device")
-        time.sleep(24)  # 3 x pg_timeout: stuck, as far as rank 0 can tell (then it goes on, and finds rank 0 gone)
+        time.sleep(15)  # 3 x pg_timeout: stuck, as far as rank 0 can tell (then it goes on, and finds rank 0 gone)
     return real(self, device)
 dataloader.DataLoader.next_step = next_step
 train.main()
@@ -403,7 +403,7 @@ def test_a_failing_or_stuck_rank_ends_every_rank(workdir, how):
     # one rank raising (a full disk) or hanging: the run ends within seconds (raise) or
     # pg_timeout (stall), never waits forever, and says what happened in one line per rank
     (workdir / "failing_rank.py").write_text(FAILING_RANK)
-    args = ["failing_rank.py", ROOT, how] + TINY + ["--max_iters=10", "--out_dir=out", "--pg_timeout=8"]
+    args = ["failing_rank.py", ROOT, how] + TINY + ["--max_iters=10", "--out_dir=out", "--pg_timeout=5"]
     p = subprocess.run(torchrun_cmd(args), cwd=workdir, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     assert p.returncode != 0
