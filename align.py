@@ -47,9 +47,9 @@ from torch.nn import functional as F
 import lora
 from checkpoint import check_same_tokenizer, claim_out_dir, load_checkpoint, load_model, restore_run, save_run
 from dataloader import SFTLoader, eot_of, get_tokenizer, read_meta
-from model import configure_optimizers, fully_shard
-from runtime import (StopFlag, close_world, ddp_wrap, format_time, nonfinite, rank_failed, setup_world, stop_agreed,
-                     worse_than_best)
+from optim import configure_optimizers
+from runtime import (StopFlag, close_world, ddp_wrap, format_time, fully_shard, nonfinite, rank_failed, setup_world,
+                     stop_agreed, worse_than_best)
 
 DEFAULTS = dict(
     method="dpo",  # dpo | reward | ppo
@@ -303,19 +303,21 @@ def prompts_of(loader):
 def rollout(cfg, raw_model, prompts, eot, generator, device):
     """Sample an answer for each prompt with the KV cache (temperature, up to max_new_tokens, ended
     at the end marker), as (x, y) padded like SFT batches: y the answer tokens, -1 elsewhere. Also
-    the answers' token lists (without the end marker). All prompts at once: generate's lengths
-    keeps rows of different prompt lengths aligned."""
+    the answers' token lists (without the end marker). All prompts at once, left-padded to end
+    together (generate's pad): one forward reads every prompt, then each step samples every row."""
     # prompt and answer must fit the policy's block_size (and the reward model's: block_size)
     ends = [len(p) + max(1, min(cfg["max_new_tokens"], cfg["block_size"] + 1 - len(p))) for p in prompts]
-    idx = torch.full((len(prompts), max(map(len, prompts))), eot, dtype=torch.long)
+    P = max(map(len, prompts))
+    idx = torch.full((len(prompts), P), eot, dtype=torch.long)  # (N, P): prompts on the right, padding left
     for i, p in enumerate(prompts):
-        idx[i, :len(p)] = torch.tensor(p)
-    shortest = min(map(len, prompts))
-    out = raw_model.generate(idx.to(device), max(ends) - shortest, temperature=cfg["temperature"], stop_token=eot,
-                             generator=generator, lengths=[len(p) for p in prompts]).tolist()
+        idx[i, P - len(p):] = torch.tensor(p)
+    pad = torch.tensor([P - len(p) for p in prompts])
+    n_new = max(end - len(p) for p, end in zip(prompts, ends))
+    out = raw_model.generate(idx.to(device), n_new, temperature=cfg["temperature"], stop_token=eot,
+                             generator=generator, pad=pad.to(device))[:, P:].tolist()  # (N, n_new): the answers
     seqs, answers = [], []
     for p, row, end in zip(prompts, out, ends):
-        new = row[len(p):end]
+        new = row[:end - len(p)]
         answer = new[:new.index(eot) + 1] if eot in new else new  # through the first end marker
         seqs.append((p, answer))
         answers.append([t for t in answer if t != eot])

@@ -5,6 +5,7 @@ into an issue:
     python bench.py --mode=train --model=gpt2 --batch_size=16 --block_size=1024 --dtype=bfloat16 --compile=True
     python bench.py --mode=sample --model=gpt2 --prompt_len=16 --new_tokens=200
     python bench.py --mode=dpo --model=gpt2 --batch_size=4 --block_size=256 --compile=False
+    python bench.py --mode=rollout --model=gpt2 --prompt_len=60 --new_tokens=64 --sample_batch=8
     torchrun --standalone --nproc_per_node=2 bench.py --model=gpt2 --fsdp   # per-rank memory, FSDP (or DDP without --fsdp)
 
 train   times whole optimizer steps on random tokens: host-to-device copy, forward, backward
@@ -16,6 +17,8 @@ train   times whole optimizer steps on random tokens: host-to-device copy, forwa
         reports every rank's peak memory.
 sample  times model.generate, with the KV cache and with a full recompute of the context for
         every new token, at batch 1 and batch N. Reports tokens/s and the cache's speed-up.
+rollout times PPO's rollouts: prompts of different lengths in one left-padded batch, against
+        one prompt at a time.
 
 --profile=True then runs torch.profiler over a few more steps (train) or one generation
 (sample) and prints the ops that cost the most time.
@@ -40,14 +43,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from runtime import ddp_wrap
-from model import GPT, HUB_SHAPES, PRESETS, GPTConfig, configure_optimizers, estimate_mfu, fully_shard, peak_flops
+from model import GPT, PRESETS, GPTConfig, estimate_mfu
+from optim import configure_optimizers
+from plan import HUB_SHAPES
+from runtime import ddp_wrap, fully_shard, peak_flops
 
 # -----------------------------------------------------------------------------
 # settings: python bench.py [config/FILE.py] [--key=value ...]
 
 DEFAULTS = dict(
-    mode="train",  # train: time optimizer steps; sample: generation, KV cache vs recompute; dpo: a DPO step vs an SFT step
+    mode="train",  # train: optimizer steps; sample: KV cache vs recompute; dpo: DPO vs SFT step; rollout: PPO's
     # the model (random weights: speed does not depend on them)
     model="gpt2",  # a preset of model.py (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-1.3b) or smollm2-135m (Llama-shaped)
     n_layer=0,  # > 0: override the preset's number of layers
@@ -74,7 +79,7 @@ DEFAULTS = dict(
     device="auto",  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     dtype="auto",  # auto (bf16 on a GPU that has it, else fp16; fp32 on cpu/mps), float32, bfloat16, float16
     compile=True,  # torch.compile the model (train mode only: generation changes shape every step)
-    peak_flops=0.0,  # the device's peak FLOP/s for MFU; 0: look the GPU up in model.PEAK_FLOPS
+    peak_flops=0.0,  # the device's peak FLOP/s for MFU; 0: look the GPU up in runtime.PEAK_FLOPS
     profile=False,  # also run torch.profiler and print the most expensive ops
     seed=1337,  # for the random tokens and weights
 )
@@ -97,8 +102,8 @@ MUON = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
 def setup(cfg):
     """Check the settings and pick the device and dtype. Returns (device, device_type, dtype);
     device_type is what torch.autocast wants: cuda, mps or cpu."""
-    if cfg["mode"] not in ("train", "sample", "dpo"):
-        die(f"--mode must be train, sample or dpo, not {cfg['mode']!r}")
+    if cfg["mode"] not in ("train", "sample", "dpo", "rollout"):
+        die(f"--mode must be train, sample, dpo or rollout, not {cfg['mode']!r}")
     if cfg["model"] not in SHAPES:
         die(f"unknown --model={cfg['model']}; choose one of {', '.join(SHAPES)}")
     for key in ("batch_size", "block_size", "grad_accum", "steps", "sample_batch", "prompt_len",
@@ -119,7 +124,7 @@ def setup(cfg):
         die(f"n_embd={n_embd} is not a multiple of n_head={n_head}: change --n_embd or --n_head")
     if cfg["rope"] and (n_embd // n_head) % 2:
         die(f"rope needs an even head size, got {n_embd // n_head}: change --n_embd or --n_head")
-    if cfg["mode"] == "sample" and cfg["prompt_len"] + cfg["new_tokens"] > cfg["block_size"]:
+    if cfg["mode"] in ("sample", "rollout") and cfg["prompt_len"] + cfg["new_tokens"] > cfg["block_size"]:
         # past the context the cached path re-runs the whole window every step: not what we time
         die(f"prompt_len + new_tokens = {cfg['prompt_len'] + cfg['new_tokens']} exceeds "
             f"--block_size={cfg['block_size']}: raise --block_size or shorten the generation")
@@ -166,7 +171,7 @@ def peak_flops_for(cfg, device, device_type, dtype):
         return cfg["peak_flops"]
     if device_type != "cuda":
         return None
-    flops = peak_flops(torch.cuda.get_device_name(device))  # model.PEAK_FLOPS: bf16 peaks
+    flops = peak_flops(torch.cuda.get_device_name(device))  # runtime.PEAK_FLOPS: bf16 peaks
     if flops is not None and dtype == torch.float32:
         flops /= 2  # fp32 matmuls run on TF32 tensor cores, at half the bf16 rate
     return flops
@@ -466,6 +471,56 @@ def bench_sample(cfg):
     return r
 
 
+# rollout mode
+
+
+def bench_rollout(cfg):
+    """PPO's rollout (align.rollout, the path align.py runs): sample_batch prompts of lengths spread
+    evenly from 5 to prompt_len tokens, new_tokens sampled for each at temperature 1 with the KV
+    cache. Timed two ways in one run: all prompts in one left-padded batch (what align.py does), and
+    one prompt at a time (what batching by length comes to when every length differs). Returns
+    {batched_ms, one_at_a_time_ms, ratio, summary}."""
+    import align
+    device, device_type, dtype = setup(cfg)
+    model = build_model(cfg, device).eval()
+    autocast = autocast_context(device_type, dtype)
+    n, P = cfg["sample_batch"], cfg["prompt_len"]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    lengths = [round(min(5, P) + (P - min(5, P)) * i / max(1, n - 1)) for i in range(n)]
+    prompts = [torch.randint(model.config.vocab_size, (k,), generator=gen).tolist() for k in lengths]
+    settings = dict(max_new_tokens=cfg["new_tokens"], block_size=model.config.block_size, temperature=1.0)
+    eot = model.config.vocab_size - 1  # (random weights: a stop is as unlikely as any token)
+
+    def batched():
+        with autocast:
+            align.rollout(settings, model, prompts, eot, torch.Generator(device).manual_seed(0), device)
+
+    def one_at_a_time():
+        with autocast:
+            for p in prompts:
+                align.rollout(settings, model, [p], eot, torch.Generator(device).manual_seed(0), device)
+
+    r = {}
+    for name, fn in (("batched", batched), ("one_at_a_time", one_at_a_time)):
+        fn()  # warm-up
+        times = []
+        for _ in range(max(1, cfg["steps"] // 2)):
+            synchronize(device_type)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device_type)
+            times.append(time.perf_counter() - t0)
+        r[f"{name}_ms"] = 1000 * sorted(times)[len(times) // 2]  # the median
+        print(f"{name.replace('_', ' ')}: {r[f'{name}_ms']:.0f} ms")
+    r["ratio"] = r["one_at_a_time_ms"] / r["batched_ms"]
+    r["summary"] = (f"bench rollout | {device_name(device, device_type)} | torch {torch.__version__} | "
+                    f"{describe(model, cfg, dtype)} | {n} prompts of {lengths[0]}-{lengths[-1]} tokens + "
+                    f"{cfg['new_tokens']} new | left-padded batch {r['batched_ms']:.0f} ms, one at a time "
+                    f"{r['one_at_a_time_ms']:.0f} ms, {r['ratio']:.2f}x")
+    print(r["summary"])
+    return r
+
+
 # dpo mode
 
 
@@ -532,6 +587,8 @@ def main():
             bench_sample(cfg)
         elif cfg["mode"] == "dpo":
             bench_dpo(cfg)
+        elif cfg["mode"] == "rollout":
+            bench_rollout(cfg)
         else:
             bench_train(cfg)
     except torch.OutOfMemoryError:

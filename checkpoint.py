@@ -46,7 +46,8 @@ import torch.distributed as dist
 
 import lora
 from dataloader import hf_tokenizer_meta
-from model import GPT, OPENAI_MODELS, GPTConfig, unwrap
+from hf_weights import OPENAI_MODELS
+from model import GPT, GPTConfig, unwrap
 from runtime import RunLog, agree, nonfinite
 
 

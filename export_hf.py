@@ -53,7 +53,8 @@ import torch
 import lora
 from checkpoint import load_model
 from dataloader import EOT, eot_of, get_gpt2_encoding, get_hf_tokenizer
-from model import llama_names
+from hf_weights import (ACTIVATIONS, GPT2_VOCAB, hf_gpt2_config, hf_gpt2_weights, hf_llama_config,
+                        hf_llama_weights, is_llama)
 
 # -----------------------------------------------------------------------------
 # settings; override with config files or --key=value
@@ -64,20 +65,11 @@ DEFAULTS = dict(
     dtype="float32",  # the weights' type in the folder: float32 or bfloat16 (half the size)
 )
 
-GPT2_VOCAB = 50257  # GPT-2's real vocabulary: 50000 merges + 256 bytes + <|endoftext|>
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# our nn.GELU(approximate=...) -> transformers' name for the same function
-ACTIVATIONS = {"tanh": "gelu_new", "none": "gelu"}
 
 
 # -----------------------------------------------------------------------------
 # what can be exported
-
-
-def is_llama(cfg):
-    """A Llama-family block: RMSNorm, SwiGLU, RoPE, no biases (what from_pretrained makes of a
-    LlamaForCausalLM, or a run trained with those settings)."""
-    return cfg.norm == "rmsnorm" or cfg.mlp == "swiglu"
 
 
 def why_not_exportable(model, meta):
@@ -119,133 +111,7 @@ def why_not_exportable(model, meta):
 
 
 # -----------------------------------------------------------------------------
-# the model: config.json and model.safetensors
-
-
-def hf_config(cfg, dtype):
-    """config.json for transformers' GPT2Config: the fields that differ from its defaults, and
-    the ones a reader will look for. Dropout is off, as for inference; set resid_pdrop,
-    embd_pdrop and attn_pdrop here before fine-tuning with transformers."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": GPT2_VOCAB,
-        "n_positions": cfg.block_size,  # the size of wpe: the longest context
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": None,  # None means 4 * n_embd, as ours
-        "activation_function": ACTIVATIONS[cfg.gelu],
-        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which ours uses
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,  # scores / sqrt(head size), as SDPA does
-        "tie_word_embeddings": True,  # lm_head is wte: stored once, tied again on load
-        "bos_token_id": EOT,
-        "eos_token_id": EOT,
-        "dtype": dtype,
-        "use_cache": True,
-    }
-
-
-def hf_state_dict(model, dtype):
-    """Our weights under GPT2LMHeadModel's names, as a dict of separate contiguous tensors
-    (what safetensors stores). Our names are already GPT-2's; the differences are the cropped
-    vocabulary, the Conv1D transposes and the biases a bias=False model lacks."""
-    cfg = model.config
-    sd = model.state_dict()
-    C = cfg.n_embd
-    used = set()
-
-    def take(name, shape, transpose=False):
-        if name not in sd:  # bias=False: the zero bias is the same function
-            assert name.endswith(".bias"), f"{name} is missing from the model"
-            return torch.zeros(shape, dtype=DTYPES[dtype])
-        used.add(name)
-        w = sd[name].detach().cpu()
-        w = w.t() if transpose else w
-        assert tuple(w.shape) == shape, f"{name}: {tuple(w.shape)} vs expected {shape}"
-        return w.to(DTYPES[dtype], copy=True).contiguous()  # a copy: no storage shared with the model
-
-    # the tied lm_head is not stored: transformers ties it to wte again (tie_word_embeddings)
-    if not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
-        raise ValueError("lm_head and wte differ: the model is not tied, GPT-2's format needs them tied")
-    used.add("lm_head.weight")
-    wte = sd["transformer.wte.weight"][:GPT2_VOCAB]  # (50304, C) -> (50257, C): drop the padding rows
-    out = {"transformer.wte.weight": wte.detach().cpu().to(DTYPES[dtype], copy=True).contiguous()}
-    used.add("transformer.wte.weight")
-    out["transformer.wpe.weight"] = take("transformer.wpe.weight", (cfg.block_size, C))
-    # Conv1D weights are (in, out): the transpose of our Linear's (out, in)
-    shapes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
-    for i in range(cfg.n_layer):
-        p = f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out[p + ln + ".weight"] = take(p + ln + ".weight", (C,))
-            out[p + ln + ".bias"] = take(p + ln + ".bias", (C,))
-        for name, (n_in, n_out) in shapes.items():
-            out[p + name + ".weight"] = take(p + name + ".weight", (n_in, n_out), transpose=True)
-            out[p + name + ".bias"] = take(p + name + ".bias", (n_out,))
-    out["transformer.ln_f.weight"] = take("transformer.ln_f.weight", (C,))
-    out["transformer.ln_f.bias"] = take("transformer.ln_f.bias", (C,))
-    # every tensor of the model must have gone somewhere: a leftover (say, an unmerged LoRA
-    # adapter) would otherwise be dropped without a word
-    left = sorted(set(sd) - used)
-    if left:
-        raise ValueError(f"the model has tensors GPT-2 has no place for: {', '.join(left[:4])}")
-    return out
-
-
-# -----------------------------------------------------------------------------
-# a Llama-family model: LlamaForCausalLM's config.json and weights
-
-
-def llama_hf_config(cfg, dtype, bos, eos):
-    """config.json for transformers' LlamaConfig. RoPE's base is written as rope_theta, the
-    field every transformers release reads."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd,
-        "intermediate_size": cfg.mlp_hidden or 4 * cfg.n_embd,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
-        "head_dim": cfg.n_embd // cfg.n_head,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": 0.02,
-        "bos_token_id": bos, "eos_token_id": eos,
-        "dtype": dtype,
-        "use_cache": True,
-    }
-
-
-def llama_hf_state_dict(model, dtype):
-    """Our weights under LlamaForCausalLM's names: c_attn cut back into q_proj, k_proj and
-    v_proj, c_fc into gate_proj and up_proj (model.llama_names says which is which)."""
-    cfg = model.config
-    sd = model.state_dict()
-    names = llama_names(cfg)
-    used = set(names) | ({"lm_head.weight"} if cfg.tie_embeddings else set())  # tied: lm_head is wte
-    left = sorted(set(sd) - used)
-    if left:  # say, an unmerged LoRA adapter: never dropped without a word
-        raise ValueError(f"the model has tensors LlamaForCausalLM has no place for: {', '.join(left[:4])}")
-    out = {}
-    for ours, parts in names.items():
-        w = sd[ours].detach().cpu()
-        if ours.endswith("attn.c_attn.weight"):
-            sizes = model.transformer.h[0].attn.qkv_sizes
-        else:
-            sizes = [w.size(0) // len(parts)] * len(parts)  # c_fc: gate and up, H rows each
-        for name, piece in zip(parts, w.split(sizes, dim=0)):
-            out[name] = piece.to(DTYPES[dtype], copy=True).contiguous()
-    return out
+# the model: config.json, generation_config.json and model.safetensors (hf_weights.py maps the names)
 
 
 def write_model(folder, model, dtype="float32", meta=None):
@@ -258,10 +124,10 @@ def write_model(folder, model, dtype="float32", meta=None):
     if is_llama(model.config):
         eos = eot_of(meta or {"tokenizer": "gpt2"})
         bos = (meta.get("bos") or [eos])[0]
-        tensors, config = llama_hf_state_dict(model, dtype), llama_hf_config(model.config, dtype, bos, eos)
+        tensors, config = hf_llama_weights(model, DTYPES[dtype]), hf_llama_config(model.config, dtype, bos, eos)
         generation = {"bos_token_id": bos, "eos_token_id": eos, "max_new_tokens": min(50, model.config.block_size // 2)}
     else:
-        tensors, config = hf_state_dict(model, dtype), hf_config(model.config, dtype)
+        tensors, config = hf_gpt2_weights(model, DTYPES[dtype]), hf_gpt2_config(model.config, dtype)
         # transformers' generation defaults assume GPT-2's 1024 positions: a shorter model would
         # index past its position table, so the lengths here fit n_positions
         generation = {"bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT,

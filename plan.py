@@ -15,7 +15,8 @@ import torch
 import lora
 from configurator import die
 from dataloader import read_meta, vocab_size_of
-from model import GPT, HUB_SHAPES, PRESETS, GPTConfig, flops_per_token, gpt2_config, llama_config
+from hf_weights import gpt2_config, llama_config
+from model import GPT, PRESETS, GPTConfig, flops_per_token
 from runtime import format_time
 
 
@@ -148,6 +149,13 @@ def model_config(cfg, vocab_size):
 KNOWN_DATA = {"shakespeare_char": dict(tokenizer="char", chars=[""] * 65),  # Tiny Shakespeare's 65 characters
               "alpaca": dict(tokenizer="gpt2", format="sft"),
               "alpaca_smollm2": dict(tokenizer="hf", format="sft", vocab_size=49152)}  # anything else: GPT-2 BPE tokens
+# Llama-family Hub models whose shapes --plan and bench.py know without a download (their
+# config.json's numbers; from_pretrained reads the real file)
+HUB_SHAPES = {
+    "HuggingFaceTB/SmolLM2-135M": dict(block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3,
+                                       n_embd=576, mlp="swiglu", mlp_hidden=1536, norm="rmsnorm", norm_eps=1e-5,
+                                       rope=True, rope_theta=100000.0, bias=False, tie_embeddings=True),
+}
 ASSUMED_MFU = 0.45  # the README's recipe times assume it too: well-tuned GPT-2 runs on H100s report ~40-55%
 ASSUMED_GPU = ("H100 SXM", 989.5e12)  # when --peak_flops is not given: its dense bf16 peak
 
@@ -178,7 +186,7 @@ def plan_model(cfg, meta):
         with open(os.path.join(folder, "config.json")) as f:
             hc = json.load(f)
         try:
-            config = (llama_config if hc.get("model_type") == "llama" else gpt2_config)(hc, folder)
+            config = GPTConfig(**(llama_config if hc.get("model_type") == "llama" else gpt2_config)(hc, folder))
         except (ValueError, KeyError) as e:
             die(f"--plan: {folder}/config.json does not fit this GPT: {e}")
     else:

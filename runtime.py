@@ -1,8 +1,9 @@
 """
 The bookkeeping of a training run, apart from the training itself: who this process is among
-the ranks (setup_world, close_world) and how they agree (a failure, a stop, a non-finite loss),
-the stop flag that Ctrl-C and SIGTERM raise, the log file, and the console line. train.py uses
-all of it.
+the ranks (setup_world, close_world), how the model is spread over them (ddp_wrap, or
+fully_shard for FSDP), how they agree (a failure, a stop, a non-finite loss), the stop flag that
+Ctrl-C and SIGTERM raise, the log file, the console line, and the GPU peaks behind MFU. train.py
+uses all of it; align.py and bench.py some.
 
 Every function here that takes a World and does a collective must be called by every rank
 at the same point of the run: that is what keeps them in step.
@@ -64,6 +65,28 @@ def ddp_wrap(model, device, device_type):
     buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     return DDP(model, device_ids=[device] if device_type == "cuda" else None, gradient_as_bucket_view=True,
                **{buffers: False})  # (PyTorch 2.14 renamed broadcast_buffers)
+
+
+def fully_shard(model, param_dtype=torch.float32):
+    """Shard a GPT across the ranks of the process group with FSDP2 (fsdp=True, under torchrun):
+    FSDP's counterpart of ddp_wrap. Each rank then keeps 1/N of every weight, of its gradient
+    and (the optimizer being built afterwards) of the AdamW moments; a Block's full weights are
+    all-gathered just before it runs and freed after, forward and backward. One unit per Block,
+    then the root for what is left (wte = lm_head, wpe, ln_f): the tied weight stays one
+    parameter, in the root's unit. The weights move to the current device (cuda:LOCAL_RANK) as
+    they are sharded. param_dtype bf16/fp16: the gathered weights are cast for compute, while
+    gradients are reduced and the shards updated in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard as fsdp_shard
+    mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
+                              reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fsdp_shard(block, mp_policy=mp)
+    fsdp_shard(model, mp_policy=mp)  # model's class becomes an FSDP subclass of GPT
+    # FSDP gathers the root's weights (wte = lm_head, wpe, ln_f) around forward() only: the
+    # HellaSwag scorer's own entry point gets the same gathering
+    register_fsdp_forward_method(model, "logits_at")
+    return model
 
 
 def close_world(world):
@@ -276,6 +299,26 @@ class StepClock:
         """Seconds to max_iters at the recent pace (evaluations not counted), or None before the
         first lap (the first step's time, compile included, says nothing of the pace)."""
         return None if self.pace is None else (max_iters - step) * self.pace
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. The first key
+# found in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989.5e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "H200": 989.5e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165.2e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device_name):
+    """The bf16 peak of a GPU by name, or None if unknown (then MFU is not reported)."""
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in device_name), None)
 
 
 def format_time(seconds):

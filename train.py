@@ -34,10 +34,11 @@ import lora
 from checkpoint import (SHAPE_KEYS, check_resume, check_same_tokenizer, claim_out_dir, load_checkpoint, load_model,
                         restore_run, save_run)
 from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
-from model import GPT, configure_optimizers, estimate_mfu, fully_shard, peak_flops
+from model import GPT, estimate_mfu
+from optim import configure_optimizers
 from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan, setting_notes
 from runtime import (StepClock, StopFlag, agree_on_step, all_finite, close_world, console_line, ddp_wrap, format_time,
-                     nonfinite, rank_failed, setup_world, stop_agreed, worse_than_best)
+                     fully_shard, nonfinite, peak_flops, rank_failed, setup_world, stop_agreed, worse_than_best)
 
 # -----------------------------------------------------------------------------
 # settings: every one can be changed by a config file or --key=value (python train.py -h lists them)
@@ -86,7 +87,7 @@ DEFAULTS = dict(
     lora_dropout=0.0,
     lora_targets="q,v",  # which linears get adapters: q, k, v, attn_proj, mlp_fc, mlp_proj
     # optimizer
-    optimizer="adamw",  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (model.Muon)
+    optimizer="adamw",  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (optim.Muon)
     learning_rate=6e-4,  # AdamW's peak learning rate
     max_iters=5000,  # optimizer steps in all
     weight_decay=0.1,
@@ -107,7 +108,7 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the model (first steps slower, then faster; GPU)
     fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies
     pg_timeout=600,  # seconds a rank waits in a collective for the others before the run is ended as stuck
-    peak_flops=0.0,  # one device's peak FLOP/s, for MFU; 0 = the GPU's bf16 peak from model.PEAK_FLOPS (CPU: no MFU)
+    peak_flops=0.0,  # one device's peak FLOP/s, for MFU; 0 = the GPU's bf16 peak from runtime.PEAK_FLOPS (CPU: no MFU)
     seed=1337,
     # --plan: check the settings and print the run's sizes, per-GPU memory and time, then exit
     plan=False,  # no data, GPU or download needed; nothing is written
@@ -305,13 +306,12 @@ def get_lr(step, cfg):
 
 
 def set_lr(optimizers, step, cfg):
-    """Every param group follows the same schedule, scaled to its own peak (base_lr): AdamW's
-    learning_rate, Muon's muon_lr. Returns AdamW's lr, the one logged."""
+    """Every param group follows the same schedule, scaled to its own peak (base_lr: AdamW's
+    learning_rate, Muon's muon_lr). Returns AdamW's lr, the one logged."""
     lr = get_lr(step, cfg)
-    scale = lr / cfg["learning_rate"] if cfg["learning_rate"] > 0 else 0.0
     for opt in optimizers:
-        for group in opt.param_groups:  # (AdamW's groups take lr itself: no rounding from the scale)
-            group["lr"] = lr if group["base_lr"] == cfg["learning_rate"] else group["base_lr"] * scale
+        for group in opt.param_groups:  # (AdamW's ratio is exactly 1: its groups take lr itself)
+            group["lr"] = lr * (group["base_lr"] / cfg["learning_rate"]) if cfg["learning_rate"] > 0 else 0.0
     return lr
 
 

@@ -425,6 +425,13 @@ def test_ppo_first_rollout_has_kl_0_and_ratio_1(tmp_path):
     for i, p in enumerate(prompts[:2]):  # targets: the answer (and its end marker, if reached) only
         scored = y[i][y[i] != -1].tolist()
         assert scored[:len(answers[i])] == answers[i] and (y[i, :len(p) - 1] == -1).all()
+    # greedy, the prompts of different lengths in one left-padded batch answer as each does alone
+    greedy = dict(cfg, temperature=0.0)
+    assert len({len(p) for p in prompts}) > 1
+    x, y, answers = align.rollout(greedy, model, prompts, meta["eot"], None, "cpu")
+    for i, p in enumerate(prompts):
+        x1, y1, alone = align.rollout(greedy, model, [p], meta["eot"], None, "cpu")
+        assert answers[i] == alone[0] and torch.equal(x[i, :x1.size(1)], x1[0]) and torch.equal(y[i, :y1.size(1)], y1[0])
 
 
 def reward_module(d):

@@ -131,6 +131,15 @@ def test_dpo_mode_times_both_steps_and_prints_the_ratio(capsys):
     assert summary_printed(capsys.readouterr().out, r["summary"]) and "2 pairs x 16 tokens" in r["summary"]
 
 
+def test_rollout_mode_times_the_batch_and_one_prompt_at_a_time(capsys):
+    cfg = configure(bench.DEFAULTS, TINY + ["--mode=rollout", "--block_size=32", "--prompt_len=12", "--new_tokens=6",
+                                            "--sample_batch=3", "--steps=2"])
+    r = bench.bench_rollout(cfg)
+    assert positive_finite(r["batched_ms"]) and positive_finite(r["one_at_a_time_ms"])
+    assert r["ratio"] == pytest.approx(r["one_at_a_time_ms"] / r["batched_ms"])
+    assert summary_printed(capsys.readouterr().out, r["summary"]) and "3 prompts of 5-12 tokens + 6 new" in r["summary"]
+
+
 def test_smollm2_shape_is_llama_shaped():
     cfg = configure(bench.DEFAULTS, ["--model=smollm2-135m", "--block_size=16", "--device=cpu"])
     import torch

@@ -172,7 +172,8 @@ def test_fsdp_refusals_are_one_line(workdir):
 SHARD_CHECK = r'''
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from model import GPT, GPTConfig, fully_shard
+from model import GPT, GPTConfig
+from runtime import fully_shard
 from runtime import World, close_world
 from train import grad_sync
 dist.init_process_group("gloo")

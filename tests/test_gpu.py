@@ -35,7 +35,7 @@ def learnable_batches(n, B, T, seed=0):
 
 def train_losses(model, batches, dtype, steps):
     from configurator import autocast_context
-    from model import configure_optimizers
+    from optim import configure_optimizers
     opt = configure_optimizers(model, 0.1, 6e-4, (0.9, 0.95), "cuda", verbose=False)[0]
     losses = []
     for step in range(steps):
@@ -82,7 +82,7 @@ def test_a_steady_state_step_never_waits_for_the_gpu(tmp_path):
     # set to error: any device-to-host wait in it raises
     import train
     from dataloader import DataLoader, write_tokens
-    from model import configure_optimizers
+    from optim import configure_optimizers
     os.makedirs(tmp_path / "d")
     write_tokens(str(tmp_path / "d" / "train.bin"), np.random.randint(0, 50257, 300_000))
     loader = DataLoader(str(tmp_path / "d"), "train", 8, 1024, grad_accum=2, vocab_size=50304)

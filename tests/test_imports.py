@@ -47,3 +47,32 @@ def test_importing_a_script_starts_no_work(monkeypatch, capsys):
     for m in MODULES:
         importlib.import_module(m)
     assert capsys.readouterr() == ("", "")
+
+
+def test_model_py_is_the_model_alone():
+    """model.py imports torch and the standard library only; its one reach into the project is
+    GPT.from_pretrained's delegation to hf_weights.py, which does not import model.py back."""
+    tree = ast.parse(open(os.path.join(ROOT, "model.py")).read())
+    for node in tree.body:  # the module's own imports
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            assert all(n.split(".")[0] in ("torch", "math", "dataclasses") for n in names), names
+    lazy = [(fn.name, node.module) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+            for node in ast.walk(fn) if isinstance(node, ast.ImportFrom) and node.module in MODULES]
+    assert lazy == [("from_pretrained", "hf_weights")]
+    assert "model" not in imports_of("hf_weights")
+
+
+def test_every_name_in_the_course_map_exists():
+    """docs/course.md names the code as `file.py:function` or `file.py:Class.method`."""
+    import re
+    text = open(os.path.join(ROOT, "docs", "course.md")).read()
+    refs = re.findall(r"`(\w+)\.py:([\w.]+)`", text)
+    assert len(refs) > 40
+    for module, name in refs:
+        tree = ast.parse(open(os.path.join(ROOT, module + ".py")).read())
+        scope = tree.body
+        for part in name.split("."):
+            found = [n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part]
+            assert found, f"docs/course.md names {module}.py:{name}, which does not exist"
+            scope = found[0].body

@@ -14,7 +14,9 @@ import export_hf
 import lora
 from conftest import ROOT, make_llama_folder, run_script
 from dataloader import get_tokenizer, hf_tokenizer_meta
-from model import GPT, GPTConfig, configure_optimizers, llama_config, newton_schulz
+from hf_weights import llama_config
+from model import GPT, GPTConfig
+from optim import configure_optimizers, newton_schulz
 
 
 def hf_logits(hf, idx):

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import lora
-from model import GPT, GPTConfig, configure_optimizers
+from model import GPT, GPTConfig
+from optim import configure_optimizers
 
 C = 16  # n_embd of the tiny model
 CFG = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=C, dropout=0.0)

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, apply_rope, configure_optimizers, estimate_mfu, flops_per_token, preset, rope_tables
+from model import GPT, GPTConfig, apply_rope, estimate_mfu, flops_per_token, preset, rope_tables
+from optim import configure_optimizers
 
 
 def tiny(**kw):
@@ -107,36 +108,38 @@ def test_kv_cache_chunked_prefill_matches_full_forward():
         assert_chunked_prefill_matches_full_forward(tiny(rope=rope))
 
 
-def test_generate_prompts_of_different_lengths_equal_one_row_at_a_time():
-    # lengths: rows of 3, 7 and 5 prompt tokens in one batch (padded), greedy; each row's tokens
-    # equal generate on that prompt alone. 15 steps from the shortest prompt cross block_size
-    # (16), so the recompute branch runs with the prompts fed in too. Then with a stop token, one
-    # the first row samples early on, and one inside the second row's prompt (which ends
-    # nothing): every row as alone up to its own stop, then only the stop token.
-    for rope in (False, True):
-        model = tiny(rope=rope)
+def test_generate_left_padded_prompts_equal_one_row_at_a_time():
+    # pad: rows of 3, 7 and 5 prompt tokens in one batch, left-padded with junk tokens, greedy;
+    # each row's new tokens equal generate on that prompt alone, whatever the padding holds. 12
+    # new tokens after 7 columns cross block_size (16): the recompute branch crops the padding
+    # first. With and without the cache, with and without RoPE (positions per row), and GQA.
+    # Then with a stop token that the first row samples early on, and one inside the second
+    # row's prompt (which ends nothing): every row as alone up to its own stop, then only stops.
+    for kw in (dict(), dict(rope=True), dict(rope=True, n_kv_head=1)):
+        model = tiny(**kw)
         torch.manual_seed(1)
         prompts = [torch.randint(0, 64, (n,)) for n in (3, 7, 5)]
-        idx = torch.zeros(3, 7, dtype=torch.long)
+        pad = torch.tensor([4, 0, 2])
+        idx = torch.randint(0, 64, (3, 7))  # the padding: any tokens, never seen
         for i, p in enumerate(prompts):
-            idx[i, :len(p)] = p
-        out = model.generate(idx, 15, temperature=0, lengths=[3, 7, 5])
-        assert out.shape == (3, 18)
-        alone = [model.generate(p[None], 18 - len(p), temperature=0)[0] for p in prompts]
-        for i, p in enumerate(prompts):
-            assert torch.equal(out[i], alone[i]), (rope, i)  # (the prompt itself first, not samples)
-        for stop in (out[0, 5].item(), prompts[1][4].item()):
-            stopped = model.generate(idx, 15, temperature=0, lengths=[3, 7, 5], stop_token=stop)
-            for i, p in enumerate(prompts):
-                new = alone[i][len(p):].tolist()
-                end = len(p) + (new.index(stop) + 1 if stop in new else len(new))
-                n = min(end, stopped.size(1))
-                assert n >= len(p) and torch.equal(stopped[i, :n], alone[i][:n]), (rope, i, stop)
-                assert set(stopped[i, n:].tolist()) <= {stop}, (rope, i, stop)
-    # too few steps to reach past the longest prompt, or a length beyond idx: refused, not cut short
-    for steps, lengths in ((3, [3, 7, 5]), (15, [3, 8, 5]), (15, [0, 7, 5])):
-        with pytest.raises(ValueError, match="lengths from"):
-            model.generate(idx, steps, temperature=0, lengths=lengths)
+            idx[i, pad[i]:] = p
+        alone = [model.generate(p[None], 12, temperature=0)[0, len(p):] for p in prompts]
+        for use_cache in (True, False):
+            out = model.generate(idx, 12, temperature=0, pad=pad, use_cache=use_cache)
+            assert out.shape == (3, 19) and torch.equal(out[:, :7], idx)
+            for i in range(3):
+                assert torch.equal(out[i, 7:], alone[i]), (kw, use_cache, i)
+        for stop in (alone[0][2].item(), prompts[1][4].item()):
+            stopped = model.generate(idx, 12, temperature=0, pad=pad, stop_token=stop)[:, 7:]
+            for i in range(3):
+                new = alone[i].tolist()
+                n = min(new.index(stop) + 1 if stop in new else len(new), stopped.size(1))
+                assert torch.equal(stopped[i, :n], alone[i][:n]), (kw, i, stop)
+                assert set(stopped[i, n:].tolist()) <= {stop}, (kw, i, stop)
+    # padding that leaves a row no token, or a negative one: refused
+    for bad in ([7, 0, 2], [-1, 0, 2]):
+        with pytest.raises(ValueError, match="pad must leave"):
+            model.generate(idx, 3, temperature=0, pad=torch.tensor(bad))
 
 
 def test_generate_restores_mode_and_streams():

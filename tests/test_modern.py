@@ -13,7 +13,8 @@ import plan
 import train as train_script
 from checkpoint import load_model, make_checkpoint, save_checkpoint
 from conftest import read_log
-from model import GPT, GPTConfig, Muon, configure_optimizers, estimate_mfu, flops_per_token, newton_schulz
+from model import GPT, GPTConfig, estimate_mfu, flops_per_token
+from optim import Muon, configure_optimizers, newton_schulz
 from test_model import assert_chunked_prefill_matches_full_forward, tiny
 from test_train import ddp_equals_accumulation, train
 
@@ -249,11 +250,11 @@ def test_muon_split_orthogonalises_q_k_v_as_three_matrices():
 
 
 def test_newton_schulz_runs_in_bf16_only_where_it_is_native(monkeypatch):
-    import configurator
+    import optim
     muon = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
     assert configure_optimizers(tiny(), 0.1, 1e-3, (0.9, 0.95), "cpu", muon=muon, verbose=False)[0].ns_dtype == torch.float32
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):  # Ampere and newer / V100, T4
-        monkeypatch.setattr(configurator, "native_bf16_gpu", lambda: native)
+        monkeypatch.setattr(optim, "native_bf16_gpu", lambda: native)
         assert configure_optimizers(tiny(), 0.1, 1e-3, (0.9, 0.95), "cuda", muon=muon, verbose=False)[0].ns_dtype == dtype
     # either way the result is about orthogonal: singular values near 1
     G = torch.randn(64, 32)

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 from configurator import configure  # noqa: E402
 from conftest import ROOT, run_script  # noqa: E402
-from model import GPT, GPTConfig, configure_optimizers  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
 
 RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "config", "*.py"))
                  if not os.path.basename(p).startswith("align_"))  # (align.py's recipes: tests/test_align.py)
