@@ -303,22 +303,33 @@ def prompts_of(loader):
 def rollout(cfg, raw_model, prompts, eot, generator, device):
     """Sample an answer for each prompt with the KV cache (temperature, up to max_new_tokens, ended
     at the end marker), as (x, y) padded like SFT batches: y the answer tokens, -1 elsewhere. Also
-    the answers' token lists (without the end marker). All prompts at once, left-padded to end
-    together (generate's pad): one forward reads every prompt, then each step samples every row."""
+    the answers' token lists (without the end marker). The prompts go in one batch, left-padded to
+    end together (generate's pad): one forward reads them all, then each step samples every row."""
     # prompt and answer must fit the policy's block_size (and the reward model's: block_size)
-    ends = [len(p) + max(1, min(cfg["max_new_tokens"], cfg["block_size"] + 1 - len(p))) for p in prompts]
-    P = max(map(len, prompts))
-    idx = torch.full((len(prompts), P), eot, dtype=torch.long)  # (N, P): prompts on the right, padding left
-    for i, p in enumerate(prompts):
-        idx[i, P - len(p):] = torch.tensor(p)
-    pad = torch.tensor([P - len(p) for p in prompts])
-    n_new = max(end - len(p) for p, end in zip(prompts, ends))
-    out = raw_model.generate(idx.to(device), n_new, temperature=cfg["temperature"], stop_token=eot,
-                             generator=generator, pad=pad.to(device))[:, P:].tolist()  # (N, n_new): the answers
+    budgets = [max(1, min(cfg["max_new_tokens"], cfg["block_size"] + 1 - len(p))) for p in prompts]
+    # a batch is as wide as its longest prompt plus its largest budget: where that passes block_size
+    # (a long prompt beside a short one), generate would re-run the whole window at every step. So
+    # the prompts are cut into batches that fit, longest first (usually one batch)
+    batches = []
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        width = batches and len(prompts[batches[-1][0]]) + max(budgets[j] for j in batches[-1] + [i]) - 1
+        if not batches or width > cfg["block_size"]:  # (the last sampled token is never fed back: - 1)
+            batches.append([])
+        batches[-1].append(i)
+    new = [None] * len(prompts)  # each prompt's sampled tokens
+    for rows in batches:
+        P = len(prompts[rows[0]])  # the longest prompt of the batch
+        idx = torch.full((len(rows), P), eot, dtype=torch.long)  # (N, P): prompts on the right, padding left
+        for r, i in enumerate(rows):
+            idx[r, P - len(prompts[i]):] = torch.tensor(prompts[i])
+        pad = torch.tensor([P - len(prompts[i]) for i in rows])
+        out = raw_model.generate(idx.to(device), max(budgets[i] for i in rows), temperature=cfg["temperature"],
+                                 stop_token=eot, generator=generator, pad=pad.to(device))[:, P:].tolist()
+        for r, i in enumerate(rows):
+            new[i] = out[r][:budgets[i]]
     seqs, answers = [], []
-    for p, row, end in zip(prompts, out, ends):
-        new = row[:end - len(p)]
-        answer = new[:new.index(eot) + 1] if eot in new else new  # through the first end marker
+    for p, tokens in zip(prompts, new):
+        answer = tokens[:tokens.index(eot) + 1] if eot in tokens else tokens  # through the first end marker
         seqs.append((p, answer))
         answers.append([t for t in answer if t != eot])
     L = max(len(p) + len(a) for p, a in seqs) - 1

@@ -378,8 +378,10 @@ class GPT(nn.Module):
             block_size = self.config.block_size
             if pad is not None:
                 pad = torch.as_tensor(pad, device=idx.device)
-                if not 0 <= int(pad.min()) <= int(pad.max()) < idx.size(1):
-                    raise ValueError(f"pad must leave every row of idx's {idx.size(1)} columns a token")
+                if pad.shape != (idx.size(0),) or not 0 <= int(pad.min()) <= int(pad.max()) < idx.size(1):
+                    raise ValueError(f"pad must hold one count per row of idx, each leaving that row a token of "
+                                     f"its {idx.size(1)} columns")
+                pad = pad if pad.any() else None  # no padding at all: SDPA's own causal mask (flash on a GPU)
             cache, cached = None, 0  # cached: how many columns of idx the cache holds
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1): rows that stopped
             for i in range(max_new_tokens):
@@ -455,7 +457,11 @@ class GPT(nn.Module):
             raise ValueError(f"from_pretrained can override only dropout and block_size, not {sorted(override_args)}")
         config_args, state_dict = read_pretrained(name_or_path)
         model = cls(GPTConfig(**config_args, dropout=override_args.get("dropout", 0.0)))
-        model.load_state_dict(state_dict)
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as e:  # names or shapes that do not fit: one line, not PyTorch's list
+            first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]  # the first missing or odd name
+            raise ValueError(f"{name_or_path}: weights that do not fit this GPT ({first})") from None
         if "block_size" in override_args:
             model.crop_block_size(override_args["block_size"])
         return model

@@ -308,10 +308,10 @@ def get_lr(step, cfg):
 def set_lr(optimizers, step, cfg):
     """Every param group follows the same schedule, scaled to its own peak (base_lr: AdamW's
     learning_rate, Muon's muon_lr). Returns AdamW's lr, the one logged."""
-    lr = get_lr(step, cfg)
+    lr = get_lr(step, cfg) if cfg["learning_rate"] > 0 else 0.0  # (learning_rate 0: nothing moves)
     for opt in optimizers:
         for group in opt.param_groups:  # (AdamW's ratio is exactly 1: its groups take lr itself)
-            group["lr"] = lr * (group["base_lr"] / cfg["learning_rate"]) if cfg["learning_rate"] > 0 else 0.0
+            group["lr"] = lr * (group["base_lr"] / cfg["learning_rate"]) if lr else 0.0
     return lr
 
 

@@ -426,12 +426,15 @@ def test_ppo_first_rollout_has_kl_0_and_ratio_1(tmp_path):
         scored = y[i][y[i] != -1].tolist()
         assert scored[:len(answers[i])] == answers[i] and (y[i, :len(p) - 1] == -1).all()
     # greedy, the prompts of different lengths in one left-padded batch answer as each does alone
-    greedy = dict(cfg, temperature=0.0)
-    assert len({len(p) for p in prompts}) > 1
-    x, y, answers = align.rollout(greedy, model, prompts, meta["eot"], None, "cpu")
-    for i, p in enumerate(prompts):
-        x1, y1, alone = align.rollout(greedy, model, [p], meta["eot"], None, "cpu")
-        assert answers[i] == alone[0] and torch.equal(x[i, :x1.size(1)], x1[0]) and torch.equal(y[i, :y1.size(1)], y1[0])
+    # (block_size 14: the longest prompts get fewer new tokens, and go in a batch of their own)
+    assert len({len(p) for p in prompts}) > 1 and max(map(len, prompts)) + 6 - 1 > 14
+    for block_size in (cfg["block_size"], 14):
+        greedy = dict(cfg, temperature=0.0, block_size=block_size)
+        x, y, answers = align.rollout(greedy, model, prompts, meta["eot"], None, "cpu")
+        for i, p in enumerate(prompts):
+            x1, y1, alone = align.rollout(greedy, model, [p], meta["eot"], None, "cpu")
+            assert answers[i] == alone[0], (block_size, i)
+            assert torch.equal(x[i, :x1.size(1)], x1[0]) and torch.equal(y[i, :y1.size(1)], y1[0])
 
 
 def reward_module(d):

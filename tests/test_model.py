@@ -136,9 +136,12 @@ def test_generate_left_padded_prompts_equal_one_row_at_a_time():
                 n = min(new.index(stop) + 1 if stop in new else len(new), stopped.size(1))
                 assert torch.equal(stopped[i, :n], alone[i][:n]), (kw, i, stop)
                 assert set(stopped[i, n:].tolist()) <= {stop}, (kw, i, stop)
-    # padding that leaves a row no token, or a negative one: refused
-    for bad in ([7, 0, 2], [-1, 0, 2]):
-        with pytest.raises(ValueError, match="pad must leave"):
+    # no padding at all is the plain path; padding that leaves a row no token, a negative one, or
+    # not one count per row: refused
+    assert torch.equal(model.generate(idx, 5, temperature=0, pad=torch.zeros(3, dtype=torch.long)),
+                       model.generate(idx, 5, temperature=0))
+    for bad in ([7, 0, 2], [-1, 0, 2], [1, 2]):
+        with pytest.raises(ValueError, match="pad must hold one count per row"):
             model.generate(idx, 3, temperature=0, pad=torch.tensor(bad))
 
 
