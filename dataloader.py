@@ -205,6 +205,18 @@ def with_bos(meta, ids):
     return ids if ids[:len(bos)] == bos else bos + ids
 
 
+def encode_pair(encode, first, second):
+    """The tokens of the text first + second, split where first ends: (first's tokens, the rest).
+    That is how the model reads second in running text: encoding it on its own would not be for
+    SentencePiece-family tokenizers (Llama 2, TinyLlama, Mistral), which put a '▁' before every
+    text they are given: "the king" + " is dead" -> [▁the ▁k ing] + [▁ ▁is ...], an extra
+    token the model never sees inside a text. GPT-2's BPE and byte-level BPEs agree either way.
+    first keeps its own encoding (what a prompt is at sampling time): where a merge crosses the
+    join, second gets the whole's tokens after that many (lm-evaluation-harness does the same)."""
+    head = encode(first)
+    return head, encode(first + second)[len(head):]
+
+
 def get_tokenizer(meta):
     """Return (encode, decode) for a dataset's meta.json: encode(str) -> list[int],
     decode(list[int]) -> str. encode adds no special tokens (a caller adds meta["bos"] where a

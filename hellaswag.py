@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoint import check_same_tokenizer, load_model
-from dataloader import DataLoader, get_tokenizer, read_meta, with_bos
+from dataloader import DataLoader, encode_pair, get_tokenizer, read_meta, with_bos
 from model import unwrap
 
 # -----------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def load_examples(split="val", data_file=None, limit=None, meta=None):
     """Read and tokenize HellaSwag examples: a list of dicts
 
         ctx       the context's tokens (after the tokenizer's bos, for a Llama's: its texts start so)
-        endings   four token lists, each the tokens of " " + ending
+        endings   four token lists, each the tokens of " " + ending after the context's
         label     the index of the right ending (0..3)
 
     from data_file, or from the split's downloaded file. limit keeps the first N. meta: the
@@ -142,11 +142,10 @@ def load_examples(split="val", data_file=None, limit=None, meta=None):
                 label = int(label)
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
                 raise UserError(f"{where}: label must be 0, 1, 2 or 3, got {ex['label']!r}")
-            # an ending is its own word after the context: " " + ending, so that BPE gives it
-            # the space-prefixed tokens it would have in running text
-            examples.append(dict(ctx=with_bos(meta, encode(ctx)),
-                                 endings=[encode(" " + e) for e in endings],
-                                 label=label))
+            # an ending is its own word after the context, " " + ending, tokenized as it is read in
+            # the whole text (encode_pair: a SentencePiece tokenizer would add a token alone)
+            pairs = [encode_pair(encode, ctx, " " + e) for e in endings]
+            examples.append(dict(ctx=with_bos(meta, pairs[0][0]), endings=[e for _, e in pairs], label=label))
     if not examples:
         raise UserError(f"{path}: no examples in the file")
     return examples

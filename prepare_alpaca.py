@@ -13,8 +13,9 @@ with the Alpaca prompt template (render_prompt) and becomes
     (no loss)      |  (the loss is here)
 
 The <|endoftext|> teaches the model to stop: sample.py --instruct ends the answer there.
-The prompt and the response are tokenized separately (GPT-2 BPE), so the boundary between them
-is a token boundary, and a prompt is tokenized exactly as sample.py tokenizes a question.
+The response's tokens are those of the whole text prompt + response after the prompt's own
+(dataloader.encode_pair): what the model reads in running text, also with a SentencePiece-family
+tokenizer, while the prompt is tokenized exactly as sample.py tokenizes a question.
 
 --tokenizer=FOLDER (or a Hub name) prepares the data for a Llama-family model instead
 (docs/llama.md): its tokenizer, its bos before each prompt, its eos in place of <|endoftext|>,
@@ -44,7 +45,8 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from dataloader import EOT, get_gpt2_encoding, get_hf_tokenizer, get_tokenizer, hf_tokenizer_meta, with_bos, write_meta, write_sft
+from dataloader import (EOT, encode_pair, get_gpt2_encoding, get_hf_tokenizer, get_tokenizer, hf_tokenizer_meta,
+                        with_bos, write_meta, write_sft)
 
 DEFAULTS = dict(
     input="",  # a local JSON list or JSONL of {"instruction", "input", "output"}; empty = download Alpaca
@@ -213,8 +215,8 @@ def prepare(cfg):
         examples, dropped = [], 0
         for i in tqdm(sorted(ids.tolist()), desc=split, unit="ex"):  # file order within a split
             instruction, inp, output = records[i]
-            prompt = with_bos(meta, encode(instruction_prompt(meta, instruction, inp)))
-            response = encode(output) + [eot]
+            prompt, response = encode_pair(encode, instruction_prompt(meta, instruction, inp), output)
+            prompt, response = with_bos(meta, prompt), response + [eot]
             if len(prompt) + len(response) > max_len + 1:
                 dropped += 1
                 continue

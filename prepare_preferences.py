@@ -27,7 +27,7 @@ if __name__ == "__main__":
 
 import numpy as np
 
-from dataloader import with_bos, write_meta, write_sft
+from dataloader import encode_pair, with_bos, write_meta, write_sft
 from prepare_alpaca import instruction_prompt, instruction_tokenizer, read_json_records
 
 DEFAULTS = dict(
@@ -116,8 +116,9 @@ def prepare(cfg):
         examples, dropped = [], 0
         for i in ids:
             prompt, chosen, rejected = pairs[i]
-            p = with_bos(meta, encode(instruction_prompt(meta, prompt)))
-            c, r = encode(chosen) + [eot], encode(rejected) + [eot]
+            text = instruction_prompt(meta, prompt)  # each answer as it reads after the prompt (encode_pair)
+            (p, c), (_, r) = encode_pair(encode, text, chosen), encode_pair(encode, text, rejected)
+            p, c, r = with_bos(meta, p), c + [eot], r + [eot]
             if len(p) + max(len(c), len(r)) > max_len + 1:
                 dropped += 1
                 continue

@@ -149,6 +149,8 @@ def chat(model, meta, encode, decode, cfg, autocast, device):
             text = get_hf_tokenizer(meta["path"]).apply_chat_template(
                 turns + [{"role": "user", "content": line}], tokenize=False, add_generation_prompt=True)
             return with_bos(meta, encode(text))
+        # Alpaca's turn by turn, on purpose: each prompt encoded on its own, as every SFT example's
+        # prompt was; the answers are the model's own tokens, the end marker an id, not text
         ids = [t for user, answer in history for t in encode(prepare_alpaca.instruction_prompt(meta, user)) + answer + [eot]]
         return with_bos(meta, ids + encode(prepare_alpaca.instruction_prompt(meta, line)))
 

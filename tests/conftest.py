@@ -210,22 +210,50 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def make_llama_folder(folder, tie=False, n_kv_head=2, chat=True, seed=0, text=LLAMA_TEXT, vocab_size=320):
+def sentencepiece_tokenizer(text, vocab_size):
+    """A tokenizer laid out as Llama 2's and TinyLlama's (a SentencePiece BPE in transformers' fast
+    form): <unk> <s> </s>, the 256 byte tokens <0x00>..<0xFF> (byte fallback for what the pieces
+    lack), then pieces learnt from `text`; a normalizer that puts '▁' before every text and for
+    every space, so that a text encoded alone gets a '▁' it would not have inside a longer one."""
+    import json
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    learner = Tokenizer(models.BPE())  # the merges, learnt within words
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    learner.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size - 259, special_tokens=[]))
+    learnt = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(learnt["vocab"], key=learnt["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    return tk
+
+
+def make_llama_folder(folder, tie=False, n_kv_head=2, chat=True, seed=0, text=LLAMA_TEXT, vocab_size=320,
+                      sentencepiece=False):
     """A random transformers LlamaForCausalLM (GQA, rope_theta 5000, untied unless tie) and a
-    byte-level BPE tokenizer trained here by `tokenizers` (bos <s> added before every text, as
-    Llama's does; eos </s>; a chat template if chat; vocab_size ids, from `text`), saved with
-    save_pretrained: (folder, hf_model)."""
+    byte-level BPE tokenizer trained here by `tokenizers` (or with sentencepiece=True one laid out
+    as Llama 2's: sentencepiece_tokenizer), bos <s> added before every text, as Llama's does; eos
+    </s>; a chat template if chat; about vocab_size ids, from `text`), saved with save_pretrained:
+    (folder, hf_model)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<|im_start|>"]
-    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if sentencepiece:
+        tk = sentencepiece_tokenizer(text, vocab_size + 259)
+    else:
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        specials = ["<s>", "</s>", "<|im_start|>"]
+        tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  **({"unk_token": "<unk>"} if sentencepiece else {}))
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)

@@ -94,8 +94,41 @@ def test_rendering(tmp_path):
     for ex, line in zip(exs, lines):
         assert ex["label"] == line["label"]
         assert enc.decode(ex["ctx"]) == line["ctx"]
-        # each ending is a word of its own after the context: a leading space
+        # each ending is a word of its own after the context: a leading space; with GPT-2's BPE the
+        # tokens in the whole text are those of the ending alone
         assert [enc.decode(e) for e in ex["endings"]] == [" " + e for e in line["endings"]]
+        assert ex["endings"] == [enc.encode(" " + e) for e in line["endings"]]
+
+
+@pytest.mark.parametrize("sentencepiece", [False, True])
+def test_endings_are_scored_as_transformers_scores_them_in_the_whole_text(tmp_path, sentencepiece):
+    """On a Llama folder, byte-level (SmolLM2-style) or laid out as Llama 2's SentencePiece BPE
+    (a '▁' before every text): each ending's loss equals transformers' model's on the tokens of
+    the whole text, bos + ctx + " " + ending, after the context's. The byte-level tokens are those
+    of the ending alone; the SentencePiece ones are not (the test would fail on them otherwise)."""
+    from conftest import make_llama_folder
+    from dataloader import hf_tokenizer_meta
+    from transformers import AutoTokenizer
+    folder, hf = make_llama_folder(tmp_path / "m", sentencepiece=sentencepiece)
+    tok = AutoTokenizer.from_pretrained(folder)
+    path = make_jsonl(tmp_path / "v.jsonl", 6)
+    lines = [json.loads(l) for l in open(path)]
+    exs = hellaswag.load_examples(data_file=path, meta=hf_tokenizer_meta(folder))
+    model = GPT.from_pretrained(folder)
+    sum_loss, n_tokens = hellaswag.ending_losses(model, exs, "cpu")
+    alone_differs = False
+    for i, line in enumerate(lines):
+        ctx = tok(line["ctx"])["input_ids"]  # with the bos
+        for j, ending in enumerate(line["endings"]):
+            whole = tok(line["ctx"] + " " + ending)["input_ids"]
+            cont = whole[len(ctx):]
+            assert exs[i]["ctx"] == ctx and exs[i]["endings"][j] == cont
+            alone_differs |= cont != tok(" " + ending, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = hf(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1:-1]
+            want = F.cross_entropy(logits, torch.tensor(cont), reduction="sum").item()
+            assert sum_loss[i, j].item() == pytest.approx(want, rel=1e-4) and n_tokens[i, j] == len(cont)
+    assert alone_differs == sentencepiece
 
 
 @needs_gpt2_bpe

@@ -377,3 +377,42 @@ def test_end_to_end_learns_an_instruction_task(tmp_path):
     p = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=out", f"--start={n} asks you to repeat this letter: {c}",
                     "--num_samples=1", "--max_new_tokens=20", "--temperature=0", "--device=cpu"], cwd=tmp_path)
     assert p.stdout == f"{c}\n"  # no template, no end marker, nothing after it
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_prepared_examples_are_the_whole_texts_tokens_with_a_sentencepiece_tokenizer(tmp_path, capsys, template):
+    """prepare_alpaca.py and prepare_preferences.py on a tokenizer laid out as Llama 2's (a '\u2581'
+    before every text it is given): every example is bos + the tokens of the whole text prompt +
+    answer, split after the prompt's own tokens, + eos. Encoding the answer alone would differ."""
+    import prepare_alpaca
+    import prepare_preferences
+    from conftest import make_llama_folder
+    from dataloader import get_hf_tokenizer, hf_tokenizer_meta
+    folder, _ = make_llama_folder(tmp_path / "sp", sentencepiece=True)
+    tok, meta = get_hf_tokenizer(folder), hf_tokenizer_meta(folder)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    records = [r for r in RECORDS if r["output"].strip() and "<|endoftext|>" not in r["output"]][:8]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    pairs = [{"prompt": r["instruction"], "chosen": r["output"], "rejected": "No. " + r["output"]} for r in records]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+    common = dict(tokenizer=folder, template=template, max_len=1024, val_fraction=0.25)
+    sft = prepare_alpaca.prepare(dict(prepare_alpaca.DEFAULTS, input=str(tmp_path / "sft.jsonl"),
+                                      out_dir=str(tmp_path / "d_sft"), **common))
+    prefs = prepare_preferences.prepare(dict(prepare_preferences.DEFAULTS, input=str(tmp_path / "pairs.jsonl"),
+                                             out_dir=str(tmp_path / "d_prefs"), **common))
+    capsys.readouterr()
+    expect, alone_differs = set(), False
+    for r in records:  # (the SFT prompt has the record's input, the preference prompt not)
+        render = lambda inp: prepare_alpaca.instruction_prompt(dict(meta, template=template), r["instruction"], inp)
+        for prompt, answer in [(render(inp), a) for inp in {r.get("input", ""), ""} for a in (r["output"], "No. " + r["output"])]:
+            head, whole = enc(prompt), enc(prompt + answer)
+            assert whole[:len(head)] == head  # no merge across the join in this tokenizer
+            expect.add((tuple(meta["bos"] + head), tuple(whole[len(head):] + [meta["eot"]])))
+            alone_differs |= whole[len(head):] != enc(answer)
+    assert alone_differs
+    for out in (sft, prefs):
+        for split in ("train", "val"):
+            tokens, index = read_sft(out, split)
+            for start, p, n in index.tolist():
+                ex = tokens[start:start + n].tolist()
+                assert (tuple(ex[:p]), tuple(ex[p:])) in expect, (out, split)
