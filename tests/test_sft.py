@@ -404,7 +404,8 @@ def test_prepared_examples_are_the_whole_texts_tokens_with_a_sentencepiece_token
     expect, alone_differs = set(), False
     for r in records:  # (the SFT prompt has the record's input, the preference prompt not)
         render = lambda inp: prepare_alpaca.instruction_prompt(dict(meta, template=template), r["instruction"], inp)
-        for prompt, answer in [(render(inp), a) for inp in {r.get("input", ""), ""} for a in (r["output"], "No. " + r["output"])]:
+        answers = (r["output"], "No. " + r["output"])
+        for prompt, answer in [(render(inp), a) for inp in {r.get("input", ""), ""} for a in answers]:
             head, whole = enc(prompt), enc(prompt + answer)
             assert whole[:len(head)] == head  # no merge across the join in this tokenizer
             expect.add((tuple(meta["bos"] + head), tuple(whole[len(head):] + [meta["eot"]])))
