@@ -46,6 +46,8 @@ def setup_world(device_setting, fsdp=False, timeout_s=600):
     per process, or rank 0 of 1 for a plain `python train.py`."""
     device, device_type = resolve_device(device_setting)
     if "RANK" not in os.environ:
+        if device_type == "cuda":  # cuda:N: its RNG state, synchronize and capability checks, not GPU 0's
+            torch.cuda.set_device(device)
         return World(False, 0, 1, device, device_type)
     rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device_type == "cuda":
@@ -198,8 +200,10 @@ def worse_than_best(val_loss, best_val):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM: the first asks the loop to stop after this step (and save); the second
-    exits at once (a checkpoint being written is then abandoned; ckpt.pt is only replaced whole)."""
+    """SIGINT/SIGTERM: the first asks the loop to stop after this step (and save). A second Ctrl-C
+    exits at once (a checkpoint being written is then abandoned; ckpt.pt is only replaced whole).
+    A second SIGTERM changes nothing: under SLURM one stop often arrives twice (to each rank from
+    the scheduler, and again through torchrun), and it must not cost the save it asked for."""
 
     def __init__(self):
         self.requested = False
@@ -207,13 +211,44 @@ class StopFlag:
         signal.signal(signal.SIGTERM, self.handle)
 
     def handle(self, signum, frame):
-        if self.requested:  # at once: not even a checkpoint being written is finished (its temp file is
-            print("\nsecond signal: exiting now", flush=True)  # removed by the next run in out_dir)
-            os._exit(130)
+        if self.requested and signum == signal.SIGINT:  # at once: not even a checkpoint being written is
+            print("\nsecond signal: exiting now", flush=True)  # finished (its temp file is removed by the
+            os._exit(130)  # next run in out_dir)
+        if self.requested:
+            return
         self.requested = True
-        # (under DDP the ranks agree at the next log step, so that all of them stop at the same one)
-        print(f"\n{signal.Signals(signum).name}: finishing this step or evaluation batch (with several GPUs, "
-              "training: the next log step), then saving and exiting (again to exit at once)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: finishing this step or evaluation batch (with several ranks: the "
+              "next one), then saving and exiting (Ctrl-C again to exit at once)", flush=True)
+
+
+class StopVote:
+    """The ranks agree on a stop at every step, without waiting for the GPU: each step sends this
+    rank's flag in an all-reduce over the CPU (a gloo group of its own, started and left running)
+    and reads the result of the one sent a step earlier, long finished by then. Every rank reads
+    the same result at the same step, so all stop at the same step, one or two steps after the
+    signal reached the last of them, not at the next log step. One process: the flag itself."""
+
+    def __init__(self, world):
+        self.world, self.pending = world, None
+        self.group = dist.new_group(backend="gloo") if world.ddp else None  # (every rank makes it, here)
+
+    def exchange(self, requested):
+        """Send this step's flag; return whether any rank had asked a step ago (every rank: the same)."""
+        if not self.world.ddp:
+            return requested
+        agreed = self.result()
+        flag = torch.tensor([float(requested)])  # on the CPU: reading it syncs nothing
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return agreed
+
+    def result(self):
+        """The last vote sent, waited for (a step after it was sent, it is done); False if none."""
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        work.wait()
+        self.pending = None
+        return bool(flag.item())
 
 
 class RunLog:

@@ -37,8 +37,9 @@ from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
 from model import GPT, estimate_mfu
 from optim import configure_optimizers
 from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan, setting_notes
-from runtime import (StepClock, StopFlag, agree_on_step, all_finite, close_world, console_line, ddp_wrap, format_time,
-                     fully_shard, nonfinite, peak_flops, rank_failed, setup_world, stop_agreed, worse_than_best)
+from runtime import (StepClock, StopFlag, StopVote, agree_on_step, all_finite, close_world, console_line, ddp_wrap,
+                     format_time, fully_shard, nonfinite, peak_flops, rank_failed, setup_world, stop_agreed,
+                     worse_than_best)
 
 # -----------------------------------------------------------------------------
 # settings: every one can be changed by a config file or --key=value (python train.py -h lists them)
@@ -376,6 +377,7 @@ def train(cfg, world):
     peak = cfg["peak_flops"] or (peak_flops(torch.cuda.get_device_name(world.device)) if world.device_type == "cuda" else None)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     clock = StepClock(start_step, world.device_type)
+    vote = StopVote(world)  # the ranks' stop, agreed at every step
     bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
     stopping = stop_agreed(stop, world)  # a stop every rank agreed on; one during the set-up ends the run here
     if resume and step >= max_iters:
@@ -435,9 +437,10 @@ def train(cfg, world):
         step += 1
         clock.count(step_tokens)  # real tokens: SFT padding is not counted
 
-        stopping = stop.requested and not world.ddp  # (under DDP the ranks agree at the log step)
+        stopping = vote.exchange(stop.requested)  # every rank's stop, agreed a step later (no GPU wait)
         if step % cfg["log_interval"] == 0 or step == max_iters or stopping:
-            loss_val, stopping, diverged = agree_on_step(loss_accum, bad_loss, stop, world)
+            loss_val, agreed, diverged = agree_on_step(loss_accum, bad_loss, stop, world)
+            stopping = stopping or agreed
             if diverged:
                 raise nonfinite(out_dir, step - 1)
             timing, tokens_per_step = clock.lap()  # the first step (compile, warm-up) apart, as warmup_s
@@ -449,6 +452,7 @@ def train(cfg, world):
             log(step - 1, **values)
             say(console_line(step - 1, max_iters, dict(values, compiled=cfg["compile"]),
                              clock.left(step, max_iters)), flush=True)
+    vote.result()  # the last vote sent: every rank waits for it before leaving the process group
     say(f"done in {format_time(time.time() - clock.run_start)}")
 
 

@@ -230,24 +230,26 @@ def _cmdline(pid):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
-def test_sigint_to_one_ddp_rank_stops_all_at_a_log_step(workdir):
-    # a preemption signal may reach one rank only (or the ranks a step apart); saving is
-    # collective, so the ranks must agree on the step to stop at, or the run hangs
+def test_sigterm_twice_to_one_ddp_rank_stops_all_at_once_and_saves(workdir):
+    # a preemption signal may reach one rank only, or the ranks a step apart, and under SLURM
+    # twice (from the scheduler, and again through torchrun); saving is collective, so the ranks
+    # must agree on the step to stop at (or the run hangs), do so within a step or two (not at the
+    # next log step, 1000 steps away), and a repeated SIGTERM must not cost the save
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = torchrun_cmd([os.path.join(ROOT, "train.py")] + TINY + [
-        "--max_iters=100000", "--lr_decay_iters=1000", "--out_dir=out_ddp_sig", "--eval_interval=0",
-        "--checkpoint_interval=0", "--log_interval=50"])
+        "--max_iters=1000000", "--lr_decay_iters=1000", "--out_dir=out_ddp_sig", "--eval_interval=0",
+        "--checkpoint_interval=0", "--log_interval=1000"])
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     log = workdir / "out_ddp_sig" / "log.txt"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(read_log(log, "train")) >= 1):
-        time.sleep(0.2)
-    # the signal lands a few steps after step 49: 49 in 50 times between log steps, where one
-    # rank acting alone would hang the run
+        time.sleep(0.2)  # the first log step (999): training runs, and the next log step is 1000 steps away
     workers = [k for k in _children(proc.pid) if "train.py" in _cmdline(k)]
     assert len(workers) == 2, workers
-    os.kill(max(workers), signal.SIGINT)  # one rank only
+    os.kill(max(workers), signal.SIGTERM)  # one rank only, twice
+    time.sleep(0.05)
+    os.kill(max(workers), signal.SIGTERM)
     try:
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -255,9 +257,10 @@ def test_sigint_to_one_ddp_rank_stops_all_at_a_log_step(workdir):
             os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the ranks did not agree on stopping: the run hung")
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0 and "exiting now" not in out, out[-3000:]
+    assert (workdir / "out_ddp_sig" / "ckpt.pt").exists(), out[-3000:]
     step = torch.load(workdir / "out_ddp_sig" / "ckpt.pt", weights_only=True)["step"]
-    assert step % 50 == 0 and f"stopped at step {step}" in out
+    assert step > 1000 and step % 1000 and f"stopped at step {step}" in out  # not at a log step
 
 
 def test_max_iters_0_evaluates_and_writes_nothing(workdir):
@@ -523,3 +526,15 @@ def test_a_second_signal_exits_at_once_and_keeps_the_checkpoint(workdir):
     assert proc.returncode == 130 and "second signal: exiting now" in out, out[-2000:]
     assert "Traceback" not in out and "disk" not in out
     assert (workdir / "out_twice" / "ckpt.pt").read_bytes() == before  # the last checkpoint, whole
+
+
+def test_a_single_process_on_cuda_n_makes_it_the_current_device(monkeypatch):
+    # without torchrun, --device=cuda:1 must make GPU 1 current: else the CUDA RNG state saved and
+    # restored, torch.cuda.synchronize and the bf16 capability check would all look at GPU 0
+    import runtime
+    calls = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: ("cuda:1", "cuda"))
+    monkeypatch.setattr(runtime.torch.cuda, "set_device", calls.append)
+    world = runtime.setup_world("cuda:1")
+    assert calls == ["cuda:1"] and world.device == "cuda:1" and not world.ddp
