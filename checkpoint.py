@@ -314,7 +314,8 @@ def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, l
             best = val_loss is not None and val_loss == best_val_loss
             if best:
                 keep_copy(path, os.path.join(cfg["out_dir"], "ckpt_best.pt"))
-            print(f"saved {path} at step {step}" + (" (the best val loss so far: also ckpt_best.pt)" if best else ""))
+            print(f"saved {path} at step {step} ({os.path.getsize(path) / 1e6:,.0f} MB)"
+                  + (" (the best val loss so far: also ckpt_best.pt)" if best else ""))
         except UserError as e:
             error = e
     agree(world, error)

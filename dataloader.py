@@ -346,12 +346,12 @@ class DataLoader:
         self.micro = (self.micro + 1) % self.grad_accum
         # fancy-index the memmap: only these B rows are read from disk
         rows = np.stack([self._tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)
-        return torch.from_numpy(rows)  # (B, T + 1): x and y are two views of it
+        return torch.from_numpy(rows)  # (B, T + 1): x is its first T columns, y its last T
 
     def next_batch(self):
         """Return (x, y): (B, T) int64 CPU tensors, y being x shifted left by one token."""
         buf = self._next_rows()
-        return buf[:, :-1], buf[:, 1:]
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (as next_step's: see there)
 
     def next_step(self, device="cpu"):
         """This rank's grad_accum micro-batches of the next optimizer step, each (x, y, weight)
@@ -360,8 +360,11 @@ class DataLoader:
         token is a target, so it is 1 / grad_accum."""
         batches = []
         for _ in range(self.grad_accum):
-            buf = to_device(self._next_rows(), device)  # one copy of (B, T + 1), then two views
-            batches.append((buf[:, :-1], buf[:, 1:], 1 / self.grad_accum))
+            buf = to_device(self._next_rows(), device)  # one copy of (B, T + 1) to the device
+            # x and y contiguous, not views of buf with its stride T + 1: an evaluation's batches
+            # reach a GPU contiguous (a strided view is copied dense), and torch.compile would
+            # recompile the training graph for a symbolic stride after the first evaluation
+            batches.append((buf[:, :-1].contiguous(), buf[:, 1:].contiguous(), 1 / self.grad_accum))
         return batches, self.B * self.T * self.world_size * self.grad_accum
 
 

@@ -156,6 +156,7 @@ HUB_SHAPES = {
                                        n_embd=576, mlp="swiglu", mlp_hidden=1536, norm="rmsnorm", norm_eps=1e-5,
                                        rope=True, rope_theta=100000.0, bias=False, tie_embeddings=True),
 }
+ASSUMED_WRITE = 1e9  # bytes/s a checkpoint is written at (a shared file system; local NVMe is faster)
 ASSUMED_MFU = 0.45  # the README's recipe times assume it too: well-tuned GPT-2 runs on H100s report ~40-55%
 ASSUMED_GPU = ("H100 SXM", 989.5e12)  # when --peak_flops is not given: its dense bf16 peak
 
@@ -279,6 +280,21 @@ def memory_per_gpu(model, cfg, world_size, fsdp, dtype):
     return mem
 
 
+def checkpoint_bytes(model, cfg):
+    """About the size of ckpt.pt: fp32 weights (a LoRA run: its adapters only) and the optimizer's
+    state for the trained ones (AdamW: two moments; Muon: one momentum for the blocks' matrices)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = trained if cfg["lora_rank"] > 0 else model.num_params()
+    return 4 * weights + (4 if cfg["optimizer"] == "muon" else 8) * trained
+
+
+def checkpoint_count(cfg):
+    """How many checkpoints a run to max_iters writes: every checkpoint_interval steps and at the
+    end; a kept copy (keep_interval) or ckpt_best.pt is a copy, not counted."""
+    interval = cfg["checkpoint_interval"]
+    return (cfg["max_iters"] - 1) // interval + 1 if interval else 1
+
+
 def print_plan(cfg):
     """python train.py CONFIG --plan: check every setting for the world size asked, then print
     the model's size, the step, the per-GPU memory and the time to max_iters. Reads no data,
@@ -312,4 +328,7 @@ def print_plan(cfg):
     print("    (not counted: the CUDA context ~0.5 GB, allocator slack, NCCL buffers; compile usually saves activations)")
     print(f"  time             {format_time(seconds)} to max_iters at {ASSUMED_MFU:.0%} MFU of a {gpu} "
           f"({peak / 1e12:,.1f} TFLOP/s per GPU, assumed)")
+    ckpt, saves = checkpoint_bytes(model, cfg), checkpoint_count(cfg)
+    print(f"  checkpoints      {saves:,} saves of {ckpt / 1e9:,.2f} GB: {format_time(saves * ckpt / ASSUMED_WRITE)} more at "
+          f"{ASSUMED_WRITE / 1e9:.0f} GB/s (assumed; train.py logs each save's time as save_s)")
     print("  nothing was run or written; drop --plan to train")

@@ -410,8 +410,10 @@ def train(cfg, world):
             # never overwrite a good checkpoint with a diverged model (nor with one scoring nan: save_run)
             if not all_finite(bad_loss, params, world):
                 raise nonfinite(out_dir, step - 1)
+            save_start = time.time()  # (outside the step time: logged apart, as save_s, so MFU hides nothing)
             best_val = save_run(cfg, step, val_loss, best_val, model=raw_model, optimizers=optimizers, scaler=scaler,
                                 loader=train_loader, meta=meta, base=base, world=world)
+            log(step, save_s=time.time() - save_start)
         if last:
             if stopping:
                 say(f"stopped at step {step}" + ("; continue with --init_from=resume" if step > start_step else ""))

@@ -84,6 +84,18 @@ def test_targets_are_inputs_shifted(tmp_path):
     assert torch.equal(y[:, -1], x[:, -1] + 1)  # consecutive corpus positions
 
 
+def test_train_and_eval_batches_have_one_layout(tmp_path):
+    # torch.compile guards on strides: training's (x, y) and an evaluation's must be laid out
+    # alike, or the training graph is recompiled (with a symbolic stride) after the first
+    # evaluation. Both are dense (B, T), whatever copy brought them to the device
+    d = make_dataset(tmp_path)
+    x, y, _ = DataLoader(d, "train", batch_size=4, block_size=16, grad_accum=2).next_step()[0][0]
+    ex, ey = DataLoader(d, "val", batch_size=4, block_size=16, shuffle=False).next_batch()
+    for t in (x, y, ex, ey):
+        assert t.shape == (4, 16) and t.is_contiguous() and t.stride() == (16, 1)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(ex[:, 1:], ey[:, :-1])  # still shifted by one
+
+
 def test_ranks_are_disjoint_and_cover_the_single_process_batches(tmp_path):
     d = make_dataset(tmp_path)
     single = DataLoader(d, "train", 4, 16, grad_accum=2)

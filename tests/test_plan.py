@@ -136,3 +136,31 @@ def test_setting_notes_say_what_may_not_be_meant(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert any("OMP_NUM_THREADS=1" in n for n in plan.setting_notes(dict(cfg, lr_decay_iters=0), 1, "cpu"))
     assert not plan.setting_notes(dict(cfg, lr_decay_iters=0), 1, "cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--optimizer=muon"], ["--lora_rank=4", "--init_from=base"]])
+def test_the_checkpoints_plan_counts_are_the_files_train_writes(tmp_path, monkeypatch, extra):
+    """--plan's checkpoint size against the ckpt.pt a real run writes (whole model and AdamW or
+    Muon state; a LoRA run: adapters only), its count of saves, and each save's time in the log."""
+    from conftest import read_log
+    from dataloader import write_meta, write_tokens
+    write_meta(str(tmp_path / "data" / "d"), {"tokenizer": "char", "chars": [chr(65 + i) for i in range(40)]})
+    ids = torch.randint(0, 40, (5000,)).tolist()
+    write_tokens(str(tmp_path / "data" / "d" / "train.bin"), ids)
+    write_tokens(str(tmp_path / "data" / "d" / "val.bin"), ids[:1000])
+    tiny = ["--dataset=d", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--batch_size=4",
+            "--device=cpu", "--compile=False", "--dtype=float32", "--eval_iters=1", "--eval_interval=0"]
+    if "--init_from=base" in extra:
+        run_script([os.path.join(ROOT, "train.py"), *tiny, "--max_iters=1", "--out_dir=base"], cwd=tmp_path)
+    args = tiny + extra + ["--max_iters=7", "--checkpoint_interval=3", "--out_dir=out"]
+    p = run_script([os.path.join(ROOT, "train.py"), *args, "--plan"], cwd=tmp_path)
+    assert any(l.split()[:2] == ["checkpoints", "3"] for l in p.stdout.splitlines()), p.stdout  # at 3, 6 and 7
+    run_script([os.path.join(ROOT, "train.py"), *args], cwd=tmp_path)
+    assert len(read_log(tmp_path / "out" / "log.txt", "save_s")) == 3
+    monkeypatch.chdir(tmp_path)
+    cfg = configure(train.DEFAULTS, args)
+    planned = plan.checkpoint_bytes(plan.plan_model(cfg, plan.plan_meta(cfg)[0]), cfg)
+    size = os.path.getsize(tmp_path / "out" / "ckpt.pt")
+    # the file adds names, settings, the RNG and loader state: a few tens of kB, whatever the model
+    assert planned <= size < 1.05 * planned + 32_000, (planned, size)
