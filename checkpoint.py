@@ -318,7 +318,7 @@ def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, l
                   + (" (the best val loss so far: also ckpt_best.pt)" if best else ""))
         except UserError as e:
             error = e
-    agree(world, error)
+    agree(world, error, group=world.save_group)  # (the others wait here while rank 0 writes: a long wait)
     return best_val_loss
 
 

@@ -35,10 +35,15 @@ class World:
     device: str  # cuda:LOCAL_RANK under torchrun on GPUs
     device_type: str  # cuda, mps or cpu: what autocast takes
     fsdp: bool = False  # the model is sharded with FSDP2 (fsdp=True) instead of wrapped in DDP
+    cpu_group: object = None  # DDP: a gloo group beside the device's, for the stop vote (StopVote)
+    save_group: object = None  # DDP: a gloo group that waits SAVE_WAIT_S, for rank 0's checkpoint write
 
     @property
     def master(self):  # only rank 0 prints, logs and saves
         return self.rank == 0
+
+
+SAVE_WAIT_S = 3 * 3600  # how long ranks wait for rank 0's checkpoint write: a failed write says so at once
 
 
 def setup_world(device_setting, fsdp=False, timeout_s=600):
@@ -56,7 +61,12 @@ def setup_world(device_setting, fsdp=False, timeout_s=600):
     # timeout: a collective that waits this long means a rank is stuck or gone; it then
     # raises, instead of every other rank hanging forever (NCCL's own default is 10 minutes)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-    return World(True, rank, size, device, device_type, fsdp)
+    # two CPU groups beside it: the stop vote's (read a step later, it never waits for the GPU), and
+    # one whose collectives may wait as long as a checkpoint write on a slow shared file system
+    # takes (the other ranks wait there while rank 0 writes; pg_timeout would abort the run)
+    return World(True, rank, size, device, device_type, fsdp,
+                 cpu_group=dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)),
+                 save_group=dist.new_group(backend="gloo", timeout=timedelta(seconds=SAVE_WAIT_S)))
 
 
 def ddp_wrap(model, device, device_type):
@@ -124,12 +134,13 @@ def rank_failed(world, error, timeout_s):
 # the ranks agree
 
 
-def agree(world, error):
+def agree(world, error, group=None):
     """Every rank stops if one of them failed (rank 0 alone writes files): raise `error` here,
-    or exit quietly where another rank has it to say. Every rank must call it."""
+    or exit quietly where another rank has it to say. Every rank must call it. group: a gloo
+    group to agree over (world.save_group after a checkpoint write), else the device's."""
     if world.ddp:
-        failed = torch.tensor(float(error is not None), device=world.device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        failed = torch.tensor(float(error is not None), device="cpu" if group is not None else world.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
         if failed.item() and error is None:
             sys.exit(2)
     if error is not None:
@@ -223,14 +234,13 @@ class StopFlag:
 
 class StopVote:
     """The ranks agree on a stop at every step, without waiting for the GPU: each step sends this
-    rank's flag in an all-reduce over the CPU (a gloo group of its own, started and left running)
+    rank's flag in an all-reduce over the CPU (world.cpu_group, gloo: started and left running)
     and reads the result of the one sent a step earlier, long finished by then. Every rank reads
     the same result at the same step, so all stop at the same step, one or two steps after the
     signal reached the last of them, not at the next log step. One process: the flag itself."""
 
     def __init__(self, world):
         self.world, self.pending = world, None
-        self.group = dist.new_group(backend="gloo") if world.ddp else None  # (every rank makes it, here)
 
     def exchange(self, requested):
         """Send this step's flag; return whether any rank had asked a step ago (every rank: the same)."""
@@ -238,7 +248,7 @@ class StopVote:
             return requested
         agreed = self.result()
         flag = torch.tensor([float(requested)])  # on the CPU: reading it syncs nothing
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.world.cpu_group, async_op=True), flag)
         return agreed
 
     def result(self):

@@ -415,6 +415,31 @@ def test_a_failing_or_stuck_rank_ends_every_rank(workdir, how):
     assert "rank 0: another rank failed or stopped answering" in p.stderr, p.stderr[-3000:]
 
 
+SLOW_SAVE = r'''
+import os, sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import checkpoint, train
+real = checkpoint.save_checkpoint
+def save_checkpoint(ckpt, path):  # a slow shared file system: the write takes 2 x pg_timeout
+    time.sleep(10)
+    return real(ckpt, path)
+checkpoint.save_checkpoint = save_checkpoint
+train.main()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_save_slower_than_pg_timeout_does_not_abort_the_run(workdir, fsdp):
+    # rank 0 writes while the other ranks wait for it: that wait is not pg_timeout's
+    (workdir / "slow_save.py").write_text(SLOW_SAVE)
+    args = ["slow_save.py", ROOT] + TINY + ["--max_iters=2", "--out_dir=out", "--pg_timeout=5", "--eval_interval=0"]
+    p = subprocess.run(torchrun_cmd(args + (["--fsdp"] if fsdp else [])), cwd=workdir, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert torch.load(workdir / "out" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
 def host_syncs_of_a_run(workdir, monkeypatch, max_iters):
     """Run train.py in this process and count the tensor-to-Python conversions it makes
     (.item(), float(t), bool(t): each one waits for the GPU there), with where they came from."""
