@@ -252,6 +252,13 @@ def wrap(raw_model, cfg, world, say):
     return model
 
 
+def eager_stance():
+    """A context in which compiled code runs eager, compiling nothing (torch.compiler.set_stance,
+    PyTorch 2.6 and later; before, nothing changes)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else nullcontext()
+
+
 def grad_sync(model, world, last_micro):
     """DDP: exchange gradients on the last micro-step only; before it, no_sync() lets every
     rank accumulate its own full copy, as one big batch would, without communicating.
@@ -398,9 +405,12 @@ def train(cfg, world):
                 say(f"step {step}: val loss {val_loss:.4f}" + worse_than_best(val_loss, best_val))
                 log(step, val=val_loss)
         if hella_examples and (step % cfg["hellaswag_interval"] == 0 or last) and not stopping:
-            res = hellaswag.evaluate(raw_model, hella_examples, world.device, batch_size=max(1, cfg["batch_size"] // 4),
-                                     autocast_ctx=autocast, rank=world.rank, world_size=world.size,
-                                     stop=lambda: stop_agreed(stop, world))
+            # eager: its batches change shape every call, and through compiled code (FSDP's compiled
+            # blocks) dynamo would recompile with symbolic sizes, which training would then run
+            with eager_stance():
+                res = hellaswag.evaluate(raw_model, hella_examples, world.device,
+                                         batch_size=max(1, cfg["batch_size"] // 4), autocast_ctx=autocast,
+                                         rank=world.rank, world_size=world.size, stop=lambda: stop_agreed(stop, world))
             if res is None:  # a stop during HellaSwag, as during the val loss
                 last = stopping = True
             else:

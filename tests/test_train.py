@@ -1,5 +1,6 @@
 """train.py end to end, in subprocesses, on a tiny character-level dataset."""
 
+import json
 import os
 import signal
 import subprocess
@@ -505,6 +506,48 @@ def test_compile_round_trip_recompiles_nothing_after_the_first_pass(tmp_path, mo
     assert compiles_of_a_run(tmp_path, monkeypatch, "--max_iters=6", "--overwrite") == first
     resumed = compiles_of_a_run(tmp_path, monkeypatch, "--max_iters=10", "--init_from=resume")
     assert resumed == first
+
+
+GRAPHS = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv.pop(1))
+import torch
+graphs = []  # each graph dynamo compiles: how many of its inputs have a symbolic (dynamic) size
+def backend(gm, inputs):
+    sizes = [s for x in inputs for s in (x.shape if isinstance(x, torch.Tensor) else [x])]
+    graphs.append(sum(isinstance(s, torch.SymInt) for s in sizes))  # (a dynamic size is also an input of its own)
+    return gm.forward
+real_compile = torch.compile
+torch.compile = lambda *a, **k: real_compile(*a, **dict(k, backend=backend))
+import train
+train.main()
+if os.environ.get("RANK", "0") == "0":
+    print("GRAPHS " + json.dumps(graphs))
+'''
+
+
+@pytest.mark.slow
+@needs_gpt2_bpe
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_hellaswag_leaves_the_compiled_training_graphs_static(tmp_path, fsdp):
+    # HellaSwag's batches change shape every call; run through compiled code they would make
+    # dynamo recompile with symbolic sizes, and the next training steps would run that dynamic
+    # graph. HellaSwag runs eager: every graph stays static, and more steps (with HellaSwag
+    # twice more) add none
+    bpe_workdir(tmp_path, 8)
+    (tmp_path / "graphs.py").write_text(GRAPHS)
+    counts = []
+    for steps in (2, 6):
+        args = ["graphs.py", ROOT] + TINY + ["--dataset=bpe", "--compile=True", "--eval_interval=2",
+                                           "--hellaswag_interval=2", "--hellaswag_file=hs.jsonl", f"--max_iters={steps}",
+                                           f"--out_dir=out{steps}"] + (["--fsdp"] if fsdp else [])
+        p = subprocess.run(torchrun_cmd(args), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        graphs = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("GRAPHS "))[7:])
+        assert graphs and not any(graphs), graphs  # no graph with a symbolic size
+        counts.append(len(graphs))
+    assert counts[0] == counts[1], counts
 
 
 def test_time_left_follows_the_recent_pace(monkeypatch):
