@@ -81,6 +81,7 @@ DEFAULTS = dict(
     seed=1337,
     pg_timeout=600,  # seconds a rank waits for the others in a collective
     fsdp=False,  # DPO under torchrun: the policy and the reference sharded over the ranks (FSDP2), not copied
+    compile=False,  # torch.compile the trained model's forward, as train.py (a GPU: faster after the first steps)
     # PPO (--method=ppo): rollouts from the dataset's prompts, scored by a reward model or a function
     reward_from="",  # a reward model's out_dir (align.py --method=reward)
     reward_fn="",  # or module:function, answer text in, float out (a checkable task), instead of a reward model
@@ -332,7 +333,10 @@ def rollout(cfg, raw_model, prompts, eot, generator, device):
         answer = tokens[:tokens.index(eot) + 1] if eot in tokens else tokens  # through the first end marker
         seqs.append((p, answer))
         answers.append([t for t in answer if t != eot])
-    L = max(len(p) + len(a) for p, a in seqs) - 1
+    # padded on the right to a multiple of 64 tokens (at most block_size), as SFT batches are: a
+    # compiled model then sees a few lengths, not a new one every step
+    need = max(len(p) + len(a) for p, a in seqs) - 1
+    L = max(need, min(-(-need // 64) * 64, cfg["block_size"]))
     x = torch.zeros(len(seqs), L, dtype=torch.long)
     y = torch.full((len(seqs), L), -1, dtype=torch.long)
     for i, (p, a) in enumerate(seqs):
@@ -556,6 +560,13 @@ def align(cfg, world):
                                 if resume else (0, None, None))
     del ckpt
     module = {"reward": Scorer, "ppo": PolicyValue}.get(cfg["method"], lambda m: m)(raw_model)
+    if cfg["compile"]:  # as train.py's wrap: under FSDP each Block on its own, else the whole module
+        say("compiling the model (the first steps are slow)...")
+        if world.fsdp:
+            for block in raw_model.transformer.h:
+                block.forward = torch.compile(block.forward)
+        else:
+            module = torch.compile(module)  # (the batches come in a few lengths: multiples of 64 tokens)
     model = ddp_wrap(module, world.device, world.device_type) if world.ddp and not world.fsdp else module
     autocast = autocast_context(world.device_type, ptdtype)
     params = [p for p in raw_model.parameters() if p.requires_grad]

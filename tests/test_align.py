@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import sys
 
 import pytest
 import torch
@@ -491,3 +492,35 @@ def test_reward_model_resume_is_exact(pref_dir):
     py("--init_from=resume", "--out_dir=rm3", "--max_iters=6", "--eval_interval=3", *ALIGN)
     a, b = final_weights(d / "rm6/ckpt.pt"), final_weights(d / "rm3/ckpt.pt")
     assert "reward_head.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def align_graphs(d, monkeypatch, *args):
+    """Run align.py here with compile=True (dynamo with its eager backend: the guards and the
+    recompiles are dynamo's) and return how many graphs it compiled."""
+    import functools
+
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.chdir(d)
+    monkeypatch.setattr(sys, "argv", ["align.py", *args])
+    align.main()
+    monkeypatch.undo()
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "ppo"])
+def test_compiled_steps_after_the_first_add_no_graph(pref_dir, monkeypatch, method):
+    # compile=True: the batches come in lengths of multiples of 64 (PPO's rollouts padded so too),
+    # so more steps (and evaluations) compile nothing new
+    d, _ = pref_dir
+    reward_module(d)
+    args = [f"--method={method}", "--init_from=sft", "--dataset=prefs", "--block_size=64", "--batch_size=4",
+            "--eval_iters=1", "--eval_interval=2", "--device=cpu", "--compile", "--log_interval=1"]
+    if method == "ppo":
+        args += ["--reward_fn=rewards:king", "--max_new_tokens=8", "--ppo_epochs=1"]
+    first = align_graphs(d, monkeypatch, *args, "--max_iters=2", f"--out_dir=c_{method}_2")
+    assert first >= 2, first  # a training and an evaluation graph at least
+    assert align_graphs(d, monkeypatch, *args, "--max_iters=6", f"--out_dir=c_{method}_6") == first
