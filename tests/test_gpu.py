@@ -1,8 +1,9 @@
 """The checks that need an NVIDIA GPU: `python -m pytest tests/ -m gpu -rs` runs them (each one
 skips where there is no CUDA). They prove on the real device what the CPU tests cannot: bf16 and
 compile train like fp32, attention runs the flash kernel, a steady-state step never waits for
-the GPU, and --plan's memory estimate is near what the allocator reports. Sized for one H100 or
-H200 in a few minutes; the speed figures come from bench.py (README, "GPU check")."""
+the GPU, the KV cache holds in bf16, and --plan's memory estimate is near what the allocator
+reports. Sized for one H100 or H200 in a few minutes; gpu_check.py runs them as its part 3, beside
+train.py under torchrun and the speed figures."""
 
 import os
 import subprocess
@@ -63,6 +64,32 @@ def test_bf16_and_compile_train_like_fp32_eager():
     print("bf16 compile:", [round(v, 3) for v in fast])
     assert ref[-1] < ref[0] - 0.5  # the curve moves
     assert max(abs(a - b) for a, b in zip(ref, fast)) < 0.05
+
+
+def test_bf16_compiled_trains_like_bf16_eager():
+    # the compiler alone: the same bf16 autocast, compiled against eager, 20 steps of 124M on the
+    # same weights and batches. Tighter than against fp32: only the kernels' rounding differs
+    batches = learnable_batches(4, 8, 1024)
+    eager = train_losses(gpt2_124m(), batches, torch.bfloat16, 20)
+    compiled = train_losses(torch.compile(gpt2_124m()), batches, torch.bfloat16, 20)
+    print("bf16 eager:", [round(v, 3) for v in eager])
+    print("bf16 compile vs eager, max |diff|:", round(max(abs(a - b) for a, b in zip(eager, compiled)), 4))
+    assert max(abs(a - b) for a, b in zip(eager, compiled)) < 0.02
+
+
+def test_kv_cache_equals_recompute_in_bf16():
+    # generation's path in bf16: a 64-token prefill then 64 one-token steps over the cache give
+    # the logits of one full forward, to bf16's rounding
+    model = gpt2_124m().eval()
+    x = learnable_batches(1, 2, 128)[0][0]  # (2, 128)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        full = model(x)[0].float()
+        cache = [{"size": 128} for _ in model.transformer.h]
+        parts = [model(x[:, :64], kv_cache=cache, pos=0)[0]]
+        parts += [model(x[:, t:t + 1], kv_cache=cache, pos=t)[0] for t in range(64, 128)]
+    err = ((torch.cat(parts, dim=1).float() - full).abs().max() / full.abs().max()).item()
+    print(f"kv cache in bf16: max |logit diff| / max |logit| = {err:.2e}")
+    assert err < 0.02
 
 
 def test_attention_runs_the_flash_kernel():
