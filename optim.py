@@ -8,7 +8,8 @@ for the blocks' matrices beside AdamW for the rest.
 Muon (Keller Jordan, 2024; modded-nanogpt's speedrun, nanochat) replaces each 2-D weight's
 update by the nearest semi-orthogonal matrix to its momentum: every direction of the matrix
 moves by about the same amount, whatever the gradient's spectrum. docs/modern.md has the
-measurements behind using it.
+measurements behind using it. Under FSDP the matrices are dealt to the ranks in turn: each is
+orthogonalised on one rank, which sends the others their rows (rows_from_owner).
 """
 
 import inspect
@@ -95,6 +96,7 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mom, split = group["lr"], group["momentum"], group.get("split", 1)
+            n_sharded = 0  # FSDP: the sharded matrices of this group so far (which rank orthogonalises which)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -106,8 +108,8 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.lerp(buf, mom) if group["nesterov"] else buf  # Nesterov: look one step ahead
                 # FSDP: p, its gradient and buffer are DTensors, this rank's rows of each. Newton-
                 # Schulz needs the whole matrix: gathered once, then plain tensors (DTensor would
-                # give the same numbers op by op, at 2.6x the time on CPU). Every rank then
-                # orthogonalises every matrix, and keeps its own rows of the result.
+                # give the same numbers op by op, at 2.6x the time on CPU). The matrices are dealt
+                # to the ranks in turn: one rank orthogonalises a matrix and sends every rank its rows
                 sharded = hasattr(update, "full_tensor")
                 if sharded:
                     update = update.full_tensor()
@@ -115,27 +117,38 @@ class Muon(torch.optim.Optimizer):
                 # first block's, which goes into alpha: equal blocks multiply by exactly 1)
                 blocks = update.split(split, dim=0) if isinstance(split, list) else update.chunk(split, dim=0)
                 scales = [max(1, u.size(0) / u.size(1)) ** 0.5 for u in blocks]
-                update = torch.cat([newton_schulz(u, group["ns_steps"], self.ns_dtype) * (s / scales[0])
-                                    for u, s in zip(blocks, scales)])
+                orthogonalise = lambda: torch.cat([newton_schulz(u, group["ns_steps"], self.ns_dtype) * (s / scales[0])
+                                                   for u, s in zip(blocks, scales)])
                 if sharded:
-                    update = rows_of_shard(update, p)
+                    update = rows_from_owner(orthogonalise, update, p, owner=n_sharded % p.device_mesh.size())
+                    n_sharded += 1
+                else:
+                    update = orthogonalise()
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * scales[0])
         return loss
 
 
-def rows_of_shard(full, shard):
-    """The rows of full (A, B) that this rank holds of shard, an FSDP weight (a DTensor cut along
-    its rows the way torch.chunk cuts: ranks past the last piece hold none), as a DTensor like it."""
+def rows_from_owner(orthogonalise, full, shard, owner):
+    """This rank's rows, as a DTensor like shard, of the matrix that orthogonalise() makes from
+    full (an FSDP weight's whole update): computed on rank `owner` of shard's mesh alone, which
+    sends each rank its rows (a scatter of torch.chunk's pieces, padded to one size: ranks past
+    the last piece get none). Every rank of the mesh calls it for every sharded matrix, in order."""
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     mesh = shard.device_mesh
-    pieces = full.chunk(mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    mine = pieces[rank] if rank < len(pieces) else full[:0]
-    if mine.shape != shard.to_local().shape:  # (FSDP's layout changed: fail loudly, never train wrong)
-        raise RuntimeError(f"Muon under FSDP: rows {tuple(mine.shape)} but the shard is "
-                           f"{tuple(shard.to_local().shape)}")
+    group, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    mine = torch.empty(-(-full.size(0) // world), full.size(1), dtype=full.dtype, device=full.device)
+    pieces = None
+    if rank == owner:
+        pieces = [torch.zeros_like(mine) for _ in range(world)]
+        for r, piece in enumerate(orthogonalise().chunk(world, dim=0)):
+            pieces[r][:piece.size(0)] = piece
+    dist.scatter(mine, pieces, src=dist.get_global_rank(group, owner), group=group)
+    n = shard.to_local().size(0)
+    if n != (full[rank * mine.size(0):(rank + 1) * mine.size(0)]).size(0):  # (FSDP's layout changed: fail loudly)
+        raise RuntimeError(f"Muon under FSDP: {n} rows in this rank's shard, not torch.chunk's")
     # the global shape is given, not inferred: from_local would take it as rows x ranks, wrong
     # (and different on each rank) when the rows do not split evenly
-    return DTensor.from_local(mine.contiguous(), mesh, shard.placements, run_check=False,
+    return DTensor.from_local(mine[:n].contiguous(), mesh, shard.placements, run_check=False,
                               shape=shard.shape, stride=shard.stride())

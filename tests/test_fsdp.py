@@ -203,3 +203,42 @@ def test_fsdp_gradients_stay_sharded_through_accumulation(tmp_path):
     assert len(lines) == 4, lines  # 2 micro-steps x 2 ranks
     for _, _, local, _, total in lines:
         assert 0.45 < int(local) / int(total) < 0.55, (local, total)
+
+
+MUON_SPLIT = r'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import optim
+from model import GPT, GPTConfig
+from runtime import fully_shard
+dist.init_process_group("gloo")
+calls, real = [0], optim.newton_schulz
+def counted(*args, **kwargs):
+    calls[0] += 1
+    return real(*args, **kwargs)
+optim.newton_schulz = counted
+torch.manual_seed(0)
+model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=3, n_embd=33))
+if len(sys.argv) > 2:  # sharded over the ranks
+    fully_shard(model)
+opt = optim.configure_optimizers(model, 0.0, 1e-3, (0.9, 0.95), "cpu", verbose=False,
+                                 muon=dict(lr=0.02, momentum=0.95, weight_decay=0.0))[0]
+model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))[1].backward()
+opt.step()
+open(f"calls_{dist.get_rank()}_{len(sys.argv)}.txt", "w").write(str(calls[0]))
+from runtime import World, close_world
+close_world(World(True, dist.get_rank(), dist.get_world_size(), "cpu", "cpu"))  # (gloo's exit race: see there)
+'''
+
+
+@pytest.mark.slow
+def test_fsdp_muon_deals_the_matrices_to_the_ranks(tmp_path):
+    # each matrix (q, k and v three blocks) is orthogonalised on one rank only: the two ranks'
+    # Newton-Schulz calls add up to one process's; the results are the same steps as one
+    # process's (test_fsdp_with_muon_equals_one_process_and_resumes)
+    (tmp_path / "muon_split.py").write_text(MUON_SPLIT)
+    torchrun([str(tmp_path / "muon_split.py"), ROOT, "shard"], cwd=tmp_path)
+    torchrun([str(tmp_path / "muon_split.py"), ROOT], cwd=tmp_path, nproc=1)
+    sharded = [int((tmp_path / f"calls_{r}_3.txt").read_text()) for r in range(2)]
+    whole = int((tmp_path / "calls_0_2.txt").read_text())
+    assert whole == 2 * (3 + 1 + 1 + 1) and sum(sharded) == whole and max(sharded) < whole, (sharded, whole)
