@@ -79,6 +79,8 @@ def check_settings(cfg, under_torchrun):
             die("fsdp=True trains in bfloat16 or float32, not float16: set --dtype=bfloat16 (Ampere and newer) or float32")
         if cfg["lora_rank"] > 0:
             die("LoRA trains a few MB of adapters: it needs no sharding; drop --fsdp (DDP) for lora_rank > 0")
+    elif cfg.get("fsdp_full_grads") or cfg.get("fsdp_reshard") is False:
+        die("fsdp_full_grads and fsdp_reshard are FSDP's settings: add --fsdp, or drop them")
 
 
 def setting_notes(cfg, world_size, device_type):
@@ -263,15 +265,18 @@ def memory_per_gpu(model, cfg, world_size, fsdp, dtype):
     adam = sum(p.numel() for _, p in trained) - muon
     half = dtype.itemsize  # 2 under bf16/fp16 autocast, 4 in fp32
     per_block, head = activation_bytes(model.config, cfg["batch_size"], cfg["block_size"], dtype, fsdp)
-    mem = {"weights (fp32)": 4 * P / N, "gradients (fp32)": 4 * (muon + adam) / N,
+    full_grads = fsdp and cfg.get("fsdp_full_grads")  # FSDP holding whole gradients through accumulation
+    mem = {"weights (fp32)": 4 * P / N, "gradients (fp32)": 4 * (muon + adam) / (1 if full_grads else N),
            "optimizer state": (8 * adam + 4 * muon) / N}
     if fsdp:
         block = sum(p.numel() for p in model.transformer.h[0].parameters())
         root = P - block * model.config.n_layer
         # the root's weights (wte, wpe, ln_f) stay gathered through forward and backward; two
         # blocks at a time are gathered (one computing, the next prefetched), each with its
-        # unsharded 16-bit gradient and the fp32 copy reduce-scattered
-        mem["gathered weights"] = half * (root + 2 * block)
+        # unsharded 16-bit gradient and the fp32 copy reduce-scattered. fsdp_reshard=False: every
+        # block stays gathered from its forward to its backward
+        gathered = block * (model.config.n_layer if cfg.get("fsdp_reshard") is False else 2)
+        mem["gathered weights"] = half * (root + gathered)
         mem["unsharded gradients"] = (half + 4) * 2 * block
     elif half == 2:
         mem["16-bit weight copies"] = 2 * P  # autocast casts each weight once per forward and keeps it for backward

@@ -79,7 +79,7 @@ def ddp_wrap(model, device, device_type):
                **{buffers: False})  # (PyTorch 2.14 renamed broadcast_buffers)
 
 
-def fully_shard(model, param_dtype=torch.float32):
+def fully_shard(model, param_dtype=torch.float32, reshard_after_forward=True):
     """Shard a GPT across the ranks of the process group with FSDP2 (fsdp=True, under torchrun):
     FSDP's counterpart of ddp_wrap. Each rank then keeps 1/N of every weight, of its gradient
     and (the optimizer being built afterwards) of the AdamW moments; a Block's full weights are
@@ -87,18 +87,29 @@ def fully_shard(model, param_dtype=torch.float32):
     then the root for what is left (wte = lm_head, wpe, ln_f): the tied weight stays one
     parameter, in the root's unit. The weights move to the current device (cuda:LOCAL_RANK) as
     they are sharded. param_dtype bf16/fp16: the gathered weights are cast for compute, while
-    gradients are reduced and the shards updated in fp32."""
+    gradients are reduced and the shards updated in fp32. reshard_after_forward=False keeps each
+    Block's gathered weights from its forward to its backward: one all-gather fewer per Block and
+    micro-step, for the whole model's weights (in param_dtype) held on every rank during a step."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, register_fsdp_forward_method
     from torch.distributed.fsdp import fully_shard as fsdp_shard
     mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
                               reduce_dtype=torch.float32)
     for block in model.transformer.h:
-        fsdp_shard(block, mp_policy=mp)
+        fsdp_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fsdp_shard(model, mp_policy=mp)  # model's class becomes an FSDP subclass of GPT
     # FSDP gathers the root's weights (wte = lm_head, wpe, ln_f) around forward() only: the
     # HellaSwag scorer's own entry point gets the same gathering
     register_fsdp_forward_method(model, "logits_at")
     return model
+
+
+def reshard(model):
+    """Free the gathered weights every FSDP unit of model still holds (fully_shard's
+    reshard_after_forward=False keeps them after a forward that no backward follows, as an
+    evaluation's): the checkpoint and the optimizer then see the shards again."""
+    for module in model.modules():
+        if hasattr(module, "reshard") and hasattr(module, "set_requires_gradient_sync"):  # an FSDP unit
+            module.reshard()
 
 
 def close_world(world):

@@ -38,8 +38,8 @@ from model import GPT, estimate_mfu
 from optim import configure_optimizers
 from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan, setting_notes
 from runtime import (StepClock, StopFlag, StopVote, agree_on_step, all_finite, close_world, console_line, ddp_wrap,
-                     format_time, fully_shard, nonfinite, peak_flops, rank_failed, setup_world, stop_agreed,
-                     worse_than_best)
+                     format_time, fully_shard, nonfinite, peak_flops, rank_failed, reshard, setup_world,
+                     stop_agreed, worse_than_best)
 
 # -----------------------------------------------------------------------------
 # settings: every one can be changed by a config file or --key=value (python train.py -h lists them)
@@ -108,6 +108,8 @@ DEFAULTS = dict(
     dtype="auto",  # auto | float32 | bfloat16 | float16 (float16 uses a GradScaler)
     compile=False,  # torch.compile the model (first steps slower, then faster; GPU)
     fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies
+    fsdp_full_grads=False,  # FSDP with accumulation: full gradients until the last micro-step, one reduce-scatter a step
+    fsdp_reshard=True,  # FSDP: free a Block's gathered weights after its forward (False: keep them for its backward)
     pg_timeout=600,  # seconds a rank waits in a collective for the others before the run is ended as stuck
     peak_flops=0.0,  # one device's peak FLOP/s, for MFU; 0 = the GPU's bf16 peak from runtime.PEAK_FLOPS (CPU: no MFU)
     seed=1337,
@@ -216,7 +218,7 @@ def setup_model(cfg, world, meta, ckpt, ptdtype, say):
     if world.fsdp:
         # sharded before the optimizer is built, so that AdamW's moments are sharded too; the
         # weights reach the GPU as shards, never as a whole model per rank
-        fully_shard(raw_model, param_dtype=ptdtype)
+        fully_shard(raw_model, param_dtype=ptdtype, reshard_after_forward=cfg["fsdp_reshard"])
         say(f"FSDP: weights, gradients and AdamW state sharded over {world.size} ranks, one unit per Block")
     else:
         raw_model.to(world.device)
@@ -259,13 +261,16 @@ def eager_stance():
     return stance("force_eager") if stance is not None else nullcontext()
 
 
-def grad_sync(model, world, last_micro):
+def grad_sync(model, world, last_micro, fsdp_full_grads=False):
     """DDP: exchange gradients on the last micro-step only; before it, no_sync() lets every
     rank accumulate its own full copy, as one big batch would, without communicating.
     FSDP reduce-scatters on every micro-step instead and accumulates the shards: holding
-    full gradients until the last micro-step would put the whole model's fp32 gradients on
-    every rank (5.2 GB at 1.3B), the memory sharding is there to save; the price is one
-    reduce-scatter per micro-step, which overlaps with the backward pass."""
+    full gradients until the last micro-step would put the whole model's gradients on every
+    rank (5.2 GB in fp32 at 1.3B), the memory sharding is there to save; the price is one
+    reduce-scatter per micro-step, which overlaps with the backward pass. fsdp_full_grads=True
+    makes the other trade, where --plan says the memory is there: one reduce-scatter a step."""
+    if world.fsdp and fsdp_full_grads:
+        model.set_requires_gradient_sync(last_micro)
     return model.no_sync() if world.ddp and not world.fsdp and not last_micro else nullcontext()
 
 
@@ -416,6 +421,8 @@ def train(cfg, world):
             else:
                 say(f"step {step}: HellaSwag acc_norm {res['acc_norm']:.4f} (acc {res['acc']:.4f}, n={res['n']})")
                 log(step, hella=res["acc_norm"])
+        if world.fsdp and not cfg["fsdp_reshard"]:  # the evaluations' forwards left the Blocks gathered
+            reshard(raw_model)
         if (last or due) and step > start_step:  # (last: also a stop during the evaluations above)
             # never overwrite a good checkpoint with a diverged model (nor with one scoring nan: save_run)
             if not all_finite(bad_loss, params, world):
@@ -438,7 +445,7 @@ def train(cfg, world):
         batches, step_tokens = train_loader.next_step(world.device)
         loss_accum = torch.zeros((), device=world.device)
         for micro, (x, y, weight) in enumerate(batches):
-            with grad_sync(model, world, last_micro=micro == len(batches) - 1):
+            with grad_sync(model, world, last_micro=micro == len(batches) - 1, fsdp_full_grads=cfg["fsdp_full_grads"]):
                 with autocast:
                     _, loss = model(x, y)  # the mean over this micro-batch's targets
                     loss = loss * weight  # summed over micro-steps and ranks: the mean over the step's

@@ -48,6 +48,21 @@ def test_fsdp_two_processes_equal_one_process_with_accumulation(workdir):
 
 
 @pytest.mark.slow
+def test_fsdp_full_gradients_and_unresharded_blocks_train_as_one_process(workdir):
+    # fsdp_full_grads (whole gradients through 2 micro-steps, one reduce-scatter a step) and
+    # fsdp_reshard=False (each Block's weights kept from its forward to its backward): the same
+    # training as one process with 4 accumulation steps
+    common = ["--total_batch_size=512", "--eval_interval=3", "--max_iters=4", "--dropout=0.0"]
+    train(workdir, *common, "--out_dir=one", "--eval_iters=4")
+    torchrun([TRAIN] + TINY + common + ["--out_dir=f", "--fsdp", "--fsdp_full_grads", "--fsdp_reshard=False"],
+             cwd=workdir)
+    one, two = workdir / "one" / "log.txt", workdir / "f" / "log.txt"
+    same(read_log(one, "train"), read_log(two, "train"))
+    same(read_log(one, "norm"), read_log(two, "norm"))
+    same(read_log(one, "val"), read_log(two, "val"))
+
+
+@pytest.mark.slow
 def test_fsdp_resume_is_exact_and_crosses_with_ddp(workdir):
     common = COMMON + ["--lr_decay_iters=8", "--eval_interval=4"]
     fsdp = [TRAIN] + TINY + common + ["--fsdp"]

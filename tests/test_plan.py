@@ -164,3 +164,21 @@ def test_the_checkpoints_plan_counts_are_the_files_train_writes(tmp_path, monkey
     size = os.path.getsize(tmp_path / "out" / "ckpt.pt")
     # the file adds names, settings, the RNG and loader state: a few tens of kB, whatever the model
     assert planned <= size < 1.05 * planned + 32_000, (planned, size)
+
+
+def test_the_fsdp_trades_are_in_the_memory_estimate(capsys):
+    # fsdp_full_grads holds the whole model's fp32 gradients on every rank, fsdp_reshard=False
+    # every Block's 16-bit weights: --plan's parts grow by exactly that; without --fsdp they are refused
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=512))
+    cfg = dict(train.DEFAULTS, batch_size=2, block_size=64)
+    P = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    base = plan.memory_per_gpu(model, cfg, 8, True, torch.bfloat16)
+    full = plan.memory_per_gpu(model, dict(cfg, fsdp_full_grads=True), 8, True, torch.bfloat16)
+    kept = plan.memory_per_gpu(model, dict(cfg, fsdp_reshard=False), 8, True, torch.bfloat16)
+    assert base["gradients (fp32)"] == 4 * P / 8 and full["gradients (fp32)"] == 4 * P
+    assert kept["gathered weights"] - base["gathered weights"] == 2 * block * (4 - 2)
+    with pytest.raises(SystemExit):
+        plan.check_settings(dict(train.DEFAULTS, fsdp_full_grads=True), under_torchrun=True)
+    assert "add --fsdp" in capsys.readouterr().err
