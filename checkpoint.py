@@ -175,10 +175,17 @@ def lock_out_dir(out_dir, resume, overwrite):
         step = load_checkpoint(path)["step"]  # (memory-mapped: the weights are not read)
         raise UserError(f"{out_dir} already holds a run (ckpt.pt at step {step}): continue it with "
                         "--init_from=resume, choose another --out_dir, or replace it with --overwrite")
-    best = os.path.join(out_dir, "ckpt_best.pt")
-    if not resume and os.path.exists(best):  # --overwrite: the old run's best is not this run's
-        print(f"removing {best}, the best checkpoint of the run this one replaces")
-        os.remove(best)
+    # any run file marks a used folder (a run stopped before its first save leaves log.txt; a
+    # ckpt_best.pt may outlive its ckpt.pt): refused like a run, and --overwrite clears them all,
+    # so that no old checkpoint or log line is taken for the new run's
+    old = sorted(f for f in os.listdir(out_dir) if f == "log.txt" or (f.startswith("ckpt") and f.endswith(".pt")))
+    if not resume and old and not overwrite:
+        raise UserError(f"{out_dir} holds another run's files ({', '.join(old[:4])}{', ...' if len(old) > 4 else ''}): "
+                        "choose another --out_dir, or replace them with --overwrite")
+    if not resume and old:
+        print(f"removing the files of the run this one replaces: {', '.join(old)}")
+        for f in old:
+            os.remove(os.path.join(out_dir, f))
     return lock
 
 

@@ -21,11 +21,14 @@ position in a few integers (state_dict), so a resumed run sees exactly the batch
 uninterrupted run would have seen.
 """
 
+import contextlib
+import filecmp
 import functools
 import glob
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -90,6 +93,63 @@ def check_ids(tokens, vocab_size, path):
 def write_meta(data_dir, meta):
     with atomic_write(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
+
+
+def dataset_files(data_dir):
+    """The files of a prepared dataset in data_dir: token files, SFT indexes, meta.json and
+    prepare_fineweb.py's resume record (sorted names; none if the folder is not there)."""
+    if not os.path.isdir(data_dir):
+        return []
+    return sorted(f for f in os.listdir(data_dir) if f.endswith((".bin", "_index.npy"))
+                  or f in ("meta.json", "prepare_progress.json"))
+
+
+def describe_folder(data_dir):
+    """What a folder holds, for a refusal: its dataset's tokenizer and format, and its first files."""
+    names = sorted(os.listdir(data_dir))
+    what = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    try:
+        meta = read_meta(data_dir)
+        return f"a dataset of tokenizer {meta.get('tokenizer')}, {meta.get('format', 'a token stream')}: {what}"
+    except UserError:
+        return what
+
+
+@contextlib.contextmanager
+def staging(out_dir):
+    """A folder beside out_dir to write a dataset into, before publish_dataset moves it in;
+    removed whatever happens (a failed write's error names out_dir's file, as the user knows it)."""
+    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+    except UserError as e:
+        raise UserError(str(e).replace(tmp, out_dir.rstrip("/"))) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dataset(tmp, out_dir, overwrite):
+    """Move the dataset written into tmp (a sibling of out_dir) into out_dir; tmp is removed
+    either way. A folder already holding files: the same dataset, byte for byte, is left as it
+    is (a preparation run again); anything else is refused unless overwrite, which removes the
+    old dataset's files first. Returns whether anything was written."""
+    try:
+        new = sorted(os.listdir(tmp))
+        old = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+        if old == new and all(filecmp.cmp(os.path.join(tmp, f), os.path.join(out_dir, f), shallow=False) for f in new):
+            print(f"{out_dir} already holds this dataset, byte for byte: nothing changed")
+            return False
+        if old and not overwrite:
+            raise UserError(f"{out_dir} already holds {describe_folder(out_dir)}: choose another --out_dir, or replace "
+                            "its dataset with --overwrite")
+        for f in dataset_files(out_dir):
+            os.remove(os.path.join(out_dir, f))
+        os.makedirs(out_dir, exist_ok=True)
+        for f in new:
+            os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_meta(data_dir):

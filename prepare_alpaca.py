@@ -46,7 +46,7 @@ import requests
 from tqdm import tqdm
 
 from dataloader import (EOT, encode_pair, get_gpt2_encoding, get_hf_tokenizer, get_tokenizer, hf_tokenizer_meta,
-                        with_bos, write_meta, write_sft)
+                        publish_dataset, staging, with_bos, write_meta, write_sft)
 
 DEFAULTS = dict(
     input="",  # a local JSON list or JSONL of {"instruction", "input", "output"}; empty = download Alpaca
@@ -57,6 +57,7 @@ DEFAULTS = dict(
     seed=1337,  # the train/val split is drawn with this seed
     tokenizer="gpt2",  # gpt2 (tiktoken's BPE) or a Hugging Face model's: its folder or Hub name (docs/llama.md)
     template="auto",  # auto: the tokenizer's chat template if it has one, else alpaca | alpaca | chat
+    overwrite=False,  # replace another dataset already in out_dir (the same one, prepared again, is kept)
 )
 
 # The Alpaca prompt template, word for word as in the stanford_alpaca repository (train.py's
@@ -223,9 +224,12 @@ def prepare(cfg):
             examples.append((prompt, response))
         if not examples:
             die(f"every {split} example is longer than --max_len={max_len} tokens; raise it")
-        write_sft(out_dir, split, examples)
         stats[split] = (examples, dropped)
-    write_meta(out_dir, meta)
+    with staging(out_dir) as tmp:  # written beside out_dir, then moved in: never over another dataset unasked
+        for split, (examples, _) in stats.items():
+            write_sft(tmp, split, examples)
+        write_meta(tmp, meta)
+        publish_dataset(tmp, out_dir, cfg["overwrite"])
 
     for split, (examples, dropped) in stats.items():
         n_prompt = sum(len(p) for p, _ in examples)

@@ -45,7 +45,8 @@ if __name__ == "__main__":
 
 import numpy as np
 
-from dataloader import EOT, get_gpt2_encoding, get_hf_tokenizer, hf_tokenizer_meta, read_tokens, write_meta, write_tokens
+from dataloader import (EOT, dataset_files, describe_folder, get_gpt2_encoding, get_hf_tokenizer, hf_tokenizer_meta,
+                        read_tokens, write_meta, write_tokens)
 
 # -----------------------------------------------------------------------------
 # settings; override with a config file or --key=value
@@ -60,6 +61,7 @@ DEFAULTS = dict(
     max_tokens=0,  # stop after this many tokens in all (0: the whole corpus); for a quick try
     num_proc=os.cpu_count() or 1,  # tokenizer processes (1: tokenize in this process, no pool)
     tokenizer="gpt2",  # "gpt2" (GPT-2's BPE), or a Hugging Face model's folder or Hub name (e.g. HuggingFaceTB/SmolLM2-135M)
+    overwrite=False,  # replace another dataset in out_dir (a preparation of the same corpus resumes instead)
 )
 
 PROGRESS = "prepare_progress.json"  # the resume record, in out_dir
@@ -181,6 +183,15 @@ def save_progress(out_dir, progress):
         json.dump(progress, f, indent=1)
 
 
+def same_preparation(out_dir, source):
+    """Whether out_dir holds this preparation's resume record (the same corpus and settings)."""
+    try:
+        with open(os.path.join(out_dir, PROGRESS)) as f:
+            return json.load(f)["source"] == source
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def completed_shards(out_dir, source):
     """The resume record's shards that are still intact, and whether the corpus was finished.
 
@@ -189,9 +200,9 @@ def completed_shards(out_dir, source):
     the last shard of a corpus that was read to the end."""
     path = os.path.join(out_dir, PROGRESS)
     if not os.path.isfile(path):
-        strangers = glob.glob(os.path.join(out_dir, "fineweb_*.bin"))
-        if strangers:
-            die(f"{out_dir} holds shards this script did not write (no {PROGRESS}): use another --out_dir or delete them")
+        if dataset_files(out_dir):  # another dataset (or shards whose record is gone): never mixed with these
+            die(f"{out_dir} already holds {describe_folder(out_dir)} (no {PROGRESS}: not a preparation to resume): "
+                "choose another --out_dir, or replace it with --overwrite")
         return [], False
     with open(path) as f:
         progress = json.load(f)
@@ -200,7 +211,8 @@ def completed_shards(out_dir, source):
         show = lambda k, v: (f"{k}={v!r}" if k != "tokenizer" else "--tokenizer=gpt2" if v is None else
                              f"the tokenizer of vocabulary fingerprint {v} (its path is in meta.json)")
         diff = ", ".join(show(k, progress["source"].get(k)) for k in keys if progress["source"].get(k) != source.get(k))
-        die(f"{out_dir} was prepared with {diff}; rerun with those settings, or use another --out_dir")
+        die(f"{out_dir} was prepared with {diff}; rerun with those settings, use another --out_dir, or replace it "
+            "with --overwrite")
     kept = []
     for i, shard in enumerate(progress["shards"]):
         try:
@@ -258,6 +270,9 @@ def main():
         source.update(dataset=cfg["dataset"], name=cfg["name"])
     if not gpt2:  # (GPT-2's records have no such key: they stay valid)
         source["tokenizer"] = meta["fingerprint"]  # the vocabulary, wherever the tokenizer lives
+    if cfg["overwrite"] and not same_preparation(out_dir, source):
+        for name in dataset_files(out_dir):  # another dataset's files: this one replaces them, as told
+            os.remove(os.path.join(out_dir, name))
     kept, finished = completed_shards(out_dir, source)
     done_tokens = sum(s["tokens"] for s in kept)
     if finished or (max_tokens and done_tokens >= max_tokens):

@@ -27,7 +27,7 @@ if __name__ == "__main__":
 
 import numpy as np
 
-from dataloader import encode_pair, with_bos, write_meta, write_sft
+from dataloader import encode_pair, publish_dataset, staging, with_bos, write_meta, write_sft
 from prepare_alpaca import instruction_prompt, instruction_tokenizer, read_json_records
 
 DEFAULTS = dict(
@@ -39,6 +39,7 @@ DEFAULTS = dict(
     seed=1337,  # the train/val split is drawn with this seed
     tokenizer="gpt2",  # gpt2 or a Hugging Face model's folder or Hub name (docs/llama.md)
     template="auto",  # auto: the tokenizer's chat template if it has one, else alpaca | alpaca | chat
+    overwrite=False,  # replace another dataset already in out_dir (the same one, prepared again, is kept)
 )
 
 
@@ -126,11 +127,13 @@ def prepare(cfg):
         if not examples:
             die(f"every {split} pair is longer than --max_len={max_len} tokens; raise it")
         written[split] = (examples, dropped)
-    for split, (examples, dropped) in written.items():
-        write_sft(out_dir, split, examples)
-        print(f"{split}: {len(examples) // 2:,} pairs, {sum(len(p) + len(a) for p, a in examples):,} tokens; "
-              f"{dropped:,} longer than max_len+1 = {max_len + 1} dropped")
-    write_meta(out_dir, meta)
+    with staging(out_dir) as tmp:  # written beside out_dir, then moved in: never over another dataset unasked
+        for split, (examples, dropped) in written.items():
+            write_sft(tmp, split, examples)
+            print(f"{split}: {len(examples) // 2:,} pairs, {sum(len(p) + len(a) for p, a in examples):,} tokens; "
+                  f"{dropped:,} longer than max_len+1 = {max_len + 1} dropped")
+        write_meta(tmp, meta)
+        publish_dataset(tmp, out_dir, cfg["overwrite"])
     print(f"-> {out_dir}/")
     return out_dir
 

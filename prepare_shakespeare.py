@@ -22,7 +22,8 @@ if __name__ == "__main__":
 
 import requests
 
-from dataloader import get_gpt2_encoding, get_tokenizer, hf_tokenizer_meta, with_bos, write_meta, write_tokens
+from dataloader import (get_gpt2_encoding, get_tokenizer, hf_tokenizer_meta, publish_dataset, staging, with_bos,
+                        write_meta, write_tokens)
 
 DEFAULTS = dict(
     tokenizer="char",  # "char" (65 characters), "gpt2" (BPE, 50257 tokens), or a Hugging Face model's folder or Hub name
@@ -30,6 +31,7 @@ DEFAULTS = dict(
     out_dir="",  # where to write; default data/shakespeare_char or data/shakespeare
     url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
     val_fraction=0.1,  # the last 10% of the text is validation
+    overwrite=False,  # replace another dataset already in out_dir (the same one, prepared again, is kept)
 )
 
 
@@ -85,9 +87,11 @@ def prepare(cfg):
     # split the tokens (not the characters) so the two files add up to the whole text
     n_val = int(len(ids) * cfg["val_fraction"])
     train_ids, val_ids = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
-    write_tokens(os.path.join(out_dir, "train.bin"), train_ids)
-    write_tokens(os.path.join(out_dir, "val.bin"), val_ids)
-    write_meta(out_dir, meta)
+    with staging(out_dir) as tmp:  # written beside out_dir, then moved in: never over another dataset unasked
+        write_tokens(os.path.join(tmp, "train.bin"), train_ids)
+        write_tokens(os.path.join(tmp, "val.bin"), val_ids)
+        write_meta(tmp, meta)
+        publish_dataset(tmp, out_dir, cfg["overwrite"])
     vocab = {"char": len(meta.get("chars", [])), "gpt2": 50257}.get(meta["tokenizer"], meta.get("vocab_size"))
     print(f"{len(text):,} characters, vocabulary {vocab:,}: train {len(train_ids):,} tokens, "
           f"val {len(val_ids):,} tokens -> {out_dir}/")

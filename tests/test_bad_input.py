@@ -27,6 +27,8 @@ CASES = [
     # train.py: runs and out_dirs
     ("resume on another tokenizer's data", TRAIN + ["--init_from=resume", "--out_dir=run", "--dataset=bpe"], ["tokenizer"]),
     ("scratch run into an existing run", TRAIN + ["--out_dir=run"], ["already holds a run", "--init_from=resume"]),
+    ("a new run into a folder with only ckpt_best.pt", TRAIN + ["--out_dir=bestonly"], ["ckpt_best.pt", "--overwrite"]),
+    ("a new run into a folder with only a log", TRAIN + ["--out_dir=logonly"], ["log.txt", "--overwrite"]),
     ("out_dir is a file", TRAIN + ["--out_dir=afile"], ["afile", "file"]),
     ("a GPU recipe where there is no GPU", ["train.py", os.path.join(ROOT, "config", "shakespeare_char.py")],
      ["GPU", "--device=cpu --compile=False"]),
@@ -76,6 +78,10 @@ CASES = [
     ("prepare_shakespeare: val_fraction 1.5", ["prepare_shakespeare.py", "--input=text.txt", "--val_fraction=1.5"], ["val_fraction"]),
     ("prepare_shakespeare: val_fraction -0.1", ["prepare_shakespeare.py", "--input=text.txt", "--val_fraction=-0.1"], ["val_fraction"]),
     ("prepare_alpaca: non-UTF-8 input", ["prepare_alpaca.py", "--input=latin1.txt", "--out_dir=data/x3"], ["UTF-8"]),
+    ("prepare_shakespeare over another dataset", ["prepare_shakespeare.py", "--input=text.txt", "--out_dir=data/bpe"],
+     ["data/bpe", "tokenizer gpt2", "--overwrite"]),
+    ("prepare_fineweb over another dataset", ["prepare_fineweb.py", "--data_files=docs.jsonl", "--out_dir=data/tiny",
+                                              "--num_proc=1"], ["data/tiny", "tokenizer char", "--overwrite"]),
     ("sample: non-UTF-8 prompt file", SAMPLE + ["--out_dir=run", "--start=FILE:latin1.txt"], ["UTF-8"]),
     ("merge: merged_dir is a file", ["checkpoint.py", "--out_dir=run", "--merged_dir=afile"], ["afile"]),
     ("plot: output under a file", ["plot.py", "run", "--output=afile/plot.png"], ["afile"]),
@@ -150,6 +156,7 @@ def make_workdir(w):
     (w / "latin1.txt").write_bytes("café, naïve, Ångström\n".encode("latin-1") * 20)
     (w / "empty.txt").write_text("")
     (w / "afile").write_text("a file, not a folder\n")
+    (w / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + text[:200]}) + "\n" for i in range(5)))
     chars = sorted(set(text))
     ids = [chars.index(c) for c in text]
     metas = {"tiny": {"tokenizer": "char", "chars": chars}, "fewchars": {"tokenizer": "char", "chars": chars[:5]},
@@ -167,6 +174,10 @@ def make_workdir(w):
     code, _, err = run_python([os.path.join(ROOT, "train.py"), "--out_dir=run"] + TRAIN[1:], w,
                               dict(os.environ, OMP_NUM_THREADS="1"), 300)
     assert code == 0, err
+    os.makedirs(w / "bestonly")
+    (w / "bestonly" / "ckpt_best.pt").write_bytes((w / "run" / "ckpt.pt").read_bytes())
+    os.makedirs(w / "logonly")
+    (w / "logonly" / "log.txt").write_text("0 train 4.2\n")
     code, _, err = run_python([os.path.join(ROOT, "train.py"), "--out_dir=lorarun", "--init_from=run", "--lora_rank=2"]
                               + TRAIN[1:], w, dict(os.environ, OMP_NUM_THREADS="1"), 300)
     assert code == 0, err

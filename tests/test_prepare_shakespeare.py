@@ -38,3 +38,22 @@ def test_gpt2(tmp_path):
 def test_missing_input_is_one_line(tmp_path):
     p = run_script([os.path.join(ROOT, "prepare_shakespeare.py"), "--input=nope.txt"], cwd=tmp_path, check=False)
     assert p.returncode == 2 and "nope.txt" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_same_preparation_again_changes_nothing_and_another_needs_overwrite(tmp_path):
+    # the README's main command prepares the data every time it is run: the same dataset again is
+    # left as it is; a different one into the same folder is refused, then --overwrite replaces it
+    (tmp_path / "in.txt").write_text(TEXT)
+    (tmp_path / "other.txt").write_text(TEXT.upper())
+    prepare = lambda *a, check=True: run_script([os.path.join(ROOT, "prepare_shakespeare.py"), *a], cwd=tmp_path,
+                                                check=check)
+    prepare("--input=in.txt")
+    d = tmp_path / "data" / "shakespeare_char"
+    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
+    assert "nothing changed" in prepare("--input=in.txt").stdout
+    p = prepare("--input=other.txt", check=False)
+    assert p.returncode == 2 and "--overwrite" in p.stderr and "Traceback" not in p.stderr
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before  # untouched, no temp folder left
+    assert sorted(os.listdir(tmp_path / "data")) == ["shakespeare_char"]
+    prepare("--input=other.txt", "--overwrite")
+    assert json.loads((d / "meta.json").read_text())["chars"] == sorted(set(TEXT.upper()))

@@ -264,6 +264,17 @@ def test_sigterm_twice_to_one_ddp_rank_stops_all_at_once_and_saves(workdir):
     assert step > 1000 and step % 1000 and f"stopped at step {step}" in out  # not at a log step
 
 
+def test_overwrite_clears_every_file_of_the_run_it_replaces(workdir):
+    # kept copies, the best checkpoint and the log of the old run are not left beside the new one's
+    train(workdir, "--max_iters=4", "--keep_interval=2", "--checkpoint_interval=2", "--out_dir=out_over")
+    assert {"ckpt_2.pt", "ckpt_4.pt", "ckpt_best.pt"} <= set(os.listdir(workdir / "out_over"))
+    p = train(workdir, "--max_iters=1", "--out_dir=out_over", "--overwrite")
+    assert "removing the files of the run this one replaces" in p.stdout
+    left = set(os.listdir(workdir / "out_over"))
+    assert "ckpt_2.pt" not in left and "ckpt_4.pt" not in left and "ckpt.pt" in left
+    assert max(read_log(workdir / "out_over" / "log.txt", "train")) == 0  # the new run's log only
+
+
 def test_max_iters_0_evaluates_and_writes_nothing(workdir):
     # (settings that cannot work are rows of tests/test_bad_input.py)
     p = train(workdir, "--max_iters=0", "--out_dir=out_eval")
