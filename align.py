@@ -264,7 +264,9 @@ def load_reward(cfg, meta, device):
         module, _, name = cfg["reward_fn"].partition(":")
         try:
             fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as e:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # not found, a syntax error, or its own code failing at import
             raise UserError(f"--reward_fn={cfg['reward_fn']}: cannot import it ({type(e).__name__}: {e}); "
                             "give module:function, the module in this folder or on the Python path") from None
 
@@ -389,6 +391,10 @@ def ppo_step(cfg, ctx, step):
 # set-up
 
 
+PPO_ONLY = ("reward_from", "reward_fn", "max_new_tokens", "temperature", "kl_coef", "ppo_epochs", "clip_range",
+            "vf_coef", "gamma", "lam")
+
+
 def check_settings(cfg):
     if cfg["method"] not in ("dpo", "reward", "ppo"):
         die(f"--method must be dpo, reward or ppo, got {cfg['method']!r}")
@@ -405,6 +411,19 @@ def check_settings(cfg):
         for key in ("temperature", "kl_coef", "clip_range", "vf_coef", "gamma", "lam"):
             if cfg[key] < 0:
                 die(f"--{key} must not be negative, got {cfg[key]}")
+        for key in ("gamma", "lam"):  # a discount and GAE's mix: weights of the future, at most 1
+            if cfg[key] > 1:
+                die(f"--{key} must be between 0 and 1 (1 and 0.95 are usual), got {cfg[key]}")
+    else:  # PPO's settings given to another method would be ignored without a word
+        given = [k for k in PPO_ONLY if cfg[k] != DEFAULTS[k]]
+        if given:
+            die(f"{', '.join('--' + k for k in given)} {'is' if len(given) == 1 else 'are'} PPO's: drop "
+                f"{'it' if len(given) == 1 else 'them'} for --method={cfg['method']}, or use --method=ppo")
+    if cfg["lora_rank"] > 0:
+        try:
+            lora.parse_targets(cfg["lora_targets"])
+        except ValueError as e:
+            die(str(e))
     if not cfg["init_from"] or not cfg["dataset"]:
         die("give the starting model and the pairs: --init_from=RUN_OR_HF_MODEL --dataset=NAME (prepare_preferences.py)")
     for key in ("batch_size", "block_size", "max_iters", "eval_iters", "log_interval"):

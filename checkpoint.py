@@ -215,6 +215,11 @@ def check_same_tokenizer(model_meta, data_meta, model_name, dataset):
 
 def check_resume(ckpt, cfg, meta, say):
     """A resumed run keeps the checkpoint's model, and says which settings now differ."""
+    method = (ckpt.get("config") or {}).get("method")
+    if method:  # align.py's run: its own loop, optimizer state and heads
+        raise UserError(f"{cfg['out_dir']} is an align.py run (--method={method}): resume it with python align.py "
+                        f"--method={method} --out_dir={cfg['out_dir']} --init_from=resume, or start a new train.py run "
+                        f"from its model with --init_from={cfg['out_dir']}")
     missing = {"config", "step", "optimizer", "scaler", "loader", "rng", "val_loss"} - ckpt.keys()
     if missing:
         raise UserError(f"{cfg['out_dir']}/ckpt.pt holds a model but no training state to resume (no "

@@ -304,6 +304,8 @@ def print_plan(cfg):
     """python train.py CONFIG --plan: check every setting for the world size asked, then print
     the model's size, the step, the per-GPU memory and the time to max_iters. Reads no data,
     needs no GPU, writes nothing."""
+    if cfg["plan_world"] < 0:
+        die(f"--plan_world is the number of GPUs to plan for (0: torchrun's, else 1), got {cfg['plan_world']}")
     world_size = cfg["plan_world"] or int(os.environ.get("WORLD_SIZE", 1))
     check_settings(cfg, under_torchrun=world_size > 1 or "RANK" in os.environ)
     meta, data_note = plan_meta(cfg)

@@ -524,3 +524,25 @@ def test_compiled_steps_after_the_first_add_no_graph(pref_dir, monkeypatch, meth
     first = align_graphs(d, monkeypatch, *args, "--max_iters=2", f"--out_dir=c_{method}_2")
     assert first >= 2, first  # a training and an evaluation graph at least
     assert align_graphs(d, monkeypatch, *args, "--max_iters=6", f"--out_dir=c_{method}_6") == first
+
+
+def test_settings_that_cannot_work_or_would_be_ignored_are_one_line(monkeypatch, capsys, tmp_path):
+    # PPO's settings under another method (ignored without a word before), GAE's gamma and lambda
+    # past 1, LoRA targets that do not exist; and a reward module that does not import
+    from configurator import UserError, configure
+    for extra, words in ((["--method=dpo", "--reward_fn=m:f"], "--reward_fn is PPO's"),
+                         (["--method=reward", "--kl_coef=0.1", "--lam=0.9"], "--kl_coef, --lam are PPO's"),
+                         (["--method=ppo", "--reward_fn=m:f", "--lam=5"], "--lam must be between 0 and 1"),
+                         (["--method=ppo", "--reward_fn=m:f", "--gamma=3"], "--gamma must be between 0 and 1"),
+                         (["--lora_rank=4", "--lora_targets=foo"], "unknown LoRA target(s) foo")):
+        cfg = configure(align.DEFAULTS, ["--init_from=x", "--dataset=prefs", *extra])
+        with pytest.raises(SystemExit) as e:
+            align.check_settings(cfg)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and words in err and err.count("\n") == 0, err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_reward.py").write_text("def f(text)\n    return 1.0\n")  # a syntax error
+    (tmp_path / "raising_reward.py").write_text("raise RuntimeError('no config')\ndef f(text):\n    return 1.0\n")
+    for module in ("broken_reward", "raising_reward"):
+        with pytest.raises(UserError, match=f"--reward_fn={module}:f: cannot import it"):
+            align.load_reward(dict(align.DEFAULTS, reward_fn=f"{module}:f"), {}, "cpu")

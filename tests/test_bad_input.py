@@ -29,6 +29,8 @@ CASES = [
     ("scratch run into an existing run", TRAIN + ["--out_dir=run"], ["already holds a run", "--init_from=resume"]),
     ("a new run into a folder with only ckpt_best.pt", TRAIN + ["--out_dir=bestonly"], ["ckpt_best.pt", "--overwrite"]),
     ("a new run into a folder with only a log", TRAIN + ["--out_dir=logonly"], ["log.txt", "--overwrite"]),
+    ("train: resume an align.py run", TRAIN + ["--init_from=resume", "--out_dir=dporun"], ["align.py run", "align.py"]),
+    ("plan: a negative plan_world", TRAIN + ["--plan", "--plan_world=-1"], ["--plan_world"]),
     ("out_dir is a file", TRAIN + ["--out_dir=afile"], ["afile", "file"]),
     ("a GPU recipe where there is no GPU", ["train.py", os.path.join(ROOT, "config", "shakespeare_char.py")],
      ["GPU", "--device=cpu --compile=False"]),
@@ -176,6 +178,10 @@ def make_workdir(w):
     assert code == 0, err
     os.makedirs(w / "bestonly")
     (w / "bestonly" / "ckpt_best.pt").write_bytes((w / "run" / "ckpt.pt").read_bytes())
+    dpo = torch.load(w / "run" / "ckpt.pt", weights_only=True)  # a run of align.py --method=dpo, as train.py finds it
+    dpo["config"]["method"] = "dpo"
+    os.makedirs(w / "dporun")
+    torch.save(dpo, w / "dporun" / "ckpt.pt")
     os.makedirs(w / "logonly")
     (w / "logonly" / "log.txt").write_text("0 train 4.2\n")
     code, _, err = run_python([os.path.join(ROOT, "train.py"), "--out_dir=lorarun", "--init_from=run", "--lora_rank=2"]
