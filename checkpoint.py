@@ -128,6 +128,9 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
             raise UserError(str(e)) from None
         # a Llama-family model (RMSNorm) comes with its own tokenizer, in its folder or Hub repository
         meta = hf_tokenizer_meta(init_from) if model.config.norm == "rmsnorm" else {"tokenizer": "gpt2"}
+        if meta.get("vocab_size", 0) > model.config.vocab_size:  # its ids past the embedding would crash the model
+            raise UserError(f"{init_from}: its tokenizer has {meta['vocab_size']:,} ids but the model embeds "
+                            f"{model.config.vocab_size:,} (vocab_size): a tokenizer and a model that do not belong together")
         return model.to(device), meta
     path = checkpoint_path(out_dir)
     ckpt = load_checkpoint(path)

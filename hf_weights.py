@@ -136,7 +136,14 @@ def gpt2_config(hc, where):
         raise ValueError(f"{where}: activation {act!r} is not GPT-2's GELU")
     if hc.get("scale_attn_by_inverse_layer_idx") or hc.get("reorder_and_upcast_attn"):
         raise ValueError(f"{where}: non-standard GPT-2 attention options are not supported")
+    defaults = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)  # GPT2Config's
+    for field, default in defaults.items():
+        value = hc.get(field, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: {field}={value!r} must be a whole number of at least 1")
     n_embd = hc.get("n_embd", 768)
+    if n_embd % hc.get("n_head", 12):
+        raise ValueError(f"{where}: n_embd={n_embd} is not a multiple of n_head={hc.get('n_head', 12)}")
     if hc.get("n_inner") not in (None, 4 * n_embd):
         raise ValueError(f"{where}: n_inner={hc['n_inner']} is not 4 x n_embd; this GPT's MLP is 4 x n_embd wide")
     return dict(block_size=hc.get("n_positions", 1024), vocab_size=hc.get("vocab_size", 50257),
@@ -160,14 +167,24 @@ def llama_config(hc, where):
     for field in ("attention_bias", "mlp_bias"):
         if hc.get(field):
             raise ValueError(f"{where}: {field}=true is not supported (this GPT's Llama form has no biases)")
+    for field in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if not isinstance(hc[field], int) or isinstance(hc[field], bool) or hc[field] < 1:
+            raise ValueError(f"{where}: {field}={hc[field]!r} must be a whole number of at least 1")
     n_embd, n_head = hc["hidden_size"], hc["num_attention_heads"]
+    n_kv = hc.get("num_key_value_heads") or n_head
+    if not isinstance(n_kv, int) or n_kv < 1 or n_head % n_kv:
+        raise ValueError(f"{where}: num_key_value_heads={n_kv!r} must divide num_attention_heads={n_head}")
+    if n_embd % n_head:
+        raise ValueError(f"{where}: hidden_size={n_embd} is not a multiple of num_attention_heads={n_head}")
     if hc.get("head_dim") not in (None, n_embd // n_head):
         raise ValueError(f"{where}: head_dim={hc['head_dim']} is not hidden_size / num_attention_heads "
                          f"= {n_embd // n_head}, which this GPT's heads are")
     theta = rope.get("rope_theta", hc.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ValueError(f"{where}: rope_theta={theta!r} must be positive (RoPE's base, e.g. 10000)")
     return dict(block_size=hc.get("max_position_embeddings", 2048), vocab_size=hc["vocab_size"],
                 n_layer=hc["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
-                n_kv_head=hc.get("num_key_value_heads") or n_head, bias=False, rope=True,
+                n_kv_head=n_kv, bias=False, rope=True,
                 rope_theta=float(theta), norm="rmsnorm", norm_eps=hc.get("rms_norm_eps", 1e-6), mlp="swiglu",
                 mlp_hidden=hc["intermediate_size"], tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
 

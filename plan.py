@@ -15,7 +15,7 @@ import torch
 import lora
 from configurator import die
 from dataloader import read_meta, vocab_size_of
-from hf_weights import gpt2_config, llama_config
+from hf_weights import HF_CLASSES, gpt2_config, llama_config
 from model import GPT, PRESETS, GPTConfig, flops_per_token
 from runtime import format_time
 
@@ -186,9 +186,13 @@ def plan_model(cfg, meta):
         config = GPTConfig(**torch.load(os.path.join(folder, "ckpt.pt"), map_location="meta", mmap=True,
                                         weights_only=True)["model_args"])
     elif os.path.isfile(os.path.join(folder, "config.json")):  # a Hugging Face folder: GPT-2 or a Llama
-        with open(os.path.join(folder, "config.json")) as f:
-            hc = json.load(f)
         try:
+            with open(os.path.join(folder, "config.json")) as f:
+                hc = json.load(f)
+            if not isinstance(hc, dict):
+                raise ValueError(f"config.json holds a {type(hc).__name__}, not a model's settings")
+            if hc.get("model_type") not in HF_CLASSES:  # what GPT.from_pretrained refuses, refused here too
+                raise ValueError(f"model_type {hc.get('model_type')!r}: only gpt2 and llama models load here")
             config = GPTConfig(**(llama_config if hc.get("model_type") == "llama" else gpt2_config)(hc, folder))
         except (ValueError, KeyError) as e:
             die(f"--plan: {folder}/config.json does not fit this GPT: {e}")

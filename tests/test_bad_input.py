@@ -99,6 +99,10 @@ CASES = [
     ("train: an HF folder with corrupt safetensors", TRAIN + ["--init_from=hf_corrupt", "--out_dir=o11"], ["could not read"]),
     ("train: an HF folder with a malicious .bin", TRAIN + ["--init_from=hf_malicious", "--out_dir=o12"], ["could not read"]),
     ("sample: an HF folder of another architecture", SAMPLE + ["--init_from=hf_bert"], ["bert"]),
+    ("plan: an HF folder whose config.json is a list", TRAIN + ["--plan", "--init_from=hf_list"], ["config.json", "list"]),
+    ("plan: a Qwen2 folder", TRAIN + ["--plan", "--init_from=hf_qwen"], ["model_type 'qwen2'"]),
+    ("plan: a Llama config with no heads", TRAIN + ["--plan", "--init_from=hf_noheads"], ["num_attention_heads=0"]),
+    ("sample: a Llama config with no heads", SAMPLE + ["--init_from=hf_noheads"], ["num_attention_heads=0"]),
     ("sample: an HF folder with corrupt safetensors", SAMPLE + ["--init_from=hf_corrupt"], ["could not read"]),
     ("sample: an HF folder with a malicious .bin", SAMPLE + ["--init_from=hf_malicious"], ["could not read"]),
     ("sample: out_dir and init_from both", SAMPLE + ["--out_dir=run", "--init_from=gpt2"], ["not both"]),
@@ -205,13 +209,15 @@ def make_workdir(w):
     configs = {"hf_bert": dict(model_type="bert", hidden_size=32), "hf_noweights": gpt2, "hf_emptyconfig": {},
                "hf_llama3": dict(llama, rope_scaling={"rope_type": "llama3", "factor": 32.0}),
                "hf_llama_partial": dict(model_type="llama", hidden_size=32),
-               "hf_ninner": dict(gpt2, n_inner=100), "hf_corrupt": gpt2, "hf_malicious": gpt2}
+               "hf_ninner": dict(gpt2, n_inner=100), "hf_corrupt": gpt2, "hf_malicious": gpt2,
+               "hf_list": [gpt2], "hf_qwen": dict(llama, model_type="qwen2"),
+               "hf_noheads": dict(llama, num_attention_heads=0)}
     for name, config in configs.items():
         os.makedirs(w / name)
         (w / name / "config.json").write_text(json.dumps(config))
     os.makedirs(w / "hf_badjson")
     (w / "hf_badjson" / "config.json").write_text('{"model_type": "gpt2", ')
-    for name in ("hf_bert", "hf_llama3", "hf_llama_partial"):
+    for name in ("hf_bert", "hf_llama3", "hf_llama_partial", "hf_noheads"):
         (w / name / "model.safetensors").write_bytes(b"\0" * 64)
     (w / "hf_corrupt" / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not a header}" + b"\0" * 64)
     (w / "hf_malicious" / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))

@@ -79,7 +79,12 @@ def test_what_cannot_be_represented_is_refused_naming_the_field(tiny_llama_folde
              ({"attention_bias": True}, "attention_bias"),
              ({"mlp_bias": True}, "mlp_bias"),
              ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-             ({"head_dim": 32}, "head_dim=32")]
+             ({"head_dim": 32}, "head_dim=32"),
+             ({"num_attention_heads": 0}, "num_attention_heads=0"),
+             ({"num_hidden_layers": -1}, "num_hidden_layers=-1"),
+             ({"rope_theta": 0, "rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta=0"),
+             ({"num_key_value_heads": 3}, "num_key_value_heads=3 must divide"),
+             ({"num_key_value_heads": 1000}, "num_key_value_heads=1000 must divide")]
     for change, words in cases:
         with pytest.raises(ValueError, match=words.replace("(", r"\(")):
             llama_config({**hc, **change}, folder)
@@ -304,3 +309,19 @@ def test_plan_sizes_a_llama_folder_from_its_config(tiny_llama_folder):
     model = plan.plan_model(cfg, {"tokenizer": "hf"})
     assert model.config.n_kv_head == 2 and model.config.mlp_hidden == 96 and model.config.block_size == 64
     assert model.num_params() == sum(p.numel() for p in hf.parameters())  # the meta-device model is the real shape
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(tmp_path):
+    # its ids past the embedding table would crash the model (IndexError) in train.py and sample.py
+    from checkpoint import load_model
+    from configurator import UserError
+    folder, _ = make_llama_folder(tmp_path / "m")
+    with open(os.path.join(folder, "config.json")) as f:
+        hc = json.load(f)
+    import transformers
+    small = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in hc.items() if k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "max_position_embeddings", "rms_norm_eps")}, vocab_size=hc["vocab_size"] - 10))
+    small.save_pretrained(folder)  # the same tokenizer beside a model of 10 ids fewer
+    with pytest.raises(UserError, match="tokenizer has .* ids but the model embeds"):
+        load_model(init_from=folder)
