@@ -204,8 +204,13 @@ def completed_shards(out_dir, source):
             die(f"{out_dir} already holds {describe_folder(out_dir)} (no {PROGRESS}: not a preparation to resume): "
                 "choose another --out_dir, or replace it with --overwrite")
         return [], False
-    with open(path) as f:
-        progress = json.load(f)
+    try:
+        with open(path) as f:
+            progress = json.load(f)
+        progress["source"], progress["shards"], progress["finished"]  # noqa: B018 (the keys a record has)
+    except (ValueError, KeyError, TypeError) as e:  # damaged (a disk error, an edit): not a record to trust
+        die(f"{path} is damaged ({type(e).__name__}: {str(e)[:80]}): delete it to prepare {out_dir} again from the "
+            "start, or use --overwrite")
     if progress["source"] != source:
         keys = sorted(set(source) | set(progress["source"]))
         show = lambda k, v: (f"{k}={v!r}" if k != "tokenizer" else "--tokenizer=gpt2" if v is None else
@@ -347,6 +352,10 @@ def main():
             raise UserError("the corpus has no documents")
         progress["finished"] = not stop  # a --max_tokens run can be continued later
         save_progress(out_dir, progress)
+    except UnicodeDecodeError as e:  # (datasets reads a .jsonl's strings only here, batch by batch)
+        bar.close()
+        die(f"the corpus is not UTF-8 text (document {doc:,} or near it: {e.reason} at byte {e.start}); convert "
+            "the files to UTF-8")
     except UserError as e:
         bar.close()  # first: the error line on a line of its own, not glued to the bar
         die(str(e))

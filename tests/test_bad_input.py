@@ -84,6 +84,10 @@ CASES = [
      ["data/bpe", "tokenizer gpt2", "--overwrite"]),
     ("prepare_fineweb over another dataset", ["prepare_fineweb.py", "--data_files=docs.jsonl", "--out_dir=data/tiny",
                                               "--num_proc=1"], ["data/tiny", "tokenizer char", "--overwrite"]),
+    ("prepare_fineweb: a non-UTF-8 .jsonl", ["prepare_fineweb.py", "--data_files=latin1.jsonl", "--out_dir=data/x5",
+                                             "--num_proc=1"], ["not UTF-8"]),
+    ("prepare_fineweb: a damaged resume record", ["prepare_fineweb.py", "--data_files=docs.jsonl",
+                                                  "--out_dir=data/badprogress", "--num_proc=1"], ["damaged", "--overwrite"]),
     ("sample: non-UTF-8 prompt file", SAMPLE + ["--out_dir=run", "--start=FILE:latin1.txt"], ["UTF-8"]),
     ("merge: merged_dir is a file", ["checkpoint.py", "--out_dir=run", "--merged_dir=afile"], ["afile"]),
     ("plot: output under a file", ["plot.py", "run", "--output=afile/plot.png"], ["afile"]),
@@ -162,6 +166,9 @@ def make_workdir(w):
     (w / "latin1.txt").write_bytes("café, naïve, Ångström\n".encode("latin-1") * 20)
     (w / "empty.txt").write_text("")
     (w / "afile").write_text("a file, not a folder\n")
+    (w / "latin1.jsonl").write_bytes('{"text": "caf\xe9 au lait"}\n'.encode("latin-1") * 3)
+    os.makedirs(w / "data" / "badprogress")
+    (w / "data" / "badprogress" / "prepare_progress.json").write_text('{"shards": [')
     (w / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + text[:200]}) + "\n" for i in range(5)))
     chars = sorted(set(text))
     ids = [chars.index(c) for c in text]
