@@ -13,7 +13,7 @@ from dataclasses import fields
 import torch
 
 import lora
-from configurator import die
+from configurator import UserError, die
 from dataloader import read_meta, vocab_size_of
 from hf_weights import HF_CLASSES, gpt2_config, llama_config
 from model import GPT, PRESETS, GPTConfig, flops_per_token
@@ -183,8 +183,11 @@ def plan_model(cfg, meta):
     elif init_from in HUB_SHAPES and not os.path.isdir(init_from):
         config = GPTConfig(**HUB_SHAPES[init_from])
     elif os.path.isfile(os.path.join(folder, "ckpt.pt")):
-        config = GPTConfig(**torch.load(os.path.join(folder, "ckpt.pt"), map_location="meta", mmap=True,
-                                        weights_only=True)["model_args"])
+        try:
+            config = GPTConfig(**torch.load(os.path.join(folder, "ckpt.pt"), map_location="meta", mmap=True,
+                                            weights_only=True)["model_args"])
+        except Exception as e:  # not a checkpoint (random bytes, a bare tensor), or one without model_args
+            die(f"--plan: {folder}/ckpt.pt is not a checkpoint of this project ({type(e).__name__}: {str(e)[:100]})")
     elif os.path.isfile(os.path.join(folder, "config.json")):  # a Hugging Face folder: GPT-2 or a Llama
         try:
             with open(os.path.join(folder, "config.json")) as f:
@@ -312,7 +315,10 @@ def print_plan(cfg):
         die(f"--plan_world is the number of GPUs to plan for (0: torchrun's, else 1), got {cfg['plan_world']}")
     world_size = cfg["plan_world"] or int(os.environ.get("WORLD_SIZE", 1))
     check_settings(cfg, under_torchrun=world_size > 1 or "RANK" in os.environ)
-    meta, data_note = plan_meta(cfg)
+    try:
+        meta, data_note = plan_meta(cfg)
+    except UserError as e:  # a broken meta.json
+        die(str(e))
     if cfg["hellaswag_interval"] and meta["tokenizer"] != "gpt2":
         die("HellaSwag needs a GPT-2 BPE model; set hellaswag_interval=0 for char-level data")
     sft = meta.get("format") == "sft"

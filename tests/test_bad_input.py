@@ -31,6 +31,10 @@ CASES = [
     ("a new run into a folder with only a log", TRAIN + ["--out_dir=logonly"], ["log.txt", "--overwrite"]),
     ("train: resume an align.py run", TRAIN + ["--init_from=resume", "--out_dir=dporun"], ["align.py run", "align.py"]),
     ("plan: a negative plan_world", TRAIN + ["--plan", "--plan_world=-1"], ["--plan_world"]),
+    ("plan: resume a checkpoint without model_args", TRAIN + ["--plan", "--init_from=resume", "--out_dir=nomodelargs"],
+     ["not a checkpoint"]),
+    ("plan: resume random bytes", TRAIN + ["--plan", "--init_from=resume", "--out_dir=randombytes"], ["not a checkpoint"]),
+    ("plan: a broken meta.json", TRAIN + ["--plan", "--dataset=badjson"], ["meta.json"]),
     ("out_dir is a file", TRAIN + ["--out_dir=afile"], ["afile", "file"]),
     ("a GPU recipe where there is no GPU", ["train.py", os.path.join(ROOT, "config", "shakespeare_char.py")],
      ["GPU", "--device=cpu --compile=False"]),
@@ -209,6 +213,8 @@ def make_workdir(w):
     for name, obj in bad.items():
         os.makedirs(w / name)
         torch.save(obj, w / name / "ckpt.pt")
+    os.makedirs(w / "randombytes")
+    (w / "randombytes" / "ckpt.pt").write_bytes(bytes(range(256)) * 40)
     # Hugging Face folders that are not a GPT-2 we can load
     gpt2 = dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=12)
     llama = dict(model_type="llama", hidden_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=12,
