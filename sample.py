@@ -55,6 +55,8 @@ def main():
             f"{cfg['temperature']}, top_k={cfg['top_k']}, top_p={cfg['top_p']}")
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
         die(f"--num_samples and --max_new_tokens must be at least 1, got {cfg['num_samples']} and {cfg['max_new_tokens']}")
+    if cfg["chat"] and (cfg["start"] != DEFAULTS["start"] or cfg["num_samples"] != DEFAULTS["num_samples"]):
+        die("--chat reads each turn from stdin and answers it once: drop --start and --num_samples")
     if cfg["init_from"] and cfg["out_dir"]:
         die(f"give --out_dir (a run of ours) or --init_from (OpenAI's weights, an HF folder), not both: "
             f"--out_dir={cfg['out_dir']} --init_from={cfg['init_from']}")
@@ -82,6 +84,9 @@ def main():
         if cfg["chat"]:
             if eot_of(meta) is None:
                 die("--chat needs a BPE model that ends its answers (an SFT or aligned run); this one is character-level")
+            if meta.get("format") not in ("sft", "preference") and not meta.get("chat_template"):
+                print("note: this model was not tuned on instructions: it continues text, it was never taught to "
+                      "answer (fine-tune it with prepare_alpaca.py first)", file=sys.stderr)
             model.eval()
             return chat(model, meta, encode, decode, cfg, autocast_context(device_type, ptdtype), device)
         start = cfg["start"]
@@ -171,6 +176,9 @@ def chat(model, meta, encode, decode, cfg, autocast, device):
         if not line:
             continue
         ids = context(history, line)
+        if len(ids) > block_size and not history:
+            print(f"note: this turn is {len(ids)} tokens, more than the model's {block_size}: it reads only the last "
+                  f"{block_size} (the template's start among what is cut)", file=sys.stderr)
         while history and len(ids) + cfg["max_new_tokens"] > block_size:
             history.pop(0)  # the oldest turn goes first
             ids = context(history, line)

@@ -76,6 +76,7 @@ CASES = [
     ("sample: max_new_tokens -1", SAMPLE + ["--out_dir=run", "--max_new_tokens=-1"], ["max_new_tokens"]),
     ("sample: num_samples -1", SAMPLE + ["--out_dir=run", "--num_samples=-1"], ["num_samples"]),
     ("sample: instruct on a char model", SAMPLE + ["--out_dir=run", "--instruct"], ["BPE"]),
+    ("sample: --chat with --start", SAMPLE + ["--out_dir=run", "--chat", "--start=Hi"], ["--chat", "drop --start"]),
     ("hellaswag: negative eval_iters", ["hellaswag.py", "--out_dir=run", "--val_dataset=tiny", "--eval_iters=-3"], ["eval_iters"]),
     # files
     ("prepare_shakespeare: non-UTF-8 input", ["prepare_shakespeare.py", "--input=latin1.txt", "--out_dir=data/x1"], ["UTF-8"]),
