@@ -205,9 +205,15 @@ def make_reference(cfg, raw_model, init_from, shard_dtype=None):
     return sharded_reference
 
 
+def run_of_ours(path):
+    """A run's folder (its ckpt.pt), or one of its checkpoint files (RUN/ckpt_best.pt), as sample.py
+    takes them; anything else is a Hugging Face name or folder."""
+    return os.path.isfile(os.path.join(path, "ckpt.pt")) or (path.endswith(".pt") and os.path.isfile(path))
+
+
 def load_start(cfg, init_from, like):
     """The starting model again (a resumed DPO run's reference), on like's device, eval mode."""
-    ours = os.path.isfile(os.path.join(init_from, "ckpt.pt"))
+    ours = run_of_ours(init_from)
     model, _ = load_model(out_dir=init_from) if ours else load_model(init_from=init_from)
     if lora.has_lora(model):
         lora.merge_lora(model)
@@ -471,7 +477,7 @@ def setup(cfg, world, meta, ptdtype, say):
             raise UserError(f"block_size={cfg['block_size']} is larger than the run's {raw_model.config.block_size}")
     else:
         start = cfg["init_from"]
-        ours = os.path.isfile(os.path.join(start, "ckpt.pt"))
+        ours = run_of_ours(start)
         raw_model, model_meta = (load_model(out_dir=start, dropout=cfg["dropout"]) if ours
                                  else load_model(init_from=start, dropout=cfg["dropout"]))
         if lora.has_lora(raw_model):

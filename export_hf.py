@@ -51,7 +51,7 @@ if __name__ == "__main__":
 import torch
 
 import lora
-from checkpoint import load_model
+from checkpoint import checkpoint_path, load_checkpoint, load_model
 from dataloader import EOT, eot_of, get_gpt2_encoding, get_hf_tokenizer
 from hf_weights import (ACTIVATIONS, GPT2_VOCAB, hf_gpt2_config, hf_gpt2_weights, hf_llama_config,
                         hf_llama_weights, is_llama)
@@ -256,6 +256,12 @@ def main():
         model, meta = load_model(out_dir=cfg["out_dir"])  # a LoRA run comes with its adapters applied
     except (UserError, OSError, RuntimeError, ValueError) as e:  # no or a broken checkpoint, a base that won't load
         die(str(e))
+    method = (load_checkpoint(checkpoint_path(cfg["out_dir"])).get("config") or {}).get("method")
+    if method == "reward":  # a score, not next-token probabilities: a causal LM's folder has no place for its head
+        die(f"{cfg['out_dir']} is a reward model (align.py --method=reward): a causal LM folder would drop its "
+            "reward head and keep an untrained lm_head; export the policy (a DPO, PPO or SFT run) instead")
+    if method == "ppo":
+        print("a PPO run: its policy is exported; the value head, used only in training, is left out")
     reason = why_not_exportable(model, meta)
     if reason:
         die(reason)

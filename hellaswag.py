@@ -286,6 +286,9 @@ def main():
         if cfg["val_dataset"]:
             data_dir = os.path.join("data", cfg["val_dataset"])
             data_meta = read_meta(data_dir)
+            if data_meta.get("format") == "preference":  # each prompt twice, the rejected answers among the text
+                raise UserError(f"data/{cfg['val_dataset']} holds preference pairs: its val loss would score the "
+                                "rejected answers as text to learn; align.py reports a preference run's val loss")
             # the same token ids must mean the same text for the model and the data
             check_same_tokenizer(meta, data_meta, source, cfg["val_dataset"])
             block_size = cfg["block_size"] or unwrap(model).config.block_size

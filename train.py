@@ -373,6 +373,9 @@ def train(cfg, world):
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt")) if resume else None
     lock, log = claim_out_dir(cfg, resume, world)  # noqa: F841 (the lock is held while the run lives)
     meta = read_meta(os.path.join("data", cfg["dataset"]))
+    if meta.get("format") == "preference":  # pairs of answers, not a text to continue nor examples to imitate
+        raise UserError(f"data/{cfg['dataset']} holds preference pairs (prepare_preferences.py): train on them with "
+                        f"python align.py --dataset={cfg['dataset']} (DPO, a reward model, PPO)")
     train_loader, val_loader, layout = make_loaders(cfg, meta, world)
     say_settings(cfg, world, ptdtype, layout, say)
     raw_model, base, optimizers, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)

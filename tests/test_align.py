@@ -546,3 +546,14 @@ def test_settings_that_cannot_work_or_would_be_ignored_are_one_line(monkeypatch,
     for module in ("broken_reward", "raising_reward"):
         with pytest.raises(UserError, match=f"--reward_fn={module}:f: cannot import it"):
             align.load_reward(dict(align.DEFAULTS, reward_fn=f"{module}:f"), {}, "cpu")
+
+
+def test_a_run_is_its_folder_or_one_of_its_checkpoint_files(tmp_path):
+    # --init_from=RUN/ckpt_best.pt starts from that checkpoint, as sample.py, hellaswag.py and export_hf.py take it
+    # (before, it was taken for a Hub name and refused as offline)
+    os.makedirs(tmp_path / "run")
+    for f in ("ckpt.pt", "ckpt_best.pt"):
+        (tmp_path / "run" / f).write_bytes(b"x")
+    assert align.run_of_ours(str(tmp_path / "run")) and align.run_of_ours(str(tmp_path / "run" / "ckpt_best.pt"))
+    assert not align.run_of_ours(str(tmp_path / "run" / "nope.pt"))
+    assert not align.run_of_ours("HuggingFaceTB/SmolLM2-135M")

@@ -35,6 +35,10 @@ CASES = [
      ["not a checkpoint"]),
     ("plan: resume random bytes", TRAIN + ["--plan", "--init_from=resume", "--out_dir=randombytes"], ["not a checkpoint"]),
     ("plan: a broken meta.json", TRAIN + ["--plan", "--dataset=badjson"], ["meta.json"]),
+    ("train: a preference dataset", TRAIN + ["--dataset=prefs", "--out_dir=o13"], ["preference pairs", "align.py"]),
+    ("hellaswag: a preference set's val loss", ["hellaswag.py", "--out_dir=run", "--val_dataset=prefs"],
+     ["preference pairs"]),
+    ("export: a reward model", ["export_hf.py", "--out_dir=rewardrun", "--hf_dir=hf"], ["reward model"]),
     ("out_dir is a file", TRAIN + ["--out_dir=afile"], ["afile", "file"]),
     ("a GPU recipe where there is no GPU", ["train.py", os.path.join(ROOT, "config", "shakespeare_char.py")],
      ["GPU", "--device=cpu --compile=False"]),
@@ -214,6 +218,13 @@ def make_workdir(w):
     for name, obj in bad.items():
         os.makedirs(w / name)
         torch.save(obj, w / name / "ckpt.pt")
+    os.makedirs(w / "data" / "prefs")  # a preference dataset, as far as its meta.json says
+    (w / "data" / "prefs" / "meta.json").write_text(json.dumps({"tokenizer": "char", "chars": chars,
+                                                                "format": "preference"}))
+    reward = torch.load(w / "bperun" / "ckpt.pt", weights_only=True)
+    reward["config"] = {"method": "reward"}
+    os.makedirs(w / "rewardrun")
+    torch.save(reward, w / "rewardrun" / "ckpt.pt")
     os.makedirs(w / "randombytes")
     (w / "randombytes" / "ckpt.pt").write_bytes(bytes(range(256)) * 40)
     # Hugging Face folders that are not a GPT-2 we can load
