@@ -522,6 +522,13 @@ class SFTLoader:
         if pairs and (len(self.index) % 2 or (self.index[0::2, 1] != self.index[1::2, 1]).any()):
             raise UserError(f"{data_dir}/{split}_index.npy is not a list of pairs (chosen, rejected) of one prompt each; "
                             "re-run prepare_preferences.py")
+        if pairs:  # a pair whose answers are the same tokens prefers nothing: DPO would sit at log 2 on it
+            same = [i // 2 for i in range(0, len(self.index), 2)
+                    if np.array_equal(self.tokens[self.index[i, 0]:self.index[i, 0] + self.index[i, 2]],
+                                      self.tokens[self.index[i + 1, 0]:self.index[i + 1, 0] + self.index[i + 1, 2]])]
+            if same:
+                raise UserError(f"{data_dir}/{split}: {len(same)} pair(s) have the same chosen and rejected answer "
+                                f"(the first: pair {same[0]}); prepare_preferences.py refuses such pairs: re-run it")
         self.n_units = len(self.index) // 2 if pairs else len(self.index)  # what batch_size counts
         if vocab_size:
             check_ids(self.tokens, vocab_size, os.path.join(data_dir, f"{split}.bin"))

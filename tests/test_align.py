@@ -140,6 +140,12 @@ def test_pair_loader_keeps_pairs_together(tmp_path):
         assert x.shape[0] == 4
         for i in range(2):  # row i chosen, row 2 + i rejected, of the same prompt
             assert x[i, 2] == x[2 + i, 2] and y[i, 2] == 10 + x[i, 2] and y[2 + i, 2] == 30 + x[i, 2]
+    # a crafted set whose pair 3 has the same answer twice (prepare_preferences.py refuses such pairs): one line
+    same = [ex for i in range(6) for ex in (([1, 2, i], [10 + i, 0]), ([1, 2, i], [10 + i, 0] if i == 3 else [30 + i, 0]))]
+    write_sft(str(tmp_path), "val", same)
+    from configurator import UserError
+    with pytest.raises(UserError, match="1 pair.s. have the same chosen and rejected answer .the first: pair 3"):
+        SFTLoader(str(tmp_path), "val", 2, 8, pairs=True)
 
 
 # -----------------------------------------------------------------------------
