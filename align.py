@@ -281,7 +281,7 @@ def load_reward(cfg, meta, device):
             for text in texts:
                 try:
                     r = fn(text)
-                except Exception as e:
+                except BaseException as e:  # also its own sys.exit() or KeyboardInterrupt (Ctrl-C is the StopFlag's)
                     raise UserError(f"--reward_fn={cfg['reward_fn']} raised {type(e).__name__}: {e} on {text[:60]!r}") from None
                 if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
                     raise UserError(f"--reward_fn={cfg['reward_fn']} returned {r!r} for {text[:60]!r}; it must return a finite number")

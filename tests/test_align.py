@@ -552,6 +552,13 @@ def test_settings_that_cannot_work_or_would_be_ignored_are_one_line(monkeypatch,
     for module in ("broken_reward", "raising_reward"):
         with pytest.raises(UserError, match=f"--reward_fn={module}:f: cannot import it"):
             align.load_reward(dict(align.DEFAULTS, reward_fn=f"{module}:f"), {}, "cpu")
+    # a function that exits or raises KeyboardInterrupt itself: a line, not a silent end or a traceback
+    (tmp_path / "quitting_reward.py").write_text("import sys\ndef quits(text):\n    sys.exit(0)\n"
+                                                 "def interrupts(text):\n    raise KeyboardInterrupt\n")
+    for name, words in (("quits", "raised SystemExit"), ("interrupts", "raised KeyboardInterrupt")):
+        score = align.load_reward(dict(align.DEFAULTS, reward_fn=f"quitting_reward:{name}"), {}, "cpu")
+        with pytest.raises(UserError, match=words):
+            score(None, None, ["an answer."])
 
 
 def test_a_run_is_its_folder_or_one_of_its_checkpoint_files(tmp_path):
