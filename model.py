@@ -305,24 +305,26 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
         return n
 
-    def hidden_states(self, idx, kv_cache=None, pos=0, pad=None):
+    def hidden_states(self, idx, kv_cache=None, pos=0, pad=None, embeds=None):
         """idx (B, T) token ids -> the final hidden states (B, T, C): the whole model but lm_head.
         A caller that wants the logits of a few positions only applies lm_head to those
         (hellaswag.py: the context and padding positions are never scored, and lm_head is
-        the largest matmul of a small model). kv_cache, pos and pad: see generate()."""
-        B, T = idx.size()
+        the largest matmul of a small model). kv_cache, pos and pad: see generate().
+        embeds (B, T, C), given instead of idx (None): the inputs' embeddings themselves, for a
+        caller that puts other vectors among the tokens' (vision.py: an image's)."""
+        x = self.transformer.wte(idx) if embeds is None else embeds  # (B, T, C)
+        B, T = x.shape[:2]
         assert pos + T <= self.config.block_size, f"{pos + T} positions, block_size is {self.config.block_size}"
-        positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
+        positions = torch.arange(pos, pos + T, device=x.device)  # (T,)
         if pad is not None:  # left-padded rows count their positions from their first token
             positions = (positions - pad.view(B, 1)).clamp(min=0)  # (B, T)
-        x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.rope:  # (1, T, hs/2), or (B, 1, T, hs/2) with pad: broadcast over the heads
             rope = (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))
         else:
             x = x + self.transformer.wpe(positions)  # (T, C) broadcasts over the batch
         x = self.transformer.drop(x)
-        mask = attention_mask(T, pos, pad, idx.device)  # None for training's plain causal mask
+        mask = attention_mask(T, pos, pad, x.device)  # None for training's plain causal mask
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, None if kv_cache is None else kv_cache[i], pos, mask)
         return self.transformer.ln_f(x)  # (B, T, C)
