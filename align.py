@@ -48,8 +48,8 @@ import lora
 from checkpoint import check_same_tokenizer, claim_out_dir, load_checkpoint, load_model, restore_run, save_run
 from dataloader import SFTLoader, eot_of, get_tokenizer, read_meta
 from optim import configure_optimizers
-from runtime import (StopFlag, close_world, ddp_wrap, format_time, fully_shard, nonfinite, rank_failed, setup_world,
-                     stop_agreed, worse_than_best)
+from runtime import (StopFlag, close_world, ddp_wrap, evaluates_at, format_time, fully_shard, nonfinite, rank_failed,
+                     setup_world, stop_agreed, worse_than_best)
 
 DEFAULTS = dict(
     method="dpo",  # dpo | reward | ppo
@@ -618,7 +618,7 @@ def align(cfg, world):
         stopping = stop_agreed(stop, world)
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step > start_step
         val_loss = None if step > start_step else val_loss
-        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or due) and not stopping:
+        if evaluates_at(step, start_step, last, val_loss, cfg) and not stopping:
             if ppo:  # the mean reward and KL of answers to the same val prompts, sampled with the same seed
                 val = evaluate_ppo(cfg, ctx, val_prompts)
                 say(f"step {step}: val reward {val['reward']:.4f}, KL {val['kl']:.4f}")

@@ -168,6 +168,16 @@ def stop_agreed(stop, world):
     return bool(flag.item())
 
 
+def evaluates_at(step, start_step, last, val_loss, cfg):
+    """Whether the val loss is measured at this step: every eval_interval, at every checkpoint and at
+    the end. A resume's first step is measured only if its checkpoint lacks it (a stop saved before
+    the evaluation it would have had): so the resumed log.txt equals an uninterrupted run's."""
+    every = lambda n: bool(n) and step % n == 0
+    if step == start_step and val_loss is not None:  # measured and logged before this checkpoint was saved
+        return False
+    return every(cfg["eval_interval"]) or last or (every(cfg["checkpoint_interval"]) and step > 0)
+
+
 def agree_on_step(loss_accum, bad_loss, stop, world):
     """At a log step: (the step's loss over every rank, whether any rank asked to stop, whether
     any rank saw a non-finite loss since the last check). A signal may reach the ranks a step

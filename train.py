@@ -38,7 +38,7 @@ from model import GPT, estimate_mfu
 from optim import configure_optimizers
 from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan, setting_notes
 from runtime import (StepClock, StopFlag, StopVote, agree_on_step, all_finite, close_world, console_line, ddp_wrap,
-                     format_time, fully_shard, nonfinite, peak_flops, rank_failed, reshard, setup_world,
+                     evaluates_at, format_time, fully_shard, nonfinite, peak_flops, rank_failed, reshard, setup_world,
                      stop_agreed, worse_than_best)
 
 # -----------------------------------------------------------------------------
@@ -402,7 +402,7 @@ def train(cfg, world):
         due = bool(cfg["checkpoint_interval"]) and step % cfg["checkpoint_interval"] == 0 and step > start_step
         clock.pause()  # evaluation and saving are not counted in the step time
         val_loss = None if step > start_step else val_loss  # a checkpoint holds the val loss of its own weights
-        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or due) and not stopping:
+        if evaluates_at(step, start_step, last, val_loss, cfg) and not stopping:
             if step == start_step:  # the first thing a run does, and on a slow machine not a short one
                 say(f"evaluating the starting model ({cfg['eval_iters']} val batches)...", flush=True)
             val = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop)

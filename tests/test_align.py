@@ -477,6 +477,37 @@ def test_ppo_raises_the_reward_and_resumes_exactly(pref_dir):
     assert not os.path.exists(d / "bad/ckpt.pt") and not os.path.exists(d / "bad2/ckpt.pt")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "ppo"])
+def test_a_stop_on_a_checkpoint_step_resumes_to_the_uninterrupted_log(pref_dir, monkeypatch, method):
+    # step 3: a checkpoint step, not an eval step. A stop there saves before its evaluation; the
+    # resume takes it (and no other twice), so the two logs hold the same lines in the same order
+    d, folder = pref_dir
+    reward_module(d)
+    args = [f"--method={method}", "--init_from=sft", "--dataset=prefs", "--block_size=64", "--batch_size=4",
+            "--eval_iters=1", "--eval_interval=5", "--checkpoint_interval=3", "--device=cpu", "--log_interval=1",
+            "--max_iters=6"]
+    if method == "ppo":
+        args += ["--reward_fn=rewards:king", "--max_new_tokens=8", "--ppo_epochs=1"]
+
+    def run(out_dir, *extra, stop_at=None):
+        calls = []  # align.py asks once at the top of every step: call k is step k - 1
+        agreed = lambda stop, world: calls.append(1) or len(calls) - 1 == stop_at
+        monkeypatch.chdir(d)
+        monkeypatch.setattr(align, "stop_agreed", agreed)
+        monkeypatch.setattr(sys, "argv", ["align.py", *args, f"--out_dir={out_dir}", *extra])
+        align.main()
+        monkeypatch.undo()
+        return open(d / out_dir / "log.txt").read().splitlines()
+
+    whole = run(f"s_{method}_whole")
+    run(f"s_{method}_parts", stop_at=3)
+    assert torch.load(d / f"s_{method}_parts" / "ckpt.pt", weights_only=True)["step"] == 3
+    parts = run(f"s_{method}_parts", "--init_from=resume")
+    assert parts == whole
+    assert any(line.startswith("3 val") for line in whole)
+
+
 def test_align_recipes_are_valid_settings():
     import glob
 

@@ -617,3 +617,36 @@ def test_a_single_process_on_cuda_n_makes_it_the_current_device(monkeypatch):
     monkeypatch.setattr(runtime.torch.cuda, "set_device", calls.append)
     world = runtime.setup_world("cuda:1")
     assert calls == ["cuda:1"] and world.device == "cuda:1" and not world.ddp
+
+
+def run_stopping_at(workdir, monkeypatch, stop_at, *args):
+    """train.py in this process, asked to stop (as by Ctrl-C) when it reaches step stop_at (None: never)."""
+    import runtime
+    import train as train_script
+
+    class StopAt(runtime.StopVote):
+        def exchange(self, requested):
+            self.calls = getattr(self, "calls", 0) + 1  # one call per step taken: the step just reached
+            return super().exchange(requested) or self.calls == stop_at
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(train_script, "StopVote", StopAt)
+    monkeypatch.setattr(sys, "argv", ["train.py"] + TINY + list(args))
+    train_script.main()
+    monkeypatch.undo()
+
+
+def test_a_stop_on_a_checkpoint_step_resumes_to_the_uninterrupted_log(workdir, monkeypatch):
+    # step 3 is a checkpoint step but no eval_interval step: the stop saves there before its
+    # evaluation, and the resume must take that evaluation (and none twice) for the log to match
+    common = ["--eval_interval=5", "--checkpoint_interval=3", "--max_iters=8", "--lr_decay_iters=8"]
+    run_stopping_at(workdir, monkeypatch, None, *common, "--out_dir=whole")
+    run_stopping_at(workdir, monkeypatch, 3, *common, "--out_dir=parts")
+    assert torch.load(workdir / "parts" / "ckpt.pt", weights_only=True)["step"] == 3
+    assert 3 not in read_log(workdir / "parts" / "log.txt", "val")
+    run_stopping_at(workdir, monkeypatch, None, *common, "--out_dir=parts", "--init_from=resume")
+    whole, parts = (open(workdir / d / "log.txt").read().splitlines() for d in ("whole", "parts"))
+    values = lambda lines, stream: [l for l in lines if l.split()[1] == stream]
+    for stream in ("train", "val"):  # every value, in order, no line twice
+        assert values(parts, stream) == values(whole, stream)
+    assert sorted(read_log(workdir / "whole" / "log.txt", "val")) == [0, 3, 5, 6, 8]
