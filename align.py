@@ -309,11 +309,12 @@ def prompts_of(loader):
     return [loader.tokens[start:start + p].astype("int64").tolist() for start, p, _ in rows.tolist()]
 
 
-def rollout(cfg, raw_model, prompts, eot, generator, device):
+def rollout(cfg, raw_model, prompts, eot, generator, device, step=0):
     """Sample an answer for each prompt with the KV cache (temperature, up to max_new_tokens, ended
     at the end marker), as (x, y) padded like SFT batches: y the answer tokens, -1 elsewhere. Also
     the answers' token lists (without the end marker). The prompts go in one batch, left-padded to
-    end together (generate's pad): one forward reads them all, then each step samples every row."""
+    end together (generate's pad): one forward reads them all, then each step samples every row.
+    NaN/inf probabilities (a diverged policy) stop the run at this step, as a NaN loss does."""
     # prompt and answer must fit the policy's block_size (and the reward model's: block_size)
     budgets = [max(1, min(cfg["max_new_tokens"], cfg["block_size"] + 1 - len(p))) for p in prompts]
     # a batch is as wide as its longest prompt plus its largest budget: where that passes block_size
@@ -332,8 +333,14 @@ def rollout(cfg, raw_model, prompts, eot, generator, device):
         for r, i in enumerate(rows):
             idx[r, P - len(prompts[i]):] = torch.tensor(prompts[i])
         pad = torch.tensor([P - len(prompts[i]) for i in rows])
-        out = raw_model.generate(idx.to(device), max(budgets[i] for i in rows), temperature=cfg["temperature"],
-                                 stop_token=eot, generator=generator, pad=pad.to(device))[:, P:].tolist()
+        try:
+            out = raw_model.generate(idx.to(device), max(budgets[i] for i in rows), temperature=cfg["temperature"],
+                                     stop_token=eot, generator=generator, pad=pad.to(device))[:, P:].tolist()
+        except RuntimeError as e:  # torch.multinomial's words for NaN/inf (or negative) probabilities
+            if "probability tensor contains" not in str(e):
+                raise
+            raise nonfinite(cfg.get("out_dir", "."), step, what="the policy's next-token probabilities are not "
+                            "finite (sampling answers)") from None
         for r, i in enumerate(rows):
             new[i] = out[r][:budgets[i]]
     seqs, answers = [], []
@@ -365,7 +372,7 @@ def ppo_step(cfg, ctx, step):
     mine = [ctx["prompts"][i] for i in chosen[world.rank * cfg["batch_size"]:(world.rank + 1) * cfg["batch_size"]]]
     gen = torch.Generator(device=world.device).manual_seed(cfg["seed"] * 1_000_003 + step * world.size + world.rank)
     with torch.no_grad(), ctx["autocast"]:
-        x, y, answers = rollout(cfg, raw, mine, ctx["eot"], gen, world.device)
+        x, y, answers = rollout(cfg, raw, mine, ctx["eot"], gen, world.device, step)
         mask = (y != -1).float()
         logp_old, values_old, _ = ctx["module"](x, y)
         kl = (logp_old - ctx["reference"](x, y)) * mask  # (N, L) per token, the sample's estimate
@@ -527,7 +534,7 @@ def evaluate(cfg, model, reference, loader, world, autocast):
     return dict(zip(("loss", "acc", "margin", "chosen", "rejected"), values))
 
 
-def evaluate_ppo(cfg, ctx, prompts):
+def evaluate_ppo(cfg, ctx, prompts, step):
     """The mean reward and KL (per answer, to the reference) of eval_iters x batch_size answers
     sampled for the val prompts (taken in turn, again from the first when they run out) with a
     fixed seed: every evaluation draws them the same way. (Each rank scores the same prompts.)"""
@@ -536,7 +543,7 @@ def evaluate_ppo(cfg, ctx, prompts):
     with torch.no_grad(), ctx["autocast"]:
         for k in range(cfg["eval_iters"]):
             batch = [prompts[(k * B + j) % len(prompts)] for j in range(B)]
-            x, y, answers = rollout(cfg, ctx["raw"], batch, ctx["eot"], gen, ctx["world"].device)
+            x, y, answers = rollout(cfg, ctx["raw"], batch, ctx["eot"], gen, ctx["world"].device, step)
             kl += ((ctx["module"](x, y)[0] - ctx["reference"](x, y)) * (y != -1)).sum(1).mean().item()
             reward += ctx["reward"](x, y, [ctx["decode"](a) for a in answers]).float().mean().item()
     return {"reward": reward / cfg["eval_iters"], "kl": kl / cfg["eval_iters"]}
@@ -620,7 +627,7 @@ def align(cfg, world):
         val_loss = None if step > start_step else val_loss
         if evaluates_at(step, start_step, last, val_loss, cfg) and not stopping:
             if ppo:  # the mean reward and KL of answers to the same val prompts, sampled with the same seed
-                val = evaluate_ppo(cfg, ctx, val_prompts)
+                val = evaluate_ppo(cfg, ctx, val_prompts, step)
                 say(f"step {step}: val reward {val['reward']:.4f}, KL {val['kl']:.4f}")
                 log(step, val_reward=val["reward"], val_kl=val["kl"])
             else:

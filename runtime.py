@@ -208,10 +208,10 @@ def all_finite(bad_loss, params, world):
     return not bad.item()
 
 
-def nonfinite(out_dir, step, val_loss=None):
-    """A NaN/inf loss (or val loss): the error that stops the run without saving, so the
-    checkpoints in out_dir stay as they were."""
-    what = f"the val loss is not finite ({val_loss})" if val_loss is not None else "the loss is not finite"
+def nonfinite(out_dir, step, val_loss=None, what="the loss is not finite"):
+    """A NaN/inf loss (or val loss, or what else diverged): the error that stops the run without
+    saving, so the checkpoints in out_dir stay as they were."""
+    what = f"the val loss is not finite ({val_loss})" if val_loss is not None else what
     kept = ("no checkpoint had been written yet" if not os.path.exists(os.path.join(out_dir, "ckpt.pt")) else
             f"{out_dir}/ckpt.pt, the latest, and ckpt_best.pt, the lowest val loss, are untouched"
             if os.path.exists(os.path.join(out_dir, "ckpt_best.pt")) else f"{out_dir}/ckpt.pt is untouched")

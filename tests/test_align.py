@@ -443,6 +443,14 @@ def test_ppo_first_rollout_has_kl_0_and_ratio_1(tmp_path):
             assert answers[i] == alone[0], (block_size, i)
             assert torch.equal(x[i, :x1.size(1)], x1[0]) and torch.equal(y[i, :y1.size(1)], y1[0])
 
+    # a diverged policy (NaN weights) samples from NaN probabilities: the divergence stop, in one line
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    from configurator import UserError
+    with pytest.raises(UserError, match=r"probabilities are not finite \(sampling answers\) at step 7: stopping "
+                                        "without saving"):
+        align.rollout(dict(cfg, out_dir=str(tmp_path)), model, prompts[:2], meta["eot"], None, "cpu", step=7)
+
 
 def reward_module(d):
     (d / "rewards.py").write_text(
