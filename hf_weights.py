@@ -50,7 +50,15 @@ def read_pretrained(name_or_path):
     if kind == "gpt2":
         return gpt2_config(hf.config.to_dict(), name_or_path), gpt2_weights(hf.state_dict())
     config = llama_config(hf.config.to_dict(), name_or_path)
-    return config, llama_weights(hf.state_dict(), config["n_layer"], config["tie_embeddings"])
+    sd = hf.state_dict()
+    if config["tie_embeddings"] and not torch.equal(sd.get("lm_head.weight", sd["model.embed_tokens.weight"]),
+                                                    sd["model.embed_tokens.weight"]):
+        # tie_word_embeddings, yet the file holds an lm_head.weight of its own: transformers then
+        # keeps both apart (it warns), and so do we, so that the logits are its logits
+        print(f"note: {name_or_path} says tie_word_embeddings but holds its own lm_head.weight: used untied, "
+              "as transformers does")
+        config["tie_embeddings"] = False
+    return config, llama_weights(sd, config["n_layer"], config["tie_embeddings"])
 
 
 def hf_model_type(name_or_path, local):
@@ -89,7 +97,8 @@ def load_hf_model(name_or_path, local, kind):
     except ImportError:
         raise ImportError("loading Hugging Face weights needs transformers: pip install transformers") from None
     try:
-        return getattr(transformers, HF_CLASSES[kind]).from_pretrained(name_or_path, local_files_only=local)
+        hf, info = getattr(transformers, HF_CLASSES[kind]).from_pretrained(name_or_path, local_files_only=local,
+                                                                          output_loading_info=True)
     except OSError:
         if local:
             raise
@@ -100,6 +109,15 @@ def load_hf_model(name_or_path, local, kind):
             raise
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise OSError(f"could not read the weights in {name_or_path}: {type(e).__name__}: {first}") from None
+    # transformers fills a weight the file lacks with random numbers (a warning): a model that
+    # would then sample garbage is refused. (An untied Llama without lm_head.weight is the usual case.)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        hint = (": its config.json says tie_word_embeddings false; if lm_head is embed_tokens, set it true"
+                if missing == ["lm_head.weight"] else "")
+        raise OSError(f"{name_or_path} lacks the weights {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                      f"(transformers would fill them with random numbers){hint}")
+    return hf
 
 
 def check_hf_folder(path):

@@ -325,3 +325,30 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(tmp_pa
     small.save_pretrained(folder)  # the same tokenizer beside a model of 10 ids fewer
     with pytest.raises(UserError, match="tokenizer has .* ids but the model embeds"):
         load_model(init_from=folder)
+
+
+def test_a_tied_config_with_its_own_lm_head_is_read_as_transformers_does_and_a_missing_one_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+    # tie_word_embeddings true, yet the file holds an lm_head.weight unlike embed_tokens: transformers
+    # keeps the two apart (and warns); our logits must be its logits, not those of a tied model
+    folder, _ = make_llama_folder(tmp_path / "tied_own_head", tie=False)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump(dict(config, tie_word_embeddings=True), f)
+    hf = LlamaForCausalLM.from_pretrained(folder).eval()
+    ours = load_ours(folder)
+    assert not ours.config.tie_embeddings
+    idx = torch.randint(0, config["vocab_size"], (2, 9))
+    torch.testing.assert_close(ours(idx, idx)[0], hf_logits(hf, idx), atol=1e-4, rtol=1e-4)
+    # untied with no lm_head.weight in the file: transformers would make a random one; refused in one line
+    folder, _ = make_llama_folder(tmp_path / "no_head", tie=False)
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    p = run_script([os.path.join(ROOT, "sample.py"), f"--init_from={folder}", "--max_new_tokens=2"], check=False)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(errors) == 1 and "lacks the weights lm_head.weight" in errors[0] and "tie_word_embeddings" in errors[0]
