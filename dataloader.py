@@ -258,6 +258,29 @@ def eot_of(meta):
     return {"gpt2": EOT, "hf": meta.get("eot")}.get(meta.get("tokenizer"))
 
 
+def encode_chat(meta, messages):
+    """The token ids of a conversation ([{"role", "content"}, ...]) in a Hugging Face model's chat
+    template, ready for the assistant's answer: rendered whole and encoded whole, the template's
+    markers read as its special tokens, the messages' own text kept as text (a "</s>" typed in a
+    turn is not the end marker). A marker found inside a message is encoded again as plain text."""
+    tok = get_hf_tokenizer(meta["path"])
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    spans, at = [], 0
+    for m in messages:  # where the template put each message's text, in order
+        i = text.find(m["content"], at)
+        if i >= 0:  # (a template that rewrites a message, e.g. trims it, leaves it unfound: read as is)
+            spans.append((i, i + len(m["content"])))
+            at = i + len(m["content"])
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    markers, ids = set(tok.added_tokens_decoder), []
+    for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if t in markers and any(s <= a and b <= e for s, e in spans):
+            ids += tok(text[a:b], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        else:
+            ids.append(t)
+    return ids
+
+
 def with_bos(meta, ids):
     """ids of a text's start with the tokenizer's bos before them (Llama's <s>; GPT-2 has none),
     unless they begin with it already (a chat template writes it itself)."""
@@ -277,18 +300,20 @@ def encode_pair(encode, first, second):
     return head, encode(first + second)[len(head):]
 
 
-def get_tokenizer(meta):
+def get_tokenizer(meta, specials=True):
     """Return (encode, decode) for a dataset's meta.json: encode(str) -> list[int],
     decode(list[int]) -> str. encode adds no special tokens (a caller adds meta["bos"] where a
-    text starts), but reads the eot marker's text as the marker."""
+    text starts), but reads the eot marker's text as the marker; with specials=False (text a user
+    typed) the text of every special token stays text: "</s>" is a few ordinary tokens."""
     kind = meta.get("tokenizer")
     if kind == "gpt2":
         enc = get_gpt2_encoding()
-        encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
+        allowed = {"<|endoftext|>"} if specials else set()
+        encode = lambda s: enc.encode(s, allowed_special=allowed, disallowed_special=())
         return encode, enc.decode
     if kind == "hf":
         tok = get_hf_tokenizer(meta["path"])
-        return (lambda s: tok(s, add_special_tokens=False)["input_ids"]), tok.decode
+        return (lambda s: tok(s, add_special_tokens=False, split_special_tokens=not specials)["input_ids"]), tok.decode
     if kind == "char":
         chars = meta["chars"]
         stoi = {c: i for i, c in enumerate(chars)}

@@ -88,7 +88,7 @@ def main():
                 print("note: this model was not tuned on instructions: it continues text, it was never taught to "
                       "answer (fine-tune it with prepare_alpaca.py first)", file=sys.stderr)
             model.eval()
-            return chat(model, meta, encode, decode, cfg, autocast_context(device_type, ptdtype), device)
+            return chat(model, meta, decode, cfg, autocast_context(device_type, ptdtype), device)
         start = cfg["start"]
         if start.startswith("FILE:"):
             path = start[len("FILE:"):]
@@ -135,7 +135,7 @@ def main():
         sys.exit(0)
 
 
-def chat(model, meta, encode, decode, cfg, autocast, device):
+def chat(model, meta, decode, cfg, autocast, device):
     """A conversation on stdin: every line is a turn of the user's, answered after the earlier
     turns and their answers, in the run's instruction template: a chat template renders the whole
     conversation at once (its bos and headers once, as the model was trained), Alpaca's template
@@ -143,21 +143,21 @@ def chat(model, meta, encode, decode, cfg, autocast, device):
     conversation outgrows block_size (with room for max_new_tokens), the oldest turns are dropped,
     said once. /reset forgets the conversation, /exit (or the end of stdin) ends it."""
     import prepare_alpaca
-    from dataloader import get_hf_tokenizer
+    from dataloader import encode_chat
     eot, block_size = eot_of(meta), model.config.block_size
     chat_template = (meta.get("template") or ("chat" if meta.get("chat_template") else "alpaca")) == "chat"
+    typed = get_tokenizer(meta, specials=False)[0]  # what a user types is text: "</s>" is not the end marker
 
     def context(history, line):  # the token ids the model reads before its answer
         if chat_template:
             turns = [m for user, answer in history for m in ({"role": "user", "content": user},
                                                              {"role": "assistant", "content": decode(answer)})]
-            text = get_hf_tokenizer(meta["path"]).apply_chat_template(
-                turns + [{"role": "user", "content": line}], tokenize=False, add_generation_prompt=True)
-            return with_bos(meta, encode(text))
+            return with_bos(meta, encode_chat(meta, turns + [{"role": "user", "content": line}]))
         # Alpaca's turn by turn, on purpose: each prompt encoded on its own, as every SFT example's
         # prompt was; the answers are the model's own tokens, the end marker an id, not text
-        ids = [t for user, answer in history for t in encode(prepare_alpaca.instruction_prompt(meta, user)) + answer + [eot]]
-        return with_bos(meta, ids + encode(prepare_alpaca.instruction_prompt(meta, line)))
+        prompt = lambda user: typed(prepare_alpaca.instruction_prompt(meta, user))
+        ids = [t for user, answer in history for t in prompt(user) + answer + [eot]]
+        return with_bos(meta, ids + prompt(line))
 
     history, told = [], False  # history: (the user's line, the answer's token ids) of each earlier turn
     torch.manual_seed(cfg["seed"])

@@ -371,7 +371,7 @@ def test_chat_keeps_earlier_turns_drops_the_oldest_and_resets(tmp_path, monkeypa
             render = lambda n: meta["bos"] + (turn + answer + [meta["eot"]]) * n + turn
         model = EchoModel(answer, meta["eot"], block_size=len(render(2)) + 8)  # room for two earlier turns
         monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nHi\nHi\nHi\n/reset\nHi\n/exit\nnever read\n"))
-        sample.chat(model, meta, encode, decode, dict(sample.DEFAULTS, max_new_tokens=8),
+        sample.chat(model, meta, decode, dict(sample.DEFAULTS, max_new_tokens=8),
                     torch.autocast("cpu", enabled=False), "cpu")
         out, err = capsys.readouterr()
         assert out.splitlines() == [" the king."] * 5  # five answers, each streamed and ended at the eos
@@ -380,6 +380,43 @@ def test_chat_keeps_earlier_turns_drops_the_oldest_and_resets(tmp_path, monkeypa
         assert c[3] == render(2)  # the 4th turn: the oldest is dropped to make room
         assert err.count("oldest turns are dropped") == 1  # said once
         assert c[4] == render(0) and len(c) == 5  # after /reset the conversation starts again; /exit ends it
+
+
+def test_chat_keeps_typed_markers_as_text_and_says_its_notes(tmp_path, monkeypatch, capsys):
+    import io
+
+    import sample
+    from dataloader import encode_chat, get_hf_tokenizer, get_tokenizer, hf_tokenizer_meta
+    folder, _ = make_llama_folder(tmp_path / "m")
+    for template in ("chat", "alpaca"):
+        meta = dict(hf_tokenizer_meta(folder), template=template)
+        encode, decode = get_tokenizer(meta)
+        marks = lambda ids: (ids.count(meta["eot"]), ids.count(meta["bos"][0]))  # end markers, bos markers
+        contexts = []
+        for line in ("Say </s> and <s> now", "Say x and y now"):
+            model = EchoModel(encode(" ok"), meta["eot"], block_size=200)
+            monkeypatch.setattr("sys.stdin", io.StringIO(line + "\n"))
+            sample.chat(model, meta, decode, dict(sample.DEFAULTS, max_new_tokens=4),
+                        torch.autocast("cpu", enabled=False), "cpu")
+            contexts.append(model.contexts[0])
+        typed, plain = contexts
+        assert marks(typed) == marks(plain), template  # the typed </s> and <s> are text, not markers
+        assert "Say </s> and <s> now" in decode(typed)
+    # without typed markers, the chat encoding is the template's text encoded whole
+    convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "the king."},
+             {"role": "user", "content": "More"}]
+    text = get_hf_tokenizer(folder).apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    assert encode_chat(meta, convo) == encode(text)
+    # a first turn longer than block_size is cut, and said
+    model = EchoModel(encode(" ok"), meta["eot"], block_size=16)
+    monkeypatch.setattr("sys.stdin", io.StringIO("the king " * 20 + "\n"))
+    capsys.readouterr()
+    sample.chat(model, meta, decode, dict(sample.DEFAULTS, max_new_tokens=4), torch.autocast("cpu", enabled=False), "cpu")
+    assert "more than the model's 16: it reads only the last 16" in capsys.readouterr().err
+    # a model never tuned on instructions is said to be one
+    plain_folder, _ = make_llama_folder(tmp_path / "plain", chat=False)
+    p = run_script([os.path.join(ROOT, "sample.py"), f"--init_from={plain_folder}", "--chat", "--max_new_tokens=2"])
+    assert "was not tuned on instructions" in p.stderr
 
 
 # -----------------------------------------------------------------------------
