@@ -31,6 +31,8 @@ train.py.
 import copy
 import math
 import os
+import signal
+import threading
 import time
 
 from configurator import UserError, autocast_context, configure, die, exit_on_ctrl_c, print_config, resolve_dtype
@@ -259,6 +261,9 @@ class PolicyValue(nn.Module):
         return logp, self.gpt.value_head(h).squeeze(-1).float(), entropy
 
 
+REWARD_WAIT_S = 60  # a --reward_fn call running this long is named on the console
+
+
 def load_reward(cfg, meta, device):
     """The reward as a function (x, y, answers' texts) -> (N,): a reward model's score
     (--reward_from, a run of --method=reward) or a Python function's (--reward_fn=module:function,
@@ -276,13 +281,39 @@ def load_reward(cfg, meta, device):
             raise UserError(f"--reward_fn={cfg['reward_fn']}: cannot import it ({type(e).__name__}: {e}); "
                             "give module:function, the module in this folder or on the Python path") from None
 
+        def call(text):
+            """fn(text). A call that takes REWARD_WAIT_S is named on the console (a function that never
+            returns would hang the run without a word), and a Ctrl-C or SIGTERM while it runs ends the
+            run at once in one line: the stop the loop would take waits for fn, maybe forever."""
+            signals = []
+
+            def interrupt(signum, frame):
+                signals.append(signal.Signals(signum).name)
+                raise KeyboardInterrupt
+
+            timer = threading.Timer(REWARD_WAIT_S, lambda: print(
+                f"still waiting for --reward_fn={cfg['reward_fn']} on {text[:60]!r} after {REWARD_WAIT_S:g} s "
+                "(the run goes on when it returns; Ctrl-C ends it)", flush=True))
+            timer.daemon = True
+            timer.start()
+            kept = [signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)]
+            try:
+                return fn(text)
+            except BaseException as e:  # also its own sys.exit() or KeyboardInterrupt
+                if signals:
+                    raise UserError(f"{signals[0]} while --reward_fn={cfg['reward_fn']} ran on {text[:60]!r}: "
+                                    f"stopped without saving this step; {cfg['out_dir']}/ckpt.pt, if any, is the last "
+                                    "(continue with --init_from=resume)") from None
+                raise UserError(f"--reward_fn={cfg['reward_fn']} raised {type(e).__name__}: {e} on {text[:60]!r}") from None
+            finally:
+                timer.cancel()
+                for s, handler in zip((signal.SIGINT, signal.SIGTERM), kept):
+                    signal.signal(s, handler)
+
         def score(x, y, texts):
             out = []
             for text in texts:
-                try:
-                    r = fn(text)
-                except BaseException as e:  # also its own sys.exit() or KeyboardInterrupt (Ctrl-C is the StopFlag's)
-                    raise UserError(f"--reward_fn={cfg['reward_fn']} raised {type(e).__name__}: {e} on {text[:60]!r}") from None
+                r = call(text)
                 if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
                     raise UserError(f"--reward_fn={cfg['reward_fn']} returned {r!r} for {text[:60]!r}; it must return a finite number")
                 out.append(float(r))

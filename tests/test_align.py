@@ -635,6 +635,21 @@ def test_settings_that_cannot_work_or_would_be_ignored_are_one_line(monkeypatch,
         score = align.load_reward(dict(align.DEFAULTS, reward_fn=f"quitting_reward:{name}"), {}, "cpu")
         with pytest.raises(UserError, match=words):
             score(None, None, ["an answer."])
+    # a function that never returns: named on the console after REWARD_WAIT_S, and a Ctrl-C (here
+    # 0.5 s in) ends it in one line; the signal handlers are then the run's again
+    import signal
+    import threading
+    (tmp_path / "hanging_reward.py").write_text("import time\ndef f(text):\n    while True:\n        time.sleep(0.01)\n")
+    monkeypatch.setattr(align, "REWARD_WAIT_S", 0.2)
+    score = align.load_reward(dict(align.DEFAULTS, reward_fn="hanging_reward:f", out_dir="run"), {}, "cpu")
+    before = signal.getsignal(signal.SIGINT)
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    capsys.readouterr()
+    with pytest.raises(UserError, match=r"SIGINT while --reward_fn=hanging_reward:f ran on 'a king.': stopped without "
+                                        r"saving this step; run/ckpt.pt"):
+        score(None, None, ["a king."])
+    assert "still waiting for --reward_fn=hanging_reward:f on 'a king.' after 0.2 s" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_run_is_its_folder_or_one_of_its_checkpoint_files(tmp_path):
