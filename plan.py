@@ -92,9 +92,6 @@ def setting_notes(cfg, world_size, device_type):
     if cfg["total_batch_size"] == 0 and world_size > 1:
         notes.append(f"total_batch_size=0 means one micro-batch per rank: {world_size} ranks train on {world_size}x "
                      "the batch of one process; set total_batch_size to train alike on any number")
-    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
-        notes.append(f"torch runs {torch.get_num_threads()} threads, the fastest on an idle CPU; where other work "
-                     "shares the cores, OMP_NUM_THREADS=1 can be several times faster (README, Results)")
     return notes
 
 

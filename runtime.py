@@ -316,6 +316,57 @@ class RunLog:
             self.wandb.log(values, step=step)
 
 
+class ThreadPicker:
+    """On the CPU, torch runs one thread per core. On an idle machine that is the fastest; where
+    other work shares the cores, the threads wait for each other and a step can take five times
+    longer than on one thread. So a one-process CPU run with no thread count given (cpu_threads=0,
+    no OMP_NUM_THREADS) times its first training steps at the default and at halves of it, keeps the
+    fastest and says so in one line. (The thread count changes the speed; the losses came out the
+    same to the last digit at 1 and 2 threads: README.)"""
+
+    STEPS = 3  # steps timed at each thread count, after the run's first (warm-up) step
+
+    def __init__(self, device_type, setting, ranks, say):
+        self.say, self.times, self.t0, self.warm = say, {}, None, False
+        self.counts = []  # the thread counts left to time: [n, n/2, ..., 1]; empty = nothing to do
+        if device_type != "cpu":
+            return
+        if setting:
+            torch.set_num_threads(setting)
+            return
+        n = torch.get_num_threads()
+        if "OMP_NUM_THREADS" in os.environ or ranks > 1 or n == 1:  # chosen already (torchrun sets it)
+            return
+        while n >= 1:
+            self.counts.append(n)
+            n //= 2
+
+    def start(self):  # before a training step
+        if self.counts:
+            self.t0 = time.perf_counter()
+
+    def done(self):  # after it
+        if not self.counts:
+            return
+        if not self.warm:  # the first step (allocations, caches) says nothing of the speed
+            self.warm = True
+            return
+        n = torch.get_num_threads()
+        self.times.setdefault(n, []).append(time.perf_counter() - self.t0)
+        if len(self.times[n]) < self.STEPS:
+            return
+        pace = {k: sorted(v)[len(v) // 2] for k, v in self.times.items()}  # the median step of each count
+        best = min(pace, key=pace.get)
+        nxt = self.counts.index(n) + 1
+        if best == n and nxt < len(self.counts):  # fewer threads were faster so far: try fewer still
+            torch.set_num_threads(self.counts[nxt])
+            return
+        torch.set_num_threads(best)
+        self.counts = []
+        self.say(f"CPU threads: {best} ({', '.join(f'{k}: {v * 1000:.0f} ms' for k, v in pace.items())} per step, "
+                 "timed on the first steps); cpu_threads=N or OMP_NUM_THREADS=N chooses", flush=True)
+
+
 class StepClock:
     """The time of the training steps between two log lines, evaluation and saving left out
     (pause/resume around them), and the time the run has left at the pace of recent steps.

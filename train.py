@@ -37,9 +37,9 @@ from dataloader import DataLoader, SFTLoader, read_meta, vocab_size_of
 from model import GPT, estimate_mfu
 from optim import configure_optimizers
 from plan import batch_layout, check_gpu_recipe, check_settings, model_config, print_plan, setting_notes
-from runtime import (StepClock, StopFlag, StopVote, agree_on_step, all_finite, close_world, console_line, ddp_wrap,
-                     evaluates_at, format_time, fully_shard, nonfinite, peak_flops, rank_failed, reshard, setup_world,
-                     stop_agreed, worse_than_best)
+from runtime import (StepClock, StopFlag, StopVote, ThreadPicker, agree_on_step, all_finite, close_world, console_line,
+                     ddp_wrap, evaluates_at, format_time, fully_shard, nonfinite, peak_flops, rank_failed, reshard,
+                     setup_world, stop_agreed, worse_than_best)
 
 # -----------------------------------------------------------------------------
 # settings: every one can be changed by a config file or --key=value (python train.py -h lists them)
@@ -111,6 +111,7 @@ DEFAULTS = dict(
     fsdp_full_grads=False,  # FSDP with accumulation: full gradients until the last micro-step, one reduce-scatter a step
     fsdp_reshard=True,  # FSDP: free a Block's gathered weights after its forward (False: keep them for its backward)
     pg_timeout=600,  # seconds a rank waits in a collective for the others before the run is ended as stuck
+    cpu_threads=0,  # CPU: torch's threads; 0 = the fastest of n, n/2, ..., 1 on the first steps (OMP_NUM_THREADS wins)
     peak_flops=0.0,  # one device's peak FLOP/s, for MFU; 0 = the GPU's bf16 peak from runtime.PEAK_FLOPS (CPU: no MFU)
     seed=1337,
     # --plan: check the settings and print the run's sizes, per-GPU memory and time, then exit
@@ -392,6 +393,7 @@ def train(cfg, world):
     peak = cfg["peak_flops"] or (peak_flops(torch.cuda.get_device_name(world.device)) if world.device_type == "cuda" else None)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     clock = StepClock(start_step, world.device_type)
+    threads = ThreadPicker(world.device_type, cfg["cpu_threads"], world.size, say)  # (CPU only)
     vote = StopVote(world)  # the ranks' stop, agreed at every step
     bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
     stopping = stop_agreed(stop, world)  # a stop every rank agreed on; one during the set-up ends the run here
@@ -444,6 +446,7 @@ def train(cfg, world):
 
         # one optimizer step: this rank's micro-batches, each with its weight, the share of the
         # step's loss targets it holds (x world.size: DDP and FSDP average the ranks' gradients)
+        threads.start()
         lr = set_lr(optimizers, step, cfg)
         batches, step_tokens = train_loader.next_step(world.device)
         loss_accum = torch.zeros((), device=world.device)
@@ -457,6 +460,7 @@ def train(cfg, world):
         norm = step_optimizers(optimizers, scaler, params, cfg["grad_clip"])  # FSDP: over the ranks' shards
         bad_loss |= ~torch.isfinite(loss_accum)  # no sync here: checked at log and save time
         step += 1
+        threads.done()  # (the first steps on a CPU: timed at several thread counts, the fastest kept)
         clock.count(step_tokens)  # real tokens: SFT padding is not counted
 
         stopping = vote.exchange(stop.requested)  # every rank's stop, agreed a step later (no GPU wait)

@@ -650,3 +650,36 @@ def test_a_stop_on_a_checkpoint_step_resumes_to_the_uninterrupted_log(workdir, m
     for stream in ("train", "val"):  # every value, in order, no line twice
         assert values(parts, stream) == values(whole, stream)
     assert sorted(read_log(workdir / "whole" / "log.txt", "val")) == [0, 3, 5, 6, 8]
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_cpu_threads_are_picked_by_timing_the_first_steps(monkeypatch, busy):
+    # a fake clock: a step takes what this thread count costs, on a busy machine (fewer threads
+    # faster) or an idle one (more threads faster)
+    import runtime
+    cost = {4: 0.5, 2: 0.2, 1: 0.1} if busy else {4: 0.05, 2: 0.08, 1: 0.15}
+    now, lines, threads = [0.0], [], [4]
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(runtime.torch, "get_num_threads", lambda: threads[0])
+    monkeypatch.setattr(runtime.torch, "set_num_threads", lambda n: threads.__setitem__(0, n))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    picker = runtime.ThreadPicker("cpu", 0, 1, lambda line, **kw: lines.append(line))
+    taken = []
+    for _ in range(12):
+        taken.append(threads[0])
+        picker.start()
+        now[0] += cost[threads[0]]
+        picker.done()
+    if busy:  # 4, then 2, then 1 thread, each for 3 steps after the first: 1 kept
+        assert taken == [4] * 4 + [2] * 3 + [1] * 5
+        assert lines == ["CPU threads: 1 (4: 500 ms, 2: 200 ms, 1: 100 ms per step, timed on the first steps); "
+                         "cpu_threads=N or OMP_NUM_THREADS=N chooses"]
+    else:  # 2 threads were slower than 4: no need to time 1; back to 4
+        assert taken == [4] * 4 + [2] * 3 + [4] * 5 and lines[0].startswith("CPU threads: 4 (4: 50 ms, 2: 80 ms per")
+    # a thread count given, or chosen by OMP_NUM_THREADS or torchrun, or a GPU: no timing
+    runtime.ThreadPicker("cpu", 3, 1, print)
+    assert threads[0] == 3
+    for args, env in ((("cpu", 0, 1), "2"), (("cpu", 0, 2), None), (("cuda", 0, 1), None)):
+        if env:
+            monkeypatch.setenv("OMP_NUM_THREADS", env)
+        assert runtime.ThreadPicker(*args, print).counts == []
