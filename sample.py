@@ -7,6 +7,7 @@ Generate text from a trained model, printing it as it comes.
     python sample.py --init_from=HuggingFaceTB/SmolLM2-135M --start "The capital of France is"   # docs/llama.md
     python sample.py --start=FILE:prompt.txt               # the prompt from a file
     python sample.py --out_dir=out-alpaca --start "Name three primary colors."   # ask an SFT run
+    python sample.py --out_dir=out-vision-shapes --image=pic.png --start "What color is the circle?"   # a vision run
 
     printf 'Hi\nTell me more\n' | python sample.py --out_dir=out-alpaca --chat   # a conversation
 
@@ -45,6 +46,7 @@ DEFAULTS = dict(
     dtype="auto",  # auto | float32 | bfloat16 | float16
     compile=False,  # torch.compile the model (a minute of compiling first: pays off for long samples)
     chat=False,  # a conversation: each line of stdin is a turn, answered in the instruction template (/reset, /exit)
+    image="",  # a picture file: a vision run (train_vision.py, --out_dir) answers --start about it
 )
 
 
@@ -67,6 +69,12 @@ def main():
     device, device_type = resolve_device(cfg["device"])
     ptdtype = resolve_dtype(cfg["dtype"], device_type)
     print_config(cfg, file=sys.stderr)  # to stderr: stdout holds only the samples
+    if cfg["image"]:  # images in, text out: vision.py's model answers the question in --start
+        import vision
+        try:
+            return vision.sample(cfg, device, autocast_context(device_type, ptdtype))
+        except UserError as e:
+            die(str(e))
     try:
         if cfg["init_from"]:
             model, meta = load_model(init_from=cfg["init_from"], device=device)

@@ -1,0 +1,27 @@
+# A vision-language model from scratch on the synthetic shapes task, on a laptop CPU in ~10 minutes:
+# a small ViT (32x32 images, 4x4 patches, 16 image tokens after the pixel shuffle) and a small
+# character-level GPT, trained together on questions about colored shapes.
+# First: python prepare_vision.py --synthetic=4000 --tokenizer=char --image_size=32 --out_dir=data/shapes
+# then:  python train_vision.py config/vision_shapes_cpu.py ; python vision.py --out_dir=out-vision-shapes
+out_dir = "out-vision-shapes"
+dataset = "shapes"
+device = "cpu"
+batch_size = 32  # examples per step
+block_size = 66  # the longest question and answer (51 characters, the placeholder one) plus the image's 16 tokens, less 1
+n_layer = 3  # the LM: 3 layers, 128 wide
+n_head = 4
+n_embd = 128
+vit_layers = 3  # the ViT: 3 layers, 128 wide, over 64 patches of 4x4 pixels
+vit_heads = 4
+vit_embd = 128
+patch_size = 4
+shuffle = 2  # 2x2 patches -> one LM token: 16 image tokens
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 50
+max_iters = 1500
+weight_decay = 0.0
+eval_interval = 250
+eval_iters = 10
+eval_questions = 300
+log_interval = 25

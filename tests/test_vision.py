@@ -1,0 +1,200 @@
+"""vision.py: the ViT, the projector, splicing an image into the prompt, batched answers, the
+pretrained SigLIP/CLIP tower and its preprocessing against transformers; train_vision.py's
+runs (resume, DDP = accumulation, a trained model's answers need the image) and sample.py --image."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_equal_up_to_rounding, read_log, run_script, torchrun
+
+from model import GPT, GPTConfig
+from vision import (HFTower, Projector, ViT, VisionLM, attach_vision, image_settings, load_hf_tower, load_vision_model,
+                    normalize, resize_image)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIT = dict(tower="", vit_layers=2, vit_heads=2, vit_embd=32, patch_size=4, shuffle=2, image_size=16, n_patches=16,
+           image=image_settings("", 16))
+
+
+def tiny_vlm(image_token=40, vocab=40):
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32))
+    return VisionLM(attach_vision(gpt, VIT).eval(), image_token)
+
+
+def test_vit_sees_every_patch_and_projector_shuffles():
+    torch.manual_seed(0)
+    vit = ViT(GPTConfig(n_layer=2, n_head=2, n_embd=32), image_size=16, patch_size=4).eval()
+    x = torch.randn(1, 3, 16, 16)
+    y = x.clone()
+    y[..., 12:, 12:] += 1.0  # only the last patch changes
+    a, b = vit(x), vit(y)
+    assert a.shape == (1, 16, 32)
+    assert not torch.allclose(a[0, 0], b[0, 0])  # the first patch saw it: no causal mask
+    proj = Projector(3, 5, shuffle=2)
+    feats = torch.arange(2 * 16 * 3, dtype=torch.float32).view(2, 16, 3)  # a 4 x 4 grid of 3-vectors
+    out = proj(feats)  # (2, 4, 5)
+    grid = feats.view(2, 4, 4, 3)
+    square = torch.cat([grid[:, 0, 2], grid[:, 0, 3], grid[:, 1, 2], grid[:, 1, 3]], dim=-1)  # top-right 2x2
+    assert out.shape == (2, 4, 5)
+    torch.testing.assert_close(out[:, 1], square @ proj.c_proj.weight.T)
+
+
+def test_the_image_goes_where_the_placeholder_is_and_the_loss_is_on_answers():
+    vlm = tiny_vlm()
+    gpt = vlm.gpt
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    # row 0: image first; row 1: the question, then the image. y: -1 on prompts, the answer after
+    x = torch.tensor([[40, 5, 6, 7, 8, 9], [5, 6, 40, 7, 8, 0]])
+    y = torch.tensor([[-1, -1, -1, 8, 9, 3], [-1, -1, -1, -1, 0, 3]])
+    loss = vlm(x, y, images)
+    img = vlm.image_embeds(images)  # (2, 4, 32)
+    wte = gpt.transformer.wte.weight
+    losses = []
+    for b, p in ((0, 0), (1, 2)):  # the reference: the sequence written out by hand
+        emb = torch.cat([wte[x[b, :p]], img[b], wte[x[b, p + 1:]]])[None]
+        tgt = torch.cat([y[b, :p], torch.full((3,), -1), y[b, p:]])
+        logits = gpt.lm_head(gpt.hidden_states(None, embeds=emb))[0]
+        losses.append(F.cross_entropy(logits, tgt, ignore_index=-1, reduction="sum"))
+    n = int((y != -1).sum())
+    torch.testing.assert_close(loss, sum(losses) / n)
+    with pytest.raises(Exception, match="placeholder"):
+        vlm(torch.tensor([[5, 6, 7]]), torch.tensor([[-1, 7, 8]]), images[:1])
+
+
+def test_batched_answers_equal_one_at_a_time():
+    vlm = tiny_vlm()
+    images = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
+    prompts = [[40, 5, 6], [7, 40, 8, 9, 10, 11], [12, 13, 40]]  # different lengths: left-padded together
+    together = vlm.answer(prompts, images, max_new_tokens=6, stop_token=39)
+    alone = [vlm.answer([p], images[i:i + 1], max_new_tokens=6, stop_token=39)[0] for i, p in enumerate(prompts)]
+    assert together == alone and all(len(a) >= 1 for a in alone)
+
+
+def hf_folder(tmp_path, kind):
+    """A random tiny SigLIP or CLIP vision model and its image processor (saved as a Hub folder)."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
+                              SiglipVisionConfig, SiglipVisionModel)
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    if kind == "siglip":
+        model, proc = SiglipVisionModel(SiglipVisionConfig(**common)), SiglipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(**common))
+        proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return str(folder), model.eval(), proc
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_pretrained_tower_preprocessing_and_features_equal_transformers(tmp_path, kind):
+    from PIL import Image
+    folder, hf, proc = hf_folder(tmp_path, kind)
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 70), (41, 33))]
+    want = proc(pics, return_tensors="pt")["pixel_values"]  # (2, 3, 32, 32)
+    settings = image_settings(folder)
+    ours = torch.from_numpy(np.stack([resize_image(p, settings) for p in pics]))  # (2, 32, 32, 3) uint8
+    pixels = normalize(ours, torch.tensor(settings["mean"]), torch.tensor(settings["std"]), settings["rescale"])
+    assert (pixels - want).abs().max() < 1e-6
+    tower, config = load_hf_tower(folder)
+    assert isinstance(tower, HFTower) and config["model_type"] == f"{kind}_vision_model"
+    with torch.no_grad():
+        feats = tower.eval()(pixels)
+        ref = hf(pixel_values=want).last_hidden_state[:, 1 if kind == "clip" else 0:]  # CLIP: no class token
+    assert feats.shape == (2, 16, 32)
+    torch.testing.assert_close(feats, ref, rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# runs of train_vision.py on a small synthetic set (prepared once per module)
+
+TRAIN = ["--dataset=shapes", "--device=cpu", "--batch_size=8", "--block_size=56", "--n_layer=2", "--n_head=2",
+         "--n_embd=32", "--vit_layers=1", "--vit_heads=2", "--vit_embd=32", "--eval_iters=2", "--eval_questions=16",
+         "--log_interval=1", "--warmup_iters=2", "--dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vision")
+    run_script([os.path.join(ROOT, "prepare_vision.py"), "--synthetic=60", "--tokenizer=char", "--image_size=16",
+                "--out_dir=data/shapes"], cwd=d)
+    return d
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def test_resume_is_exact_and_the_checkpoint_has_everything_to_answer(shapes_dir):
+    d = shapes_dir
+    train = [os.path.join(ROOT, "train_vision.py")] + TRAIN
+    run_script(train + ["--out_dir=full", "--max_iters=6", "--eval_interval=3"], cwd=d)
+    run_script(train + ["--out_dir=half", "--max_iters=3", "--eval_interval=3"], cwd=d)
+    run_script(train + ["--out_dir=half", "--max_iters=6", "--eval_interval=3", "--init_from=resume"], cwd=d)
+    a, b = weights(d / "full"), weights(d / "half")
+    assert any(k.startswith("vision.") for k in a) and any(k.startswith("projector.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert read_log(d / "full" / "log.txt", "train") == read_log(d / "half" / "log.txt", "train")
+    assert set(read_log(d / "full" / "log.txt", "val_acc_blank")) == {0, 3, 6}
+    vlm, meta, cfg = load_vision_model(str(d / "full"))
+    assert meta["format"] == "image-sft" and cfg["vision"]["n_patches"] == 16
+    # sample.py answers a question about a picture file
+    from PIL import Image
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(d / "red.png")
+    p = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=red.png", "--start=What color is the circle?",
+                    "--num_samples=1", "--max_new_tokens=8", "--temperature=0"], cwd=d)
+    assert p.stdout.strip() and "error" not in p.stderr
+    bad = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=none.png"], cwd=d, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: image none.png not found"
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_with_accumulation(shapes_dir):
+    d = shapes_dir
+    common = TRAIN + ["--max_iters=3", "--eval_interval=0", "--total_batch_size=16", "--dropout=0.0"]
+    run_script([os.path.join(ROOT, "train_vision.py")] + common + ["--out_dir=one"], cwd=d)
+    torchrun([os.path.join(ROOT, "train_vision.py")] + common + ["--out_dir=two"], cwd=d)
+    a, b = weights(d / "one"), weights(d / "two")
+    for k in a:
+        assert_equal_up_to_rounding(a[k], b[k], lr=1e-3, steps=3)
+    la, lb = read_log(d / "one" / "log.txt", "train"), read_log(d / "two" / "log.txt", "train")
+    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+
+
+@pytest.mark.slow
+def test_a_trained_model_needs_the_right_image(tmp_path):
+    """On color-and-shape questions, a small model trained for a minute answers far better with
+    its images than with a blank one; the same images permuted within the batch bring it down to
+    the blank image's level."""
+    from vision import accuracy, answer_end, val_questions
+    from dataloader import get_tokenizer
+    run_script([os.path.join(ROOT, "prepare_vision.py"), "--synthetic=600", "--tokenizer=char", "--image_size=16",
+                "--out_dir=data/all"], cwd=tmp_path)
+    lines = [json.loads(line) for line in open(tmp_path / "data/all_source/data.jsonl")]
+    with open(tmp_path / "data/all_source/colors.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines if r["kind"] in ("color", "shape"))
+    run_script([os.path.join(ROOT, "prepare_vision.py"), "--input=data/all_source/colors.jsonl", "--tokenizer=char",
+                "--image_size=16", "--out_dir=data/colors"], cwd=tmp_path)
+    run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=colors", "--device=cpu", "--batch_size=32",
+                "--block_size=48", "--n_layer=2", "--n_head=2", "--n_embd=64", "--vit_layers=2", "--vit_heads=2",
+                "--vit_embd=64", "--max_iters=150", "--eval_interval=0", "--eval_questions=0", "--learning_rate=3e-3",
+                "--warmup_iters=10", "--weight_decay=0", "--log_interval=50", "--out_dir=out"], cwd=tmp_path)
+    vlm, meta, _ = load_vision_model(str(tmp_path / "out"))
+    questions, images, kinds = val_questions(str(tmp_path / "data/colors"))
+    decode, stop = get_tokenizer(meta)[1], answer_end(meta)
+    right = accuracy(vlm, questions, images, kinds, stop, decode, "cpu")["all"]
+    blank = accuracy(vlm, questions, images, kinds, stop, decode, "cpu", blank=True)["all"]
+    shuffled = images[np.random.default_rng(0).permutation(len(images))]  # each question another picture
+    permuted = accuracy(vlm, questions, shuffled, kinds, stop, decode, "cpu")["all"]
+    assert right > blank + 0.3, (right, blank)
+    assert permuted < blank + 0.15 and permuted < right - 0.3, (right, permuted, blank)
