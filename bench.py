@@ -6,6 +6,7 @@ into an issue:
     python bench.py --mode=sample --model=gpt2 --prompt_len=16 --new_tokens=200
     python bench.py --mode=dpo --model=gpt2 --batch_size=4 --block_size=256 --compile=False
     python bench.py --mode=rollout --model=gpt2 --prompt_len=60 --new_tokens=64 --sample_batch=8
+    python bench.py --mode=serve --model=gpt2 --prompt_len=16 --new_tokens=100 --sample_batch=8
     torchrun --standalone --nproc_per_node=2 bench.py --model=gpt2 --fsdp   # per-rank memory, FSDP (or DDP without --fsdp)
 
 train   times whole optimizer steps on random tokens: host-to-device copy, forward, backward
@@ -19,6 +20,8 @@ sample  times model.generate, with the KV cache and with a full recompute of the
         every new token, at batch 1 and batch N. Reports tokens/s and the cache's speed-up.
 rollout times PPO's rollouts: prompts of different lengths in one left-padded batch, against
         one prompt at a time.
+serve   times serve.py over HTTP: tokens/s for 1 client and for N clients streaming at once,
+        decoded together in one batch and one request at a time (a queue).
 
 --profile=True then runs torch.profiler over a few more steps (train) or one generation
 (sample) and prints the ops that cost the most time.
@@ -52,7 +55,7 @@ from runtime import ddp_wrap, fully_shard, peak_flops
 # settings: python bench.py [config/FILE.py] [--key=value ...]
 
 DEFAULTS = dict(
-    mode="train",  # train: optimizer steps; sample: KV cache vs recompute; dpo: DPO vs SFT step; rollout: PPO's
+    mode="train",  # train: optimizer steps; sample: KV cache vs recompute; dpo: DPO vs SFT step; rollout: PPO's; serve
     # the model (random weights: speed does not depend on them)
     model="gpt2",  # a preset of model.py (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-1.3b) or smollm2-135m (Llama-shaped)
     n_layer=0,  # > 0: override the preset's number of layers
@@ -72,7 +75,7 @@ DEFAULTS = dict(
     steps=10,  # timed steps (sample mode: untouched, one timed generation per row)
     fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
     # sample mode
-    sample_batch=8,  # the batch N timed besides batch 1 (1: batch 1 only)
+    sample_batch=8,  # the batch N timed besides batch 1 (1: batch 1 only); serve mode: the clients at once
     prompt_len=16,  # prompt tokens per sequence
     new_tokens=200,  # tokens generated per sequence
     # both
@@ -102,8 +105,8 @@ MUON = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
 def setup(cfg):
     """Check the settings and pick the device and dtype. Returns (device, device_type, dtype);
     device_type is what torch.autocast wants: cuda, mps or cpu."""
-    if cfg["mode"] not in ("train", "sample", "dpo", "rollout"):
-        die(f"--mode must be train, sample, dpo or rollout, not {cfg['mode']!r}")
+    if cfg["mode"] not in ("train", "sample", "dpo", "rollout", "serve"):
+        die(f"--mode must be train, sample, dpo, rollout or serve, not {cfg['mode']!r}")
     if cfg["model"] not in SHAPES:
         die(f"unknown --model={cfg['model']}; choose one of {', '.join(SHAPES)}")
     for key in ("batch_size", "block_size", "grad_accum", "steps", "sample_batch", "prompt_len",
@@ -124,7 +127,7 @@ def setup(cfg):
         die(f"n_embd={n_embd} is not a multiple of n_head={n_head}: change --n_embd or --n_head")
     if cfg["rope"] and (n_embd // n_head) % 2:
         die(f"rope needs an even head size, got {n_embd // n_head}: change --n_embd or --n_head")
-    if cfg["mode"] in ("sample", "rollout") and cfg["prompt_len"] + cfg["new_tokens"] > cfg["block_size"]:
+    if cfg["mode"] in ("sample", "rollout", "serve") and cfg["prompt_len"] + cfg["new_tokens"] > cfg["block_size"]:
         # past the context the cached path re-runs the whole window every step: not what we time
         die(f"prompt_len + new_tokens = {cfg['prompt_len'] + cfg['new_tokens']} exceeds "
             f"--block_size={cfg['block_size']}: raise --block_size or shorten the generation")
@@ -521,6 +524,69 @@ def bench_rollout(cfg):
     return r
 
 
+# serve mode
+
+
+def bench_serve(cfg):
+    """serve.py under load, over HTTP on this machine: sample_batch clients at once, each streaming
+    new_tokens greedy tokens after its own prompt of prompt_len random tokens, served two ways in
+    one run: decoded together in one batch (serve.py's default) and one request at a time
+    (--max_batch=1: a plain queue); and one client alone. Greedy, so both ways do the same work.
+    Returns tok_s_{one,queued,batched} (all clients' new tokens over the wall time), first_s_{...}
+    (a client's mean wait for its first token), tokens_{...}, ratio (batched over queued), summary."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    import serve
+    device, device_type, dtype = setup(cfg)
+    # at most GPT-2's 50257 ids (not the 50304 rows of its padded table): the random model's text decodes
+    vocab = cfg["vocab_size"] or min(SHAPES[cfg["model"]]["vocab_size"], 50257)
+    model = build_model(dict(cfg, vocab_size=vocab), device).eval()
+    autocast = autocast_context(device_type, dtype)
+    n, P, N = cfg["sample_batch"], cfg["prompt_len"], cfg["new_tokens"]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    prompts = [torch.randint(vocab, (P,), generator=gen).tolist() for _ in range(n)]
+
+    def client(url, prompt, max_tokens=N):  # (seconds to the first token, new tokens)
+        t0, first, tokens = time.perf_counter(), None, 0
+        body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
+        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=3600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines(chunk_size=None):  # None: each piece as it comes, not 512 bytes at a time
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[len(b"data: "):])
+                    first = first or time.perf_counter() - t0
+                    tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+        return first, tokens
+
+    r, parts, wall, cpu = {}, [], 0.0, 0.0
+    for name, max_batch, clients in (("one", 1, 1), ("queued", 1, n), ("batched", n, n)):
+        app = serve.make_app(model, {"tokenizer": "gpt2"}, "bench", dict(serve.DEFAULTS, max_batch=max_batch), autocast)
+        url, stop = serve.serve_in_thread(app)
+        try:
+            client(url, prompts[0], 2)  # warm-up: first-call allocations
+            t0, c0 = time.perf_counter(), time.process_time()
+            with ThreadPoolExecutor(clients) as pool:
+                done = list(pool.map(lambda p: client(url, p), prompts[:clients]))
+            dt = time.perf_counter() - t0
+            wall, cpu = wall + dt, cpu + time.process_time() - c0
+        finally:
+            stop()
+        r[f"tokens_{name}"] = sum(t for _, t in done)
+        r[f"tok_s_{name}"], r[f"first_s_{name}"] = r[f"tokens_{name}"] / dt, sum(f for f, _ in done) / clients
+        label = "1 client" if name == "one" else f"{clients} clients {name}"
+        parts.append(f"{label}: {rate(r[f'tok_s_{name}'])} tok/s, first token {r[f'first_s_{name}']:.2f} s")
+        print(parts[-1])
+    r["ratio"], r["cores_used"] = r["tok_s_batched"] / r["tok_s_queued"], cores_used(device_type, wall, cpu)
+    r["summary"] = (f"bench serve | {device_name(device, device_type)} | torch {torch.__version__} | "
+                    f"{describe(model, cfg, dtype)} | prompt {P} + {N} new, greedy, over HTTP | " + " | ".join(parts)
+                    + f" | batched {r['ratio']:.2f}x the queue{load_text(r['cores_used'])}")
+    print(r["summary"])
+    return r
+
+
 # dpo mode
 
 
@@ -589,6 +655,8 @@ def main():
             bench_dpo(cfg)
         elif cfg["mode"] == "rollout":
             bench_rollout(cfg)
+        elif cfg["mode"] == "serve":
+            bench_serve(cfg)
         else:
             bench_train(cfg)
     except torch.OutOfMemoryError:

@@ -8,6 +8,7 @@ import pytest
 
 import bench
 from configurator import configure
+from conftest import needs_gpt2_bpe
 from model import GPT, GPTConfig
 
 # 2 layers, 32 wide, a 64-token vocabulary: a step takes milliseconds
@@ -149,3 +150,16 @@ def test_smollm2_shape_is_llama_shaped():
     assert (c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.mlp_hidden, c.vocab_size) == (30, 9, 3, 576, 1536, 49152)
     assert c.mlp == "swiglu" and c.norm == "rmsnorm" and c.rope and not c.bias and c.tie_embeddings
     assert 134e6 < model.num_params() < 135e6  # SmolLM2-135M's 134.5M parameters
+
+
+@needs_gpt2_bpe
+def test_serve_mode_times_one_client_and_many_queued_or_batched(capsys):
+    cfg = configure(bench.DEFAULTS, TINY + ["--mode=serve", "--block_size=32", "--prompt_len=4", "--new_tokens=6",
+                                            "--sample_batch=3"])
+    r = bench.bench_serve(cfg)
+    for name in ("one", "queued", "batched"):
+        assert positive_finite(r[f"tok_s_{name}"]) and positive_finite(r[f"first_s_{name}"])
+    # greedy: the queue and the batch make the same tokens (3 clients x 6, fewer where one drew <|endoftext|>)
+    assert r["tokens_queued"] == r["tokens_batched"] and 3 <= r["tokens_batched"] <= 18
+    assert r["ratio"] == pytest.approx(r["tok_s_batched"] / r["tok_s_queued"])
+    assert summary_printed(capsys.readouterr().out, r["summary"]) and "3 clients batched" in r["summary"]
