@@ -320,14 +320,14 @@ class ThreadPicker:
     """On the CPU, torch runs one thread per core. On an idle machine that is the fastest; where
     other work shares the cores, the threads wait for each other and a step can take five times
     longer than on one thread. So a one-process CPU run with no thread count given (cpu_threads=0,
-    no OMP_NUM_THREADS) times its first training steps at the default and at halves of it, keeps the
-    fastest and says so in one line. (The thread count changes the speed; the losses came out the
+    no OMP_NUM_THREADS) times its first val batches (or, with no evaluation at the start, training
+    steps) at the default and at halves of it, keeps the fastest and says so in one line. (The thread count changes the speed; the losses came out the
     same to the last digit at 1 and 2 threads: README.)"""
 
     STEPS = 3  # steps timed at each thread count, after the run's first (warm-up) step
 
     def __init__(self, device_type, setting, ranks, say):
-        self.say, self.times, self.t0, self.warm = say, {}, None, False
+        self.say, self.times, self.t0, self.warm, self.kind = say, {}, None, False, None
         self.counts = []  # the thread counts left to time: [n, n/2, ..., 1]; empty = nothing to do
         if device_type != "cpu":
             return
@@ -341,9 +341,13 @@ class ThreadPicker:
             self.counts.append(n)
             n //= 2
 
-    def start(self):  # before a training step
-        if self.counts:
-            self.t0 = time.perf_counter()
+    def start(self, kind="training step"):  # before a training step or a val batch
+        if not self.counts:
+            return
+        if kind != self.kind:  # a val batch and a training step do not compare: start again
+            self.kind, self.times, self.warm = kind, {}, False
+            torch.set_num_threads(self.counts[0])
+        self.t0 = time.perf_counter()
 
     def done(self):  # after it
         if not self.counts:
@@ -363,8 +367,8 @@ class ThreadPicker:
             return
         torch.set_num_threads(best)
         self.counts = []
-        self.say(f"CPU threads: {best} ({', '.join(f'{k}: {v * 1000:.0f} ms' for k, v in pace.items())} per step, "
-                 "timed on the first steps); cpu_threads=N or OMP_NUM_THREADS=N chooses", flush=True)
+        self.say(f"CPU threads: {best} ({', '.join(f'{k}: {v * 1000:.0f} ms' for k, v in pace.items())} a "
+                 f"{self.kind}, timed on the first ones); cpu_threads=N or OMP_NUM_THREADS=N chooses", flush=True)
 
 
 class StepClock:

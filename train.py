@@ -279,10 +279,10 @@ def grad_sync(model, world, last_micro, fsdp_full_grads=False):
 # evaluation, the learning rate, the optimizer step
 
 
-def evaluate(model, loader, eval_iters, world, autocast, stop):
+def evaluate(model, loader, eval_iters, world, autocast, stop, threads):
     """The mean validation loss per target token over eval_iters batches on every rank. The
     loader restarts each time, so every evaluation sees the same tokens. None if a stop was
-    asked for meanwhile, on any rank."""
+    asked for meanwhile, on any rank. (threads: the CPU's thread count is timed on its batches.)"""
     model.eval()
     loader.reset()
     loss_sum = torch.zeros((), device=world.device)
@@ -294,9 +294,11 @@ def evaluate(model, loader, eval_iters, world, autocast, stop):
                 return None
             x, y = loader.next_batch()
             n = int((y != -1).sum())  # every token, or (SFT) the response tokens
+            threads.start("val batch")
             with autocast:
                 _, loss = model(x.to(world.device), y.to(world.device))
             loss_sum += loss.float() * n
+            threads.done()
             n_targets += n
     model.train()
     totals = torch.stack([loss_sum, torch.tensor(float(n_targets), device=world.device)])
@@ -407,7 +409,7 @@ def train(cfg, world):
         if evaluates_at(step, start_step, last, val_loss, cfg) and not stopping:
             if step == start_step:  # the first thing a run does, and on a slow machine not a short one
                 say(f"evaluating the starting model ({cfg['eval_iters']} val batches)...", flush=True)
-            val = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop)
+            val = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop, threads)
             if val is None:  # a stop during the evaluation: save (if there is anything new) and exit
                 last = stopping = True
             else:

@@ -664,6 +664,10 @@ def test_cpu_threads_are_picked_by_timing_the_first_steps(monkeypatch, busy):
     monkeypatch.setattr(runtime.torch, "set_num_threads", lambda n: threads.__setitem__(0, n))
     monkeypatch.delenv("OMP_NUM_THREADS")
     picker = runtime.ThreadPicker("cpu", 0, 1, lambda line, **kw: lines.append(line))
+    for _ in range(2):  # two val batches (too few to pick), then training steps: timed again from the start
+        picker.start("val batch")
+        now[0] += 1.0
+        picker.done()
     taken = []
     for _ in range(12):
         taken.append(threads[0])
@@ -672,10 +676,10 @@ def test_cpu_threads_are_picked_by_timing_the_first_steps(monkeypatch, busy):
         picker.done()
     if busy:  # 4, then 2, then 1 thread, each for 3 steps after the first: 1 kept
         assert taken == [4] * 4 + [2] * 3 + [1] * 5
-        assert lines == ["CPU threads: 1 (4: 500 ms, 2: 200 ms, 1: 100 ms per step, timed on the first steps); "
+        assert lines == ["CPU threads: 1 (4: 500 ms, 2: 200 ms, 1: 100 ms a training step, timed on the first ones); "
                          "cpu_threads=N or OMP_NUM_THREADS=N chooses"]
     else:  # 2 threads were slower than 4: no need to time 1; back to 4
-        assert taken == [4] * 4 + [2] * 3 + [4] * 5 and lines[0].startswith("CPU threads: 4 (4: 50 ms, 2: 80 ms per")
+        assert taken == [4] * 4 + [2] * 3 + [4] * 5 and lines[0].startswith("CPU threads: 4 (4: 50 ms, 2: 80 ms a")
     # a thread count given, or chosen by OMP_NUM_THREADS or torchrun, or a GPU: no timing
     runtime.ThreadPicker("cpu", 3, 1, print)
     assert threads[0] == 3
