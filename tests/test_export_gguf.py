@@ -348,60 +348,78 @@ def test_overwrite_replaces(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# llama.cpp itself (llama-cpp-python compiles it: optional, not in requirements-dev.txt)
+# llama.cpp itself (llama-cpp-python compiles it: optional, not in requirements-dev.txt). Checked
+# with llama-cpp-python 0.3.36, which builds llama.cpp at commit 0c1e570 (2026-10-01): docs/gguf.md.
+#
+# A random tiny model has nearly flat logits, where llama.cpp's own rounding (its GELU reads a
+# float16 table; float16 matmuls round activations too) could swap two near-equal tokens. So the
+# matrices are scaled up (x5: a trained model's spread), and the seeds are ones whose greedy
+# choices win by 10x or more what the two implementations differ by (about 1e-3 in a logit).
+# The logits themselves are compared too: a wrong tensor layout moves them by 1 and more.
 
 
-def llama_cpp_greedy(path, prompt_ids, n):
-    """n greedy tokens after prompt_ids, from llama.cpp running the file."""
+def llama_cpp_run(path, ids, n, text):
+    """llama.cpp running the file: (its n greedy tokens after ids, its logits (len(ids) + n - 1, V)
+    at every position it read on the way, its tokens of text)."""
+    import numpy as np
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, seed=0)
-    out = []
-    for token in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
-        out.append(token)
-        if len(out) == n:
-            break
-    return llm, out
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, logits_all=True)
+    try:
+        out = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        logits = torch.from_numpy(np.array(llm.scores[:llm.n_tokens]))  # the last token is chosen, not yet read
+        return out, logits, llm.tokenize(text.encode(), add_bos=bool(ids[:1] == [llm.token_bos()]))
+    finally:
+        llm.close()
 
 
-def ours_greedy(model, prompt_ids, n):
-    """sample.py --temperature=0's tokens: model.generate, greedy."""
-    return model.generate(torch.tensor([prompt_ids]), n, temperature=0.0)[0, len(prompt_ids):].tolist()
+def assert_llama_cpp_runs_ours(path, model, ids, text, n=20):
+    """llama.cpp's greedy continuation is ours (sample.py --temperature=0's: model.generate),
+    its logits along it are ours to rounding, and its tokenizer gives ours for text."""
+    theirs, logits, tokens = llama_cpp_run(path, ids, n, text)
+    assert tokens == ids
+    ours = model.generate(torch.tensor([ids]), n, temperature=0.0)[0]
+    assert theirs == ours[len(ids):].tolist()
+    with torch.no_grad():
+        expect = model(ours[None, :-1])[0][0]  # (T, V): every position's
+    assert torch.allclose(logits, expect, atol=1e-2, rtol=0), (logits - expect).abs().max()
+
+
+def scaled(model_or_hf, factor=5.0):
+    with torch.no_grad():
+        for p in model_or_hf.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return model_or_hf
 
 
 @needs_gpt2_bpe
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_llama_cpp_gpt2_greedy(tmp_path, dtype):
+def test_llama_cpp_gpt2(tmp_path, dtype):
     pytest.importorskip("llama_cpp")
     from dataloader import get_gpt2_encoding
-    model = make_model(block_size=64, vocab_size=V)
-    with torch.no_grad():  # logits of a trained model's spread, so that no two come within rounding
-        model.transformer.wte.weight.mul_(50)
-    if dtype == "float16":  # the weights llama.cpp will use: then both sides compute with the same numbers
+    model = scaled(make_model(seed=0, block_size=64, vocab_size=V))
+    if dtype == "float16":  # ours with the weights llama.cpp will compute with
         with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2 and p is not model.transformer.wpe.weight:
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and name != "transformer.wpe.weight":  # the position table stays float32
                     p.copy_(p.half().float())
     export_gguf.write_gguf(str(tmp_path / "m.gguf"), model, GPT2_META, dtype)
-    text = "The king said to the queen:"
-    ids = get_gpt2_encoding().encode(text)
-    llm, theirs = llama_cpp_greedy(tmp_path / "m.gguf", ids, 20)
-    assert llm.tokenize(text.encode(), add_bos=False) == ids  # llama.cpp's GPT-2 tokenizer is tiktoken's
-    assert theirs == ours_greedy(model, ids, 20)
+    text = "The king said to the queen: my lord, the castle is ours."
+    assert_llama_cpp_runs_ours(tmp_path / "m.gguf", model, get_gpt2_encoding().encode(text), text)
 
 
-@pytest.mark.parametrize("sentencepiece", [False, True])
-def test_llama_cpp_llama_greedy(tmp_path, sentencepiece):
+@pytest.mark.parametrize("sentencepiece,seed", [(False, 1), (True, 0)])
+def test_llama_cpp_llama(tmp_path, sentencepiece, seed):
     pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
-    folder, hf = make_llama_folder(tmp_path / "llama", sentencepiece=sentencepiece)
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.mul_(20)
-        hf.lm_head.weight.mul_(20)
-    hf.save_pretrained(folder)
+    folder, hf = make_llama_folder(tmp_path / "llama", sentencepiece=sentencepiece, seed=seed)
+    scaled(hf).save_pretrained(folder)
     model, meta = load_model(init_from=folder)
     export_gguf.write_gguf(str(tmp_path / "m.gguf"), model.eval(), meta)
-    text = "The king and the queen walk to the castle"
-    ids = AutoTokenizer.from_pretrained(folder)(text)["input_ids"]  # with the bos the tokenizer adds
-    llm, theirs = llama_cpp_greedy(tmp_path / "m.gguf", ids, 20)
-    assert llm.tokenize(text.encode(), add_bos=True) == ids
-    assert theirs == ours_greedy(model, ids, 20)
+    text = "The king and the queen walk to the castle where a man"
+    ids = AutoTokenizer.from_pretrained(folder)(text)["input_ids"]  # with the <s> the tokenizer puts first
+    assert_llama_cpp_runs_ours(tmp_path / "m.gguf", model, ids, text)
