@@ -7,6 +7,7 @@ into an issue:
     python bench.py --mode=dpo --model=gpt2 --batch_size=4 --block_size=256 --compile=False
     python bench.py --mode=rollout --model=gpt2 --prompt_len=60 --new_tokens=64 --sample_batch=8
     python bench.py --mode=serve --model=gpt2 --prompt_len=16 --new_tokens=100 --sample_batch=8
+    python bench.py --mode=vision --n_layer=3 --n_head=4 --n_embd=128 --vocab_size=27 --batch_size=32 --block_size=66
     torchrun --standalone --nproc_per_node=2 bench.py --model=gpt2 --fsdp   # per-rank memory, FSDP (or DDP without --fsdp)
 
 train   times whole optimizer steps on random tokens: host-to-device copy, forward, backward
@@ -22,6 +23,9 @@ rollout times PPO's rollouts: prompts of different lengths in one left-padded ba
         one prompt at a time.
 serve   times serve.py over HTTP: tokens/s for 1 client and for N clients streaming at once,
         decoded together in one batch and one request at a time (a queue).
+vision  times train_vision.py's step: a new ViT (vit_layers, n_embd wide) over image_size
+        pictures, the pixel-shuffle projector and the GPT, on random pictures and tokens; tokens/s
+        counts the LM's positions, text and image.
 
 --profile=True then runs torch.profiler over a few more steps (train) or one generation
 (sample) and prints the ops that cost the most time.
@@ -55,7 +59,7 @@ from runtime import ddp_wrap, fully_shard, peak_flops
 # settings: python bench.py [config/FILE.py] [--key=value ...]
 
 DEFAULTS = dict(
-    mode="train",  # train: optimizer steps; sample: KV cache vs recompute; dpo: DPO vs SFT step; rollout: PPO's; serve
+    mode="train",  # train: optimizer steps; sample: KV cache vs recompute; dpo: DPO vs SFT step; rollout: PPO's; serve; vision
     # the model (random weights: speed does not depend on them)
     model="gpt2",  # a preset of model.py (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-1.3b) or smollm2-135m (Llama-shaped)
     n_layer=0,  # > 0: override the preset's number of layers
@@ -74,6 +78,11 @@ DEFAULTS = dict(
     warmup=5,  # untimed steps first: torch.compile, cuBLAS/cuDNN autotuning, the allocator
     steps=10,  # timed steps (sample mode: untouched, one timed generation per row)
     fsdp=False,  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
+    # vision mode: the ViT is n_embd wide with n_head heads
+    image_size=32,  # pictures of image_size x image_size pixels
+    patch_size=4,  # in patches of patch_size x patch_size
+    shuffle=2,  # the projector's pixel shuffle: shuffle x shuffle patches -> one LM token
+    vit_layers=3,  # the ViT's Blocks
     # sample mode
     sample_batch=8,  # the batch N timed besides batch 1 (1: batch 1 only); serve mode: the clients at once
     prompt_len=16,  # prompt tokens per sequence
@@ -105,8 +114,8 @@ MUON = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
 def setup(cfg):
     """Check the settings and pick the device and dtype. Returns (device, device_type, dtype);
     device_type is what torch.autocast wants: cuda, mps or cpu."""
-    if cfg["mode"] not in ("train", "sample", "dpo", "rollout", "serve"):
-        die(f"--mode must be train, sample, dpo, rollout or serve, not {cfg['mode']!r}")
+    if cfg["mode"] not in ("train", "sample", "dpo", "rollout", "serve", "vision"):
+        die(f"--mode must be train, sample, dpo, rollout, serve or vision, not {cfg['mode']!r}")
     if cfg["model"] not in SHAPES:
         die(f"unknown --model={cfg['model']}; choose one of {', '.join(SHAPES)}")
     for key in ("batch_size", "block_size", "grad_accum", "steps", "sample_batch", "prompt_len",
@@ -644,6 +653,55 @@ def bench_dpo(cfg):
     return r
 
 
+def bench_vision(cfg):
+    """Optimizer steps of a vision-language model (vision.py) as train_vision.py takes them:
+    batch_size rows of block_size LM positions, each an image's tokens spliced into random text at
+    its placeholder, the loss on the last quarter. Returns {ms, tok_per_s, summary}."""
+    from vision import VisionLM, attach_vision, image_settings, image_tokens
+    device, device_type, dtype = setup(cfg)
+    gpt = build_model(cfg, device)
+    c = gpt.config
+    grid = cfg["image_size"] // cfg["patch_size"]
+    if grid * cfg["patch_size"] != cfg["image_size"] or grid % cfg["shuffle"] or cfg["vit_layers"] < 1:
+        die(f"--image_size={cfg['image_size']} must be a whole number of --patch_size={cfg['patch_size']} patches, "
+            f"a multiple of --shuffle={cfg['shuffle']} per side, and --vit_layers at least 1")
+    v = dict(tower="", vit_layers=cfg["vit_layers"], vit_heads=c.n_head, vit_embd=c.n_embd, patch_size=cfg["patch_size"],
+             shuffle=cfg["shuffle"], image_size=cfg["image_size"], n_patches=grid * grid,
+             image=image_settings("", cfg["image_size"]))
+    vlm = VisionLM(attach_vision(gpt, v).to(device), image_token=c.vocab_size)
+    opt = torch.optim.AdamW(vlm.parameters(), lr=LEARNING_RATE)
+    autocast = autocast_context(device_type, dtype)
+    B, n_img = cfg["batch_size"], image_tokens(v)
+    L = cfg["block_size"] - n_img + 1  # text positions: the placeholder's one becomes n_img
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randint(c.vocab_size, (B, L), generator=gen)
+    x[:, 0] = c.vocab_size  # the placeholder, first
+    y = torch.randint(c.vocab_size, (B, L), generator=gen)
+    y[:, :3 * L // 4] = -1  # the prompt: not scored
+    images = torch.randint(0, 256, (B, cfg["image_size"], cfg["image_size"], 3), dtype=torch.uint8, generator=gen)
+    x, y, images = x.to(device), y.to(device), images.to(device)
+    times = []
+    for i in range(cfg["warmup"] + cfg["steps"]):
+        synchronize(device_type)
+        t0 = time.perf_counter()
+        with autocast:
+            loss = vlm(x, y, images)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        synchronize(device_type)
+        if i >= cfg["warmup"]:
+            times.append(time.perf_counter() - t0)
+    ms = 1000 * sorted(times)[len(times) // 2]  # the median step
+    r = dict(ms=ms, tok_per_s=B * cfg["block_size"] / ms * 1000)
+    r["summary"] = (f"bench vision | {device_name(device, device_type)} | torch {torch.__version__} | "
+                    f"{describe(gpt, cfg, dtype)} | ViT {cfg['vit_layers']} layers, {cfg['image_size']}px in "
+                    f"{cfg['patch_size']}px patches, {n_img} image tokens | {B} x {cfg['block_size']} positions | "
+                    f"{ms:.1f} ms/step, {r['tok_per_s']:,.0f} tok/s (text + image)")
+    print(r["summary"])
+    return r
+
+
 def main():
     cfg = configure(DEFAULTS)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 only
@@ -657,6 +715,8 @@ def main():
             bench_rollout(cfg)
         elif cfg["mode"] == "serve":
             bench_serve(cfg)
+        elif cfg["mode"] == "vision":
+            bench_vision(cfg)
         else:
             bench_train(cfg)
     except torch.OutOfMemoryError:

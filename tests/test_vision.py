@@ -75,6 +75,15 @@ def test_batched_answers_equal_one_at_a_time():
     assert together == alone and all(len(a) >= 1 for a in alone)
 
 
+def test_bench_vision_times_a_step():
+    p = run_script([os.path.join(ROOT, "bench.py"), "--mode=vision", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                    "--vocab_size=30", "--batch_size=2", "--block_size=24", "--image_size=16", "--vit_layers=1",
+                    "--steps=1", "--warmup=0", "--device=cpu"])
+    assert "bench vision" in p.stdout and "4 image tokens" in p.stdout and "tok/s (text + image)" in p.stdout
+    bad = run_script([os.path.join(ROOT, "bench.py"), "--mode=vision", "--image_size=30"], check=False)
+    assert bad.returncode == 2 and "--image_size=30" in bad.stderr.strip().splitlines()[-1]
+
+
 def hf_folder(tmp_path, kind):
     """A random tiny SigLIP or CLIP vision model and its image processor (saved as a Hub folder)."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
