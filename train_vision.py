@@ -21,6 +21,7 @@ accuracy on the first eval_questions val questions, with their images (val_acc) 
 image (val_acc_blank: what the LM guesses from the question alone).
 """
 
+import json
 import math
 import os
 import time
@@ -40,7 +41,7 @@ from model import GPT, GPTConfig
 from optim import configure_optimizers
 from runtime import (StepClock, StopFlag, close_world, console_line, ddp_wrap, format_time, nonfinite, rank_failed,
                      setup_world, stop_agreed, worse_than_best)
-from vision import (ImageSFTLoader, VisionLM, accuracy, answer_end, attach_vision, image_settings, image_tokens,
+from vision import (ImageSFTLoader, ViT, VisionLM, accuracy, answer_end, attach_vision, image_settings, image_tokens,
                     load_hf_tower, load_vision_model, val_questions)
 
 DEFAULTS = dict(
@@ -92,6 +93,7 @@ DEFAULTS = dict(
     dtype="auto",  # auto | float32 | bfloat16 | float16
     pg_timeout=600,  # seconds a rank waits in a collective for the others
     seed=1337,
+    plan=False,  # print the run's parts, FLOPs and memory, then exit: no data, GPU or download needed
 )
 
 VISION_KEYS = ("tower", "vit_layers", "vit_heads", "vit_embd", "patch_size", "shuffle")  # a resumed run keeps them
@@ -325,9 +327,74 @@ def train(cfg, world):
     say(f"done in {format_time(time.time() - clock.run_start)}")
 
 
+# -----------------------------------------------------------------------------
+# --plan: the run on paper
+
+# towers whose shapes --plan knows without a download (transformers' defaults are these models')
+KNOWN_TOWERS = {"google/siglip-base-patch16-224": ("siglip", {}),
+                "openai/clip-vit-base-patch16": ("clip", dict(patch_size=16))}
+
+
+def plan_tower(cfg):
+    """(the tower on the meta device, its side in pixels, its patch side)."""
+    from transformers import AutoConfig, CLIPVisionConfig, SiglipVisionConfig
+    if cfg["tower"] in KNOWN_TOWERS and not os.path.isdir(cfg["tower"]):
+        kind, args = KNOWN_TOWERS[cfg["tower"]]
+        config = (SiglipVisionConfig if kind == "siglip" else CLIPVisionConfig)(**args)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg["tower"], local_files_only=os.path.isdir(cfg["tower"]))
+        except Exception as e:
+            die(f"--plan: cannot read the config of --tower={cfg['tower']} ({type(e).__name__}); give a local folder")
+        config = getattr(config, "vision_config", config)
+    from vision import hf_tower_from_config
+    with torch.device("meta"):
+        tower = hf_tower_from_config(json.loads(config.to_json_string()))
+    return tower, config.image_size, config.patch_size
+
+
+def print_plan(cfg):
+    """The parts of the model, what trains, the tokens and FLOPs of a step and the memory of the
+    weights, gradients and AdamW moments (fp32), for one rank (DDP: each holds them all)."""
+    from plan import ASSUMED_GPU, ASSUMED_MFU, plan_meta, plan_model
+    meta, _ = plan_meta(cfg)
+    frozen = cfg["freeze"].replace(" ", "").split(",")
+    gpt = plan_model(dict(cfg, lora_rank=0), meta)  # the LM on the meta device
+    if cfg["tower"]:
+        tower, side, patch = plan_tower(cfg)
+        width = tower.model.config.hidden_size
+    else:
+        side, patch, width = meta.get("image_size", [32])[0], cfg["patch_size"], cfg["vit_embd"]
+        with torch.device("meta"):
+            tower = ViT(GPTConfig(n_layer=cfg["vit_layers"], n_head=cfg["vit_heads"], n_embd=width), side, patch)
+    n_patches = (side // patch) ** 2
+    n_img = n_patches // cfg["shuffle"] ** 2
+    parts = dict(LM=gpt.num_params(), tower=sum(p.numel() for p in tower.parameters()),
+                 projector=width * cfg["shuffle"] ** 2 * gpt.config.n_embd)
+    trains = {k: k.lower() not in frozen for k in parts}
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    examples = cfg["total_batch_size"] or cfg["batch_size"] * world
+    positions = examples * cfg["block_size"]  # at most: text and image tokens, every example padded to block_size
+    lm_flops = (6 if trains["LM"] else 4) * gpt.num_params(non_embedding=True) + 12 * gpt.config.n_layer * \
+        gpt.config.n_embd * cfg["block_size"]  # frozen: no weight gradients, but the projector's pass through
+    flops = positions * lm_flops + examples * n_patches * (6 if trains["tower"] else 2) * parts["tower"] + \
+        examples * n_img * 6 * parts["projector"]
+    trained = sum(n for k, n in parts.items() if trains[k])
+    gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    print("plan: " + ", ".join(f"{k} {n / 1e6:,.2f}M ({'trained' if trains[k] else 'frozen'})" for k, n in parts.items()))
+    print(f"an image: {side}x{side} pixels, {n_patches} patches of {patch}x{patch} -> {n_img} LM tokens "
+          f"(pixel shuffle {cfg['shuffle']}x{cfg['shuffle']}); text up to {cfg['block_size'] - n_img} tokens")
+    print(f"a step: {examples} examples, at most {positions:,} LM positions, {flops / 1e12:,.2f} TFLOPs")
+    print(f"memory per rank: weights {gib(4 * sum(parts.values()))}, gradients {gib(4 * trained)}, AdamW "
+          f"{gib(8 * trained)} (fp32; activations come on top)")
+    print(f"time per step on an {ASSUMED_GPU[0]} at {ASSUMED_MFU:.0%} MFU: {1000 * flops / (ASSUMED_GPU[1] * ASSUMED_MFU * world):,.1f} ms")
+
+
 def main():
     cfg = configure(DEFAULTS)
     check_settings(cfg)
+    if cfg["plan"]:
+        return print_plan(cfg)
     world = setup_world(cfg["device"], timeout_s=cfg["pg_timeout"])
     try:
         train(cfg, world)

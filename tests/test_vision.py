@@ -84,6 +84,13 @@ def test_bench_vision_times_a_step():
     assert bad.returncode == 2 and "--image_size=30" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_plan_sizes_a_run_with_a_pretrained_tower_without_a_download(tmp_path):
+    p = run_script([os.path.join(ROOT, "train_vision.py"), "--tower=google/siglip-base-patch16-224", "--init_from=gpt2",
+                    "--freeze=tower", "--dataset=none", "--batch_size=16", "--block_size=256", "--plan"], cwd=tmp_path)
+    assert "tower 92.88M (frozen)" in p.stdout and "LM 123.85M (trained)" in p.stdout
+    assert "196 patches of 16x16 -> 49 LM tokens" in p.stdout and not os.listdir(tmp_path)
+
+
 def hf_folder(tmp_path, kind):
     """A random tiny SigLIP or CLIP vision model and its image processor (saved as a Hub folder)."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
