@@ -379,6 +379,9 @@ def train(cfg, world):
     if meta.get("format") == "preference":  # pairs of answers, not a text to continue nor examples to imitate
         raise UserError(f"data/{cfg['dataset']} holds preference pairs (prepare_preferences.py): train on them with "
                         f"python align.py --dataset={cfg['dataset']} (DPO, a reward model, PPO)")
+    if meta.get("format") == "image-sft":  # questions about images: the model needs a vision tower
+        raise UserError(f"data/{cfg['dataset']} holds questions about images (prepare_vision.py): train on them with "
+                        f"python train_vision.py --dataset={cfg['dataset']}")
     train_loader, val_loader, layout = make_loaders(cfg, meta, world)
     say_settings(cfg, world, ptdtype, layout, say)
     raw_model, base, optimizers, scaler = setup_model(cfg, world, meta, ckpt, ptdtype, say)

@@ -174,6 +174,15 @@ def test_resume_is_exact_and_the_checkpoint_has_everything_to_answer(shapes_dir)
     assert "Traceback" not in bad.stderr
 
 
+def test_each_training_script_refuses_the_others_data_in_one_line(shapes_dir, workdir):
+    p = run_script([os.path.join(ROOT, "train.py"), "--dataset=shapes", "--device=cpu", "--out_dir=o"], cwd=shapes_dir,
+                   check=False)
+    assert p.returncode == 2 and "python train_vision.py --dataset=shapes" in p.stderr.strip().splitlines()[-1]
+    p = run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=tiny", "--device=cpu"], cwd=workdir, check=False)
+    assert p.returncode == 2 and "not an image-text dataset" in p.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in p.stderr
+
+
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_with_accumulation(shapes_dir):
     d = shapes_dir
