@@ -185,19 +185,26 @@ def test_requests_join_a_running_batch_and_each_equals_its_answer_alone(llama):
     assert {first: text, **out} == alone
 
 
-def test_a_client_that_hangs_up_frees_its_row(llama):
+def test_a_client_that_hangs_up_frees_its_row(llama, monkeypatch):
     folder, url, app, client = llama
     engine = app.state.engine
     dropped, gone = engine.stats["dropped"], engine.stats["disconnected"]
+    resume, step = threading.Event(), engine.step
+
+    def held_step():  # the row's first step waits until its client has hung up: it is surely under way then
+        resume.wait(30)
+        step()
+    monkeypatch.setattr(engine, "step", held_step)
     stream = client.chat.completions.create(model=folder, messages=[{"role": "user", "content": "Hi"}], max_tokens=100,
-                                            temperature=1.0, stream=True)
-    chunks = iter(stream)
-    next(chunks), next(chunks)
-    with engine.lock:  # the row cannot end by itself meanwhile
-        stream.close()
-        wait_for(lambda: engine.stats["disconnected"] == gone + 1)  # the server saw the client go
+                                            temperature=0, stream=True)
+    next(iter(stream))  # the first chunk (the role) has come
+    wait_for(lambda: engine.rows)  # the row is in the batch, its first step waiting
+    stream.close()
+    wait_for(lambda: engine.stats["disconnected"] == gone + 1)  # the server saw the client go
+    resume.set()
     wait_for(lambda: not engine.rows)
-    assert engine.stats["dropped"] == dropped + 1  # left the batch before its 100 tokens
+    assert engine.stats["dropped"] == dropped + 1  # left the batch long before its 100 tokens
+    monkeypatch.undo()
     assert greedy(client, folder, "The king", 5) == greedy(client, folder, "The king", 5)  # and the server goes on
 
 
