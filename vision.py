@@ -2,10 +2,10 @@
 Images in, text out: a vision tower, a projector into the LM's width, and the LM reading the
 image's vectors where its prompt holds the image placeholder.
 
-    python prepare_vision.py --synthetic=4000 --out_dir=data/shapes       # a task that needs the image
-    python train_vision.py config/vision_shapes_cpu.py                     # a laptop, ~10 minutes
+    python prepare_vision.py --synthetic=4000 --tokenizer=char --out_dir=data/shapes   # a task that needs the image
+    python train_vision.py config/vision_shapes_cpu.py                     # a laptop CPU
     python vision.py --out_dir=out-vision-shapes                           # exact-match accuracy on val
-    python sample.py --out_dir=out-vision-shapes --image=cat.png --start "What is in the picture?"
+    python sample.py --out_dir=out-vision-shapes --image=pic.png --start "How many shapes?"
 
 The model (LLaVA's and nanoVLM's shape):
 

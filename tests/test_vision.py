@@ -129,6 +129,24 @@ def test_pretrained_tower_preprocessing_and_features_equal_transformers(tmp_path
     torch.testing.assert_close(feats, ref, rtol=0, atol=1e-5)
 
 
+def test_a_run_with_a_frozen_pretrained_tower(tmp_path):
+    """Data prepared for a SigLIP tower's processor, two steps with the tower frozen: the tower's
+    weights are transformers' still, the rest trained, and the run loads back with them."""
+    folder, hf, _ = hf_folder(tmp_path, "siglip")
+    run_script([os.path.join(ROOT, "prepare_vision.py"), "--synthetic=20", "--tokenizer=char", f"--tower={folder}",
+                "--out_dir=data/s"], cwd=tmp_path)
+    run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=s", f"--tower={folder}", "--freeze=tower",
+                "--device=cpu", "--batch_size=4", "--block_size=60", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                "--max_iters=2", "--eval_iters=1", "--eval_questions=4", "--warmup_iters=1", "--out_dir=o"], cwd=tmp_path)
+    vlm, meta, cfg = load_vision_model(str(tmp_path / "o"))
+    assert meta["image_size"] == [32, 32] and cfg["vision"]["n_patches"] == 16
+    for name, p in hf.state_dict().items():
+        torch.testing.assert_close(vlm.gpt.vision.model.state_dict()[name], p, rtol=0, atol=0)
+    bad = run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=s", "--device=cpu", "--out_dir=o2"], cwd=tmp_path,
+                     check=False)  # the data was resized for the SigLIP tower, not for a new ViT
+    assert bad.returncode == 2 and f"--tower={folder}" in bad.stderr.strip().splitlines()[-1]
+
+
 # -----------------------------------------------------------------------------
 # runs of train_vision.py on a small synthetic set (prepared once per module)
 
