@@ -3,7 +3,7 @@ Export a run (or a Hugging Face model) as one .gguf file, the format llama.cpp a
 
     python export_gguf.py --out_dir=out --gguf_file=model.gguf [--dtype=q8_0]
     python export_gguf.py --init_from=HuggingFaceTB/SmolLM2-135M --gguf_file=smollm2.gguf
-    llama-cli -m model.gguf -p "Once upon a time" -n 50     # then run it (docs/gguf.md)
+    llama-completion -m model.gguf -p "Once upon a time" -n 50     # then run it (docs/gguf.md)
 
 The file is written with `gguf`, llama.cpp's own Python package, and holds everything
 llama.cpp needs and nothing of ours:
@@ -329,6 +329,7 @@ def write_gguf(path, model, meta, dtype="float32", name="model"):
     add_tokenizer(writer, meta, n_vocab)
 
     tmp = f"{path}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
@@ -367,7 +368,9 @@ def main():
                     "lm_head without the reward head; export the policy (a DPO, PPO or SFT run) instead")
             if method == "ppo":
                 print("a PPO run: its policy is exported; the value head, used only in training, is left out")
-        reason = why_not_gguf(model, meta)  # the tokenizer is loaded here too, before anything is written
+        reason = why_not_gguf(model, meta)  # a Hugging Face tokenizer is loaded here, before anything is written
+        if not reason and meta["tokenizer"] == "gpt2":
+            get_gpt2_encoding()  # tiktoken's files, before anything is written
     except (UserError, OSError, RuntimeError, ValueError) as e:  # no or a broken checkpoint, a base that won't load
         die(str(e))
     if reason:
@@ -382,7 +385,7 @@ def main():
         die(f"cannot write {cfg['gguf_file']}: {getattr(e, 'strerror', None) or e} (nothing was written)")
     print(f"wrote {cfg['gguf_file']} ({os.path.getsize(cfg['gguf_file']) / 1e6:.1f} MB, "
           f"{'llama' if is_llama(model.config) else 'gpt2'} architecture, {cfg['dtype']}): run it with "
-          f"llama-cli -m {cfg['gguf_file']}")
+          f"llama-completion -m {cfg['gguf_file']} -p TEXT, or see docs/gguf.md")
 
 
 if __name__ == "__main__":
