@@ -119,7 +119,8 @@ def hf_tokenizer_kind(tok):
             return ("gpt2", "gpt-2"), None
         if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and regex:
             return ("gpt2", "smollm"), None  # SmolLM's: every digit on its own, then GPT-2's
-        if types == ["Split", "ByteLevel"] and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT and not regex:
+        split = (parts[0].get("pattern") or {}).get("Regex")
+        if types == ["Split", "ByteLevel"] and split == LLAMA3_SPLIT and not regex:
             return ("gpt2", "llama-bpe"), None
     return None, (f"the tokenizer's pre-tokenizer ({'+'.join(map(str, types)) or 'none'}"
                   f"{', with a normalizer' if tj.get('normalizer') else ''}) is none that this export names for "
@@ -352,7 +353,8 @@ def main():
     if cfg["dtype"] not in DTYPES:
         die(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     if os.path.isdir(cfg["gguf_file"]):
-        die(f"{cfg['gguf_file']} is a folder: --gguf_file names the file to write (e.g. {cfg['gguf_file']}/model.gguf)")
+        die(f"{cfg['gguf_file']} is a folder: --gguf_file names the file to write "
+            f"(e.g. {cfg['gguf_file']}/model.gguf)")
     if os.path.exists(cfg["gguf_file"]) and not cfg["overwrite"]:
         die(f"{cfg['gguf_file']} already exists: add --overwrite to replace it, or choose another --gguf_file")
     print_config(cfg)
@@ -364,8 +366,8 @@ def main():
             model, meta = load_model(out_dir=cfg["out_dir"])  # a LoRA run comes with its adapters applied
             method = (load_checkpoint(checkpoint_path(cfg["out_dir"])).get("config") or {}).get("method")
             if method == "reward":  # a score head, not next-token probabilities
-                die(f"{cfg['out_dir']} is a reward model (align.py --method=reward): llama.cpp would run its untrained "
-                    "lm_head without the reward head; export the policy (a DPO, PPO or SFT run) instead")
+                die(f"{cfg['out_dir']} is a reward model (align.py --method=reward): llama.cpp would run its "
+                    "untrained lm_head without the reward head; export the policy (a DPO, PPO or SFT run) instead")
             if method == "ppo":
                 print("a PPO run: its policy is exported; the value head, used only in training, is left out")
         reason = why_not_gguf(model, meta)  # a Hugging Face tokenizer is loaded here, before anything is written

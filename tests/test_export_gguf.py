@@ -145,7 +145,8 @@ def test_alpaca_chat_template():
     turns = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},
              {"role": "user", "content": "Another?"}]
     text = template.render(messages=turns, eos_token="<|endoftext|>", add_generation_prompt=True)
-    assert text == (instruction_prompt(meta, "Name a colour.") + "Red.<|endoftext|>" + instruction_prompt(meta, "Another?"))
+    expect = instruction_prompt(meta, "Name a colour.") + "Red.<|endoftext|>" + instruction_prompt(meta, "Another?")
+    assert text == expect
     assert export_gguf.chat_template({"tokenizer": "gpt2"}) is None  # a base model answers in no template
 
 
@@ -159,7 +160,8 @@ def llama_expected(hf, n_head, n_kv_head):
     if not hf.config.tie_word_embeddings:
         exp["output.weight"] = sd["lm_head.weight"]
     names = {"attn_norm": "input_layernorm", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "attn_v": "self_attn.v_proj"}
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+             "attn_v": "self_attn.v_proj"}
     for i in range(hf.config.num_hidden_layers):
         p = f"model.layers.{i}."
         exp.update({f"blk.{i}.{ours}.weight": sd[p + theirs + ".weight"] for ours, theirs in names.items()})
@@ -218,7 +220,8 @@ def test_rope_pairs_keep_attention_scores():
         a, b = h[..., 0], h[..., 1]
         return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(nh, T, hs)
 
-    assert torch.allclose(ours(wq) @ ours(wk).transpose(1, 2), llama_cpp(wq) @ llama_cpp(wk).transpose(1, 2), atol=1e-4)
+    scores_ours, scores_llama_cpp = ours(wq) @ ours(wk).transpose(1, 2), llama_cpp(wq) @ llama_cpp(wk).transpose(1, 2)
+    assert torch.allclose(scores_ours, scores_llama_cpp, atol=1e-4)
 
 
 def spm_encode(text, tokens, scores):
