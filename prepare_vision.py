@@ -85,7 +85,7 @@ def draw_shapes(rng, canvas=64):
     for _ in range(int(rng.integers(1, 4))):
         for _attempt in range(50):  # a free spot: away from the others and from the middle line
             size = ("small", "large")[int(rng.integers(2))]
-            r = canvas // 10 if size == "small" else canvas // 5  # half the side
+            r = canvas // 8 if size == "small" else canvas // 5  # half the side: a shape is 2-3 patches wide at 32x32
             x, y = int(rng.integers(r + 1, canvas - r - 1)), int(rng.integers(r + 1, canvas - r - 1))
             clear = all(abs(x - ox) > r + orr + 2 or abs(y - oy) > r + orr + 2 for _, _, _, ox, oy, orr in shapes)
             if clear and abs(x - canvas / 2) > canvas / 10:
