@@ -581,6 +581,18 @@ def serve_in_thread(app, host="127.0.0.1", port=0):
     return f"http://{host}:{port}", stop
 
 
+def check_address(host, port):
+    """Fail now, in one line, where uvicorn could not listen later (after the model has loaded)."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}): is another server there? Choose "
+                        "another --port (or --host)") from None
+
+
 def load(cfg, device):
     """(model, meta, name) of the settings' out_dir or init_from, as sample.py loads them."""
     if cfg["init_from"]:
@@ -618,6 +630,7 @@ def main():
     autocast = autocast_context(device_type, resolve_dtype(cfg["dtype"], device_type))
     print_config(cfg, file=sys.stderr)
     try:
+        check_address(cfg["host"], cfg["port"])
         model, meta, name = load(cfg, device)
         app = make_app(model, meta, name, cfg, autocast)
     except UserError as e:
