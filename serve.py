@@ -137,11 +137,16 @@ class Engine:
                 if None in waiting:
                     return
                 new = []  # oldest first, none skipped: a long request is not starved by short ones
-                while waiting and len(self.rows) + len(new) < self.max_batch and self.fits(new + [waiting[0]]):
-                    new.append(waiting.popleft())
+                while waiting and len(self.rows) + len(new) < self.max_batch:
+                    if waiting[0].job.cancelled:  # its client left while it waited
+                        waiting.popleft()
+                    elif self.fits(new + [waiting[0]]):
+                        new.append(waiting.popleft())
+                    else:
+                        break
                 try:
                     with torch.no_grad(), self.autocast:
-                        self.admit([r for r in new if not r.job.cancelled])
+                        self.admit(new)
                         self.drop_finished()
                         if self.rows:
                             self.step()
@@ -459,7 +464,8 @@ def make_app(model, meta, name, cfg, autocast):
                     if request is not None and await request.is_disconnected():
                         return
                     continue
-                n_rows -= "error" in event or event["finish"] is not None
+                if "error" in event or event["finish"]:
+                    n_rows -= 1
                 yield event
         finally:
             if n_rows:  # a stream's client closed it (Starlette cancels the stream), or went away
