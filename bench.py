@@ -560,7 +560,8 @@ def bench_serve(cfg):
 
     def client(url, prompt, max_tokens=N):  # (seconds to the first token, new tokens)
         t0, first, tokens = time.perf_counter(), None, 0
-        body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
+        body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True})
         with requests.post(url + "/v1/completions", json=body, stream=True, timeout=3600) as r:
             r.raise_for_status()
             for line in r.iter_lines(chunk_size=None):  # None: each piece as it comes, not 512 bytes at a time

@@ -54,7 +54,7 @@ from dataloader import encode_pair, eot_of, get_tokenizer, with_bos
 from model import sample_next
 
 DEFAULTS = dict(
-    out_dir="",  # a training run's folder (or one of its .pt files: RUN/ckpt_best.pt); empty = the newest out*/ckpt.pt here
+    out_dir="",  # a run's folder (or one of its .pt files: RUN/ckpt_best.pt); empty = the newest out*/ckpt.pt here
     init_from="",  # or OpenAI's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl; a local HF folder; a Llama's Hub name
     host="127.0.0.1",  # where to listen (uvicorn's --host): 127.0.0.1 = this machine only, 0.0.0.0 = every network
     port=8000,  # uvicorn's --port
@@ -291,8 +291,8 @@ def text_of(content, where):
     """A message's content: a string, or OpenAI's list of parts, of which only text parts are read."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
         return "".join(p["text"] for p in content)
     raise RequestError(f"{where}.content must be a string or a list of text parts (this model reads text only)", where)
 
@@ -339,7 +339,7 @@ def completion_prompts(meta, encode, prompt, vocab):
         return [with_bos(meta, encode(p)) for p in prompt]
     lists = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt) else [prompt]
     for ids in lists:
-        if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)):
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):  # (not bools)
             raise RequestError(f"prompt must be a string, a list of strings, or token ids from 0 to {vocab - 1} "
                                "(a list, or a list of lists)", "prompt")
     return lists
@@ -483,8 +483,9 @@ def make_app(model, meta, name, cfg, autocast):
         job = Job(asyncio.get_running_loop(), asyncio.Queue())
         rows = make_rows(job, prompts, s, device, cfg["max_tokens"], ctx["block_size"])
         engine.submit(rows)
+        kind = ("chat.completion.chunk" if s["stream"] else "chat.completion") if chat else "text_completion"
         head = dict(id=("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), created=int(time.time()), model=name,
-                    object="chat.completion.chunk" if chat and s["stream"] else "chat.completion" if chat else "text_completion")
+                    object=kind)
         n_prompt = sum(map(len, prompts))  # each prompt counted once, whatever n is (as OpenAI counts)
         usage = lambda tokens: dict(prompt_tokens=n_prompt, completion_tokens=tokens, total_tokens=n_prompt + tokens)
         if s["stream"]:
@@ -608,7 +609,8 @@ def load(cfg, device):
     if not out_dir:
         path = newest_checkpoint()
         if path is None:
-            raise UserError("no out*/ckpt.pt here: train a model first (see README), or give --out_dir or --init_from=gpt2")
+            raise UserError("no out*/ckpt.pt here: train a model first (see README), or give --out_dir or "
+                            "--init_from=gpt2")
         out_dir = os.path.dirname(path)
     model, meta = load_model(out_dir=out_dir, device=device)
     print(f"loaded {checkpoint_path(out_dir)}", file=sys.stderr)
@@ -641,7 +643,8 @@ def main():
         app = make_app(model, meta, name, cfg, autocast)
     except UserError as e:
         die(str(e))
-    if meta["tokenizer"] != "char" and meta.get("format") not in ("sft", "preference") and not meta.get("chat_template"):
+    tuned = meta.get("format") in ("sft", "preference") or meta.get("chat_template")
+    if meta["tokenizer"] != "char" and not tuned:
         print("note: this model was not tuned on instructions: chat answers in Alpaca's template, which it never "
               "learnt (fine-tune it with prepare_alpaca.py first); completions are what it does", file=sys.stderr)
     host = f"[{cfg['host']}]" if ":" in cfg["host"] else cfg["host"]
