@@ -132,10 +132,10 @@ def test_setting_notes_say_what_may_not_be_meant(monkeypatch):
     assert len(notes) == 2 and "lr_decay_iters=2000 is past max_iters=200" in notes[0] and "2x the batch" in notes[1]
     assert plan.setting_notes(dict(cfg, lr_decay_iters=0, total_batch_size=8192), 2, "cpu") == []
     assert plan.setting_notes(dict(cfg, decay_lr=False), 1, "cpu") == []  # no decay: nothing to say
+    # (the CPU's thread count is no note: train.py times it, runtime.ThreadPicker)
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert any("OMP_NUM_THREADS=1" in n for n in plan.setting_notes(dict(cfg, lr_decay_iters=0), 1, "cpu"))
-    assert not plan.setting_notes(dict(cfg, lr_decay_iters=0), 1, "cuda")
+    assert not plan.setting_notes(dict(cfg, lr_decay_iters=0), 1, "cpu")
 
 
 @pytest.mark.slow
