@@ -380,7 +380,8 @@ def main():
     if lora.has_lora(model):
         lora.merge_lora(model)  # fold B @ A into the base weights: plain weights again
         print("merged the LoRA adapters into the base weights")
-    name = os.path.basename(os.path.normpath(cfg["out_dir"] or cfg["init_from"]))
+    source = os.path.normpath(cfg["out_dir"] or cfg["init_from"])
+    name = os.path.basename(os.path.dirname(source) if source.endswith(".pt") else source)  # the run's folder
     try:
         write_gguf(cfg["gguf_file"], model.eval(), meta, cfg["dtype"], name)
     except (OSError, UserError) as e:  # a full disk, a read-only folder (nothing was left behind)
