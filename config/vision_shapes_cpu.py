@@ -3,10 +3,11 @@
 # character-level GPT, trained together on questions about colored shapes.
 # First: python prepare_vision.py --synthetic=4000 --tokenizer=char --image_size=32 --out_dir=data/shapes
 # then:  python train_vision.py config/vision_shapes_cpu.py ; python vision.py --out_dir=out-vision-shapes
+# (on a CPU that other work shares, OMP_NUM_THREADS=1 python train_vision.py ... is several times faster)
 out_dir = "out-vision-shapes"
 dataset = "shapes"
 device = "cpu"
-batch_size = 32  # examples per step
+batch_size = 64  # examples per step (fewer, larger steps learned the image faster than 32)
 block_size = 66  # the longest question and answer (51 characters, the placeholder one) plus the image's 16 tokens, less 1
 n_layer = 3  # the LM: 3 layers, 128 wide
 n_head = 4
@@ -16,12 +17,12 @@ vit_heads = 4
 vit_embd = 128
 patch_size = 4
 shuffle = 2  # 2x2 patches -> one LM token: 16 image tokens
-learning_rate = 2e-3
-min_lr = 2e-4
+learning_rate = 3e-3
+min_lr = 3e-4
 warmup_iters = 50
-max_iters = 1500
+max_iters = 800
 weight_decay = 0.0
-eval_interval = 250
+eval_interval = 200
 eval_iters = 10
 eval_questions = 300
 log_interval = 25
