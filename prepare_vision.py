@@ -231,8 +231,8 @@ def tokenizer_for(cfg, records):
         stoi = {c: i for i, c in enumerate(chars)}
         return {"tokenizer": "char", "chars": chars}, (lambda s: [stoi[c] for c in s])
     from prepare_alpaca import instruction_tokenizer
-    meta, encode, _, _ = instruction_tokenizer(dict(cfg, template="auto" if cfg["template"] == "short" else cfg["template"]),
-                                               "image-sft")
+    template = "auto" if cfg["template"] == "short" else cfg["template"]  # (short: the meta's is set after)
+    meta, encode, _, _ = instruction_tokenizer(dict(cfg, template=template), "image-sft")
     return meta, encode
 
 
@@ -265,10 +265,10 @@ def prepare(cfg):
     splits = {}
     for split in ("train", "val"):
         rows, examples, image_index, dropped = {}, [], [], 0
-        for image, instruction, inp, output, kind, loc in tqdm([r for r in records if (r[0] in val_images) == (split == "val")],
-                                                               desc=split, unit="ex"):
-            prompt, answer = encode_example(meta, encode, render_prompt(cfg["template"], meta, instruction, inp), output,
-                                            image_token, end)
+        mine = [r for r in records if (r[0] in val_images) == (split == "val")]
+        for image, instruction, inp, output, kind, loc in tqdm(mine, desc=split, unit="ex"):
+            prompt = render_prompt(cfg["template"], meta, instruction, inp)
+            prompt, answer = encode_example(meta, encode, prompt, output, image_token, end)
             if len(prompt) + len(answer) > cfg["max_len"] + 1:
                 dropped += 1
                 continue
@@ -291,7 +291,8 @@ def prepare(cfg):
         write_meta(tmp, meta)
         publish_dataset(tmp, out_dir, cfg["overwrite"])
     for split, (examples, images, _, dropped) in splits.items():
-        print(f"{split}: {len(examples):,} questions about {len(images):,} images of {images.shape[1]}x{images.shape[2]}, "
+        size = f"{images.shape[1]}x{images.shape[2]}"
+        print(f"{split}: {len(examples):,} questions about {len(images):,} images of {size}, "
               f"longest {max(len(p) + len(a) for p, a in examples)} tokens; {dropped:,} longer than max_len dropped")
     print(f"-> {out_dir}/")
     return out_dir

@@ -138,7 +138,8 @@ def vision_settings(cfg, meta, say):
         say(f"vision tower {cfg['tower']}: {sum(p.numel() for p in tower.parameters()):,} parameters")
     else:
         if meta.get("tower"):
-            raise UserError(f"data/{cfg['dataset']} was prepared for the tower {meta['tower']}: give --tower={meta['tower']}")
+            raise UserError(f"data/{cfg['dataset']} was prepared for the tower {meta['tower']}: "
+                            f"give --tower={meta['tower']}")
         patch = cfg["patch_size"]
     grid = side // patch
     if side % patch or grid % cfg["shuffle"]:
@@ -175,7 +176,8 @@ def build(cfg, meta, world, say):
                         else load_model(init_from=cfg["init_from"], dropout=cfg["dropout"]))
         check_same_tokenizer(lm_meta, meta, cfg["init_from"], cfg["dataset"])
         if cfg["block_size"] > gpt.config.block_size:
-            raise UserError(f"block_size={cfg['block_size']} is larger than {cfg['init_from']}'s {gpt.config.block_size}")
+            raise UserError(f"block_size={cfg['block_size']} is larger than {cfg['init_from']}'s "
+                            f"{gpt.config.block_size}")
         gpt.crop_block_size(cfg["block_size"])
         base = os.path.abspath(cfg["init_from"]) if os.path.isdir(cfg["init_from"]) else cfg["init_from"]
     attach_vision(gpt, v, tower=tower)
@@ -188,7 +190,8 @@ def build(cfg, meta, world, say):
 
 def lr_at(step, cfg):
     """train.py's schedule: a linear warmup to learning_rate, then a cosine to min_lr at lr_decay_iters."""
-    end, warmup, top, floor = cfg["lr_decay_iters"] or cfg["max_iters"], cfg["warmup_iters"], cfg["learning_rate"], cfg["min_lr"]
+    end, warmup = cfg["lr_decay_iters"] or cfg["max_iters"], cfg["warmup_iters"]
+    top, floor = cfg["learning_rate"], cfg["min_lr"]
     if step < warmup:
         return top * (step + 1) / warmup
     if not cfg["decay_lr"]:
@@ -246,9 +249,9 @@ def train(cfg, world):
     say(f"device {world.device}, {world.size} rank(s), {step_examples} examples per step = {cfg['batch_size']} x "
         f"{world.size} ranks x {grad_accum} accumulation steps; {n_img} tokens per image, text up to {text_T - 1}")
     trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
-    say(f"parameters: LM {sum(p.numel() for n, p in gpt.named_parameters() if not n.startswith(('vision.', 'projector.'))):,}, "
-        f"tower {sum(p.numel() for p in gpt.vision.parameters()):,}, projector {sum(p.numel() for p in gpt.projector.parameters()):,}; "
-        f"{trainable:,} trained")
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    say(f"parameters: LM {count(gpt) - count(gpt.vision) - count(gpt.projector):,}, tower {count(gpt.vision):,}, "
+        f"projector {count(gpt.projector):,}; {trainable:,} trained")
     gpt.to(world.device)
     torch.manual_seed(cfg["seed"] + world.rank)  # then a stream per rank: different dropout masks
     optimizers = configure_optimizers(gpt, cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
@@ -322,8 +325,8 @@ def train(cfg, world):
             timing, _ = clock.lap()
             values = dict(train=loss_val, lr=lr, norm=norm.item(), **timing, epoch=train_loader.epoch)
             log(step - 1, **values)
-            say(console_line(step - 1, cfg["max_iters"], dict(values, compiled=False), clock.left(step, cfg["max_iters"])),
-                flush=True)
+            left = clock.left(step, cfg["max_iters"])
+            say(console_line(step - 1, cfg["max_iters"], dict(values, compiled=False), left), flush=True)
     say(f"done in {format_time(time.time() - clock.run_start)}")
 
 
@@ -381,13 +384,15 @@ def print_plan(cfg):
         examples * n_img * 6 * parts["projector"]
     trained = sum(n for k, n in parts.items() if trains[k])
     gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-    print("plan: " + ", ".join(f"{k} {n / 1e6:,.2f}M ({'trained' if trains[k] else 'frozen'})" for k, n in parts.items()))
+    print("plan: " + ", ".join(f"{k} {n / 1e6:,.2f}M ({'trained' if trains[k] else 'frozen'})"
+                               for k, n in parts.items()))
     print(f"an image: {side}x{side} pixels, {n_patches} patches of {patch}x{patch} -> {n_img} LM tokens "
           f"(pixel shuffle {cfg['shuffle']}x{cfg['shuffle']}); text up to {cfg['block_size'] - n_img} tokens")
     print(f"a step: {examples} examples, at most {positions:,} LM positions, {flops / 1e12:,.2f} TFLOPs")
     print(f"memory per rank: weights {gib(4 * sum(parts.values()))}, gradients {gib(4 * trained)}, AdamW "
           f"{gib(8 * trained)} (fp32; activations come on top)")
-    print(f"time per step on an {ASSUMED_GPU[0]} at {ASSUMED_MFU:.0%} MFU: {1000 * flops / (ASSUMED_GPU[1] * ASSUMED_MFU * world):,.1f} ms")
+    ms = 1000 * flops / (ASSUMED_GPU[1] * ASSUMED_MFU * world)
+    print(f"time per step on an {ASSUMED_GPU[0]} at {ASSUMED_MFU:.0%} MFU: {ms:,.1f} ms")
 
 
 def main():

@@ -104,7 +104,7 @@ def resize_image(img, settings):
         ch, cw = settings["size"]
         top, left = (h - ch) // 2, (w - cw) // 2
         img = img.crop((left, top, left + cw, top + ch))
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # (a writable copy: torch.from_numpy takes it as it is)
 
 
 def normalize(images, mean, std, rescale=1 / 255):
@@ -276,8 +276,8 @@ def attach_vision(gpt, vision_cfg, tower_config=None, tower=None):
         tower = tower or hf_tower_from_config(tower_config)
         width = tower.model.config.hidden_size
     else:
-        vit = GPTConfig(n_layer=c["vit_layers"], n_head=c["vit_heads"], n_embd=c["vit_embd"], dropout=gpt.config.dropout,
-                        bias=gpt.config.bias)
+        vit = GPTConfig(n_layer=c["vit_layers"], n_head=c["vit_heads"], n_embd=c["vit_embd"],
+                        dropout=gpt.config.dropout, bias=gpt.config.bias)
         tower, width = ViT(vit, c["image_size"], c["patch_size"]), c["vit_embd"]
     gpt.vision = tower
     gpt.projector = Projector(width, gpt.config.n_embd, c["shuffle"])
@@ -368,7 +368,8 @@ def load_vision_model(out_dir, device="cpu"):
         attach_vision(gpt, cfg["vision"], tower_config=cfg["vision"].get("tower_config"))
         gpt.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"{path} does not fit a vision model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"{path} does not fit a vision model ({type(e).__name__}: {first})") from None
     return VisionLM(gpt.to(device).eval(), ckpt["meta"]["image_token"]), ckpt["meta"], cfg
 
 
@@ -413,7 +414,8 @@ def read_images(data_dir, split, n_examples):
         images = np.load(paths[0], mmap_mode="r", allow_pickle=False)
         index = np.load(paths[1], allow_pickle=False).astype(np.int64)
     except ValueError as e:
-        raise UserError(f"{data_dir}/{split}: the image files could not be read ({e}); re-run prepare_vision.py") from None
+        raise UserError(f"{data_dir}/{split}: the image files could not be read ({e}); re-run prepare_vision.py") \
+            from None
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
         raise UserError(f"{paths[0]}: expected (n, H, W, 3) uint8 images, got {images.shape} {images.dtype}")
     if index.shape != (n_examples, 2) or (index[:, 0] < 0).any() or (index[:, 0] >= len(images)).any():
@@ -447,7 +449,8 @@ class ImageSFTLoader(SFTLoader):
         """SFTLoader.next_step's micro-batches, each (x, y, weight, images), and the step's text tokens."""
         self._seen = []  # SFTLoader.next_step makes grad_accum batches, then reads the whole step's rows
         batches, n_tokens = super().next_step(device)
-        return [(x, y, w, self.batch_images(units).to(device)) for (x, y, w), units in zip(batches, self._seen)], n_tokens
+        batches = [(x, y, w, self.batch_images(units).to(device)) for (x, y, w), units in zip(batches, self._seen)]
+        return batches, n_tokens
 
 
 # -----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ PREPARE = os.path.join(ROOT, "prepare_vision.py")
 def test_synthetic_set_is_prepared_with_val_held_out_by_image(tmp_path):
     run_script([PREPARE, "--synthetic=40", "--tokenizer=char", "--image_size=16", "--out_dir=data/s"], cwd=tmp_path)
     meta = read_meta(tmp_path / "data/s")
-    assert meta["format"] == "image-sft" and meta["image_size"] == [16, 16] and meta["image_token"] == len(meta["chars"])
+    assert meta["format"] == "image-sft" and meta["image_size"] == [16, 16]
+    assert meta["image_token"] == len(meta["chars"])
     assert set(meta["kinds"]) <= {"count", "color", "shape", "where", "bigger"} and len(meta["kinds"]) >= 4
     records = [json.loads(line) for line in open(tmp_path / "data/s_source/data.jsonl")]
     assert all(len(r["output"].split()) == 1 for r in records)

@@ -99,7 +99,8 @@ def hf_folder(tmp_path, kind):
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                   patch_size=8)
     if kind == "siglip":
-        model, proc = SiglipVisionModel(SiglipVisionConfig(**common)), SiglipImageProcessor(size={"height": 32, "width": 32})
+        model = SiglipVisionModel(SiglipVisionConfig(**common))
+        proc = SiglipImageProcessor(size={"height": 32, "width": 32})
     else:
         model = CLIPVisionModel(CLIPVisionConfig(**common))
         proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -137,13 +138,14 @@ def test_a_run_with_a_frozen_pretrained_tower(tmp_path):
                 "--out_dir=data/s"], cwd=tmp_path)
     run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=s", f"--tower={folder}", "--freeze=tower",
                 "--device=cpu", "--batch_size=4", "--block_size=60", "--n_layer=1", "--n_head=2", "--n_embd=32",
-                "--max_iters=2", "--eval_iters=1", "--eval_questions=4", "--warmup_iters=1", "--out_dir=o"], cwd=tmp_path)
+                "--max_iters=2", "--eval_iters=1", "--eval_questions=4", "--warmup_iters=1", "--out_dir=o"],
+               cwd=tmp_path)
     vlm, meta, cfg = load_vision_model(str(tmp_path / "o"))
     assert meta["image_size"] == [32, 32] and cfg["vision"]["n_patches"] == 16
     for name, p in hf.state_dict().items():
         torch.testing.assert_close(vlm.gpt.vision.model.state_dict()[name], p, rtol=0, atol=0)
-    bad = run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=s", "--device=cpu", "--out_dir=o2"], cwd=tmp_path,
-                     check=False)  # the data was resized for the SigLIP tower, not for a new ViT
+    bad = run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=s", "--device=cpu", "--out_dir=o2"],
+                     cwd=tmp_path, check=False)  # the data was resized for the SigLIP tower, not for a new ViT
     assert bad.returncode == 2 and f"--tower={folder}" in bad.stderr.strip().splitlines()[-1]
 
 
@@ -184,9 +186,16 @@ def test_resume_is_exact_and_the_checkpoint_has_everything_to_answer(shapes_dir)
     # sample.py answers a question about a picture file
     from PIL import Image
     Image.new("RGB", (40, 30), (200, 30, 30)).save(d / "red.png")
-    p = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=red.png", "--start=What color is the circle?",
-                    "--num_samples=1", "--max_new_tokens=8", "--temperature=0"], cwd=d)
-    assert p.stdout.strip() and "error" not in p.stderr
+    p = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=red.png",
+                    "--start=What color is the circle?", "--num_samples=1", "--max_new_tokens=8", "--temperature=0"],
+                   cwd=d)
+    from dataloader import get_tokenizer
+    from vision import answer_end, encode_example, read_image, render_prompt
+    encode, decode = get_tokenizer(meta)
+    image = torch.from_numpy(read_image(str(d / "red.png"), cfg["vision"]["image"]))[None]  # (1, H, W, 3)
+    prompt, _ = encode_example(meta, encode, render_prompt(meta["template"], meta, "What color is the circle?"), "",
+                               meta["image_token"], answer_end(meta))
+    assert p.stdout.strip() == decode(vlm.answer([prompt], image, 8, answer_end(meta))[0]).strip()
     bad = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=none.png"], cwd=d, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: image none.png not found"
     assert "Traceback" not in bad.stderr
