@@ -89,3 +89,23 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, line, says):
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and last.startswith("error: ") and says in last and "qa.jsonl" in last, p.stderr[-500:]
     assert "Traceback" not in p.stderr and not (tmp_path / "data/x").exists()
+
+
+def test_a_hugging_face_dataset_is_read_through_datasets(tmp_path):
+    """--hub reads with datasets.load_dataset: here a local folder of parquet files (what a Hub
+    repository holds), so no network is needed; an answer given as a list gives its first."""
+    import datasets
+    from PIL import Image
+    pics = [Image.fromarray(np.full((12, 10, 3), (200 * (i % 2), 40, 40), dtype=np.uint8)) for i in range(6)]
+    ds = datasets.Dataset.from_dict({"picture": pics, "q": ["What color?"] * 6,
+                                     "a": [["red", "dark red"] if i % 2 else ["dark"] for i in range(6)]})
+    (tmp_path / "vqa/data").mkdir(parents=True)
+    ds.cast_column("picture", datasets.Image()).to_parquet(str(tmp_path / "vqa/data/train-00000.parquet"))
+    run_script([PREPARE, "--hub=vqa", "--hub_image=picture", "--hub_question=q", "--hub_answer=a", "--tokenizer=char",
+                "--image_size=8", "--val_fraction=0.34", "--out_dir=data/vqa"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    records = [json.loads(line) for line in open(tmp_path / "data/vqa_source/data.jsonl")]
+    assert [r["output"] for r in records] == ["dark", "red"] * 3
+    assert read_meta(tmp_path / "data/vqa")["format"] == "image-sft"
+    bad = run_script([PREPARE, "--hub=vqa", "--tokenizer=char", "--out_dir=data/x"], cwd=tmp_path, check=False,
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert bad.returncode == 2 and "no column 'image'" in bad.stderr.strip().splitlines()[-1]
