@@ -4,6 +4,10 @@ runs (resume, DDP = accumulation, a trained model's answers need the image) and 
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -208,6 +212,27 @@ def test_each_training_script_refuses_the_others_data_in_one_line(shapes_dir, wo
     p = run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=tiny", "--device=cpu"], cwd=workdir, check=False)
     assert p.returncode == 2 and "not an image-text dataset" in p.stderr.strip().splitlines()[-1]
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_the_resumed_run_goes_on_as_an_uninterrupted_one(shapes_dir):
+    d, common = shapes_dir, TRAIN + ["--eval_interval=0", "--lr_decay_iters=1000", "--dropout=0.0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_vision.py")] + common +
+                            ["--max_iters=100000", "--out_dir=sig"], cwd=d, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log, deadline = d / "sig" / "log.txt", time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(read_log(log, "train")) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "continue with --init_from=resume" in out, out[-2000:]
+    stopped = torch.load(d / "sig" / "ckpt.pt", weights_only=True)["step"]
+    assert stopped >= 3 and stopped == len(read_log(log, "train"))
+    end = [f"--max_iters={stopped + 2}"]
+    run_script([os.path.join(ROOT, "train_vision.py")] + common + end + ["--out_dir=sig", "--init_from=resume"], cwd=d)
+    run_script([os.path.join(ROOT, "train_vision.py")] + common + end + ["--out_dir=ref"], cwd=d)
+    assert read_log(log, "train") == read_log(d / "ref" / "log.txt", "train")
 
 
 @pytest.mark.slow
