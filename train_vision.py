@@ -7,7 +7,7 @@ data).
     python train_vision.py config/vision_shapes_cpu.py                 # from scratch, a laptop, ~10 min
     python train_vision.py --dataset=mine_siglip --tower=google/siglip-base-patch16-224 --freeze=tower \\
         --init_from=gpt2 --out_dir=out-vlm                             # a pretrained tower and LM (a GPU)
-    torchrun --standalone --nproc_per_node=2 train_vision.py config/vision_shapes_cpu.py --batch_size=32   # 2 x 32 a step
+    torchrun --standalone --nproc_per_node=2 train_vision.py config/vision_shapes_cpu.py --batch_size=32
     python vision.py --out_dir=out-vision-shapes                       # accuracy with and without the image
 
 The LM is any model the project loads (init_from: scratch, a run's out_dir, gpt2..., a Hugging
