@@ -341,7 +341,8 @@ sys.path.insert(0, os.path.dirname(sys.argv[0]))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 SCRIPTS = ["train.py", "sample.py", "hellaswag.py", "export_hf.py", "checkpoint.py", "bench.py",
-           "prepare_shakespeare.py", "prepare_fineweb.py", "prepare_alpaca.py", "plot.py"]
+           "prepare_shakespeare.py", "prepare_fineweb.py", "prepare_alpaca.py", "plot.py", "align.py", "serve.py",
+           "export_gguf.py", "train_vision.py", "prepare_vision.py", "vision.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -66,8 +66,9 @@ def test_every_recipe_in_config_is_valid_for_train_py():
     import plan
     import train
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # (config/align_*.py are align.py's recipes: tests/test_align.py checks them)
-    recipes = sorted(p for p in glob.glob(os.path.join(root, "config", "*.py")) if not os.path.basename(p).startswith("align_"))
+    # (config/align_*.py are align.py's recipes: tests/test_align.py checks them; vision_*.py train_vision.py's)
+    recipes = sorted(p for p in glob.glob(os.path.join(root, "config", "*.py"))
+                     if not os.path.basename(p).startswith(("align_", "vision_")))
     assert len(recipes) >= 9
     out_dirs = [configure(train.DEFAULTS, [path])["out_dir"] for path in recipes]
     assert len(set(out_dirs)) == len(recipes), out_dirs  # no recipe writes over another's run
@@ -81,6 +82,9 @@ def test_every_recipe_in_config_is_valid_for_train_py():
         for gpus in (1, 8) if cfg["total_batch_size"] >= 8 * per_gpu else (1,):
             assert cfg["total_batch_size"] % (per_gpu * gpus) == 0 or cfg["total_batch_size"] == 0, (path, gpus)
         assert cfg["n_embd"] % cfg["n_head"] == 0, path
+    import train_vision  # its recipes: every key one of its settings, of the right type
+    for path in glob.glob(os.path.join(root, "config", "vision_*.py")):
+        assert configure(train_vision.DEFAULTS, [path])["out_dir"] not in out_dirs
 
 
 def test_bare_booleans_and_values():
@@ -121,7 +125,8 @@ def test_a_config_file_that_exits_is_refused(capsys, tmp_path):
 
 
 SCRIPTS = ["train", "sample", "hellaswag", "bench", "prepare_shakespeare", "prepare_fineweb", "prepare_alpaca",
-           "export_hf", "checkpoint", "plot"]
+           "export_hf", "checkpoint", "plot", "align", "prepare_preferences", "prepare_tokenizer", "export_gguf", "serve",
+           "vision", "prepare_vision", "train_vision"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

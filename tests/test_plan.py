@@ -38,7 +38,7 @@ from model import GPT, GPTConfig  # noqa: E402
 from optim import configure_optimizers  # noqa: E402
 
 RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "config", "*.py"))
-                 if not os.path.basename(p).startswith("align_"))  # (align.py's recipes: tests/test_align.py)
+                 if not os.path.basename(p).startswith(("align_", "vision_")))  # (align.py's, train_vision.py's)
 # the recipes sized for a node: their steps divide over 8 GPUs; the rest are one-GPU (or CPU) runs
 NODE_RECIPES = {"gpt2_124m.py", "gpt2_124m_modern.py", "gpt2_355m.py", "gpt2_1.3b.py"}
 
