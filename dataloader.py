@@ -264,13 +264,17 @@ def encode_chat(meta, messages):
     markers read as its special tokens, the messages' own text kept as text (a "</s>" typed in a
     turn is not the end marker). A marker found inside a message is encoded again as plain text."""
     tok = get_hf_tokenizer(meta["path"])
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    spans, at = [], 0
-    for m in messages:  # where the template put each message's text, in order
-        i = text.find(m["content"], at)
-        if i >= 0:  # (a template that rewrites a message, e.g. trims it, leaves it unfound: read as is)
-            spans.append((i, i + len(m["content"])))
-            at = i + len(m["content"])
+    render = lambda msgs: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text = render(messages)
+    # where the template puts each message's text: rendered once more with a mark in its place
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    parts = render([dict(m, content=k) for m, k in zip(messages, marks)]).split("\ue000")
+    spans, rebuilt = [], parts[0]
+    for part, m in zip(parts[1:], messages):
+        spans.append((len(rebuilt), len(rebuilt) + len(m["content"])))
+        rebuilt += m["content"] + part.split("\ue001", 1)[1]
+    if rebuilt != text or len(parts) != len(messages) + 1:  # a template that rewrites a message (trims it...)
+        spans = []  # its text cannot be told from the template's: read as it is
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     markers, ids = set(tok.added_tokens_decoder), []
     for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):

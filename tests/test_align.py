@@ -407,6 +407,11 @@ def test_chat_keeps_typed_markers_as_text_and_says_its_notes(tmp_path, monkeypat
              {"role": "user", "content": "More"}]
     text = get_hf_tokenizer(folder).apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
     assert encode_chat(meta, convo) == encode(text)
+    # a turn that is just the template's own end marker, after an answer that ends with one: the
+    # template's marker stays the marker, the typed one is text
+    typed, plain = (encode_chat(meta, convo[:2] + [{"role": "user", "content": c}]) for c in ("</s>", "x"))
+    eots = lambda ids: [i for i, t in enumerate(ids) if t == meta["eot"]]
+    assert marks(typed) == marks(plain) and eots(typed)[:2] == eots(plain)[:2]  # the answer's end, where it was
     # a first turn longer than block_size is cut, and said
     model = EchoModel(encode(" ok"), meta["eot"], block_size=16)
     monkeypatch.setattr("sys.stdin", io.StringIO("the king " * 20 + "\n"))
