@@ -28,7 +28,7 @@ def check_settings(cfg, under_torchrun):
             die(f"--{key} must be at least 1, got {cfg[key]}")
     for key in ("max_iters", "total_batch_size", "eval_interval", "checkpoint_interval", "keep_interval",
                 "warmup_iters", "hellaswag_interval", "hellaswag_limit", "lora_rank", "learning_rate", "min_lr",
-                "weight_decay", "grad_clip", "seed"):
+                "weight_decay", "grad_clip", "seed", "cpu_threads"):
         if cfg[key] < 0:  # max_iters=0: evaluate the starting model and stop
             die(f"--{key} must not be negative, got {cfg[key]}")
     if not (0 <= cfg["beta1"] < 1 and 0 <= cfg["beta2"] < 1):  # AdamW's moving averages: 1 would never move

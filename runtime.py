@@ -321,8 +321,9 @@ class ThreadPicker:
     other work shares the cores, the threads wait for each other and a step can take five times
     longer than on one thread. So a one-process CPU run with no thread count given (cpu_threads=0,
     no OMP_NUM_THREADS) times its first val batches (or, with no evaluation at the start, training
-    steps) at the default and at halves of it, keeps the fastest and says so in one line. (The thread count changes the speed; the losses came out the
-    same to the last digit at 1 and 2 threads: README.)"""
+    steps) at the default and at halves of it, keeps the fastest and says so in one line. (The
+    thread count changes the speed; the losses came out the same to the last digit at 1 and 2
+    threads: README.)"""
 
     STEPS = 3  # steps timed at each thread count, after the run's first (warm-up) step
 
@@ -342,15 +343,16 @@ class ThreadPicker:
             n //= 2
 
     def start(self, kind="training step"):  # before a training step or a val batch
-        if not self.counts:
-            return
+        self.t0 = None
+        if not self.counts or (self.kind == "training step" and kind != self.kind):
+            return  # (once training steps are timed, later evaluations' batches are not: the pick ends)
         if kind != self.kind:  # a val batch and a training step do not compare: start again
             self.kind, self.times, self.warm = kind, {}, False
             torch.set_num_threads(self.counts[0])
         self.t0 = time.perf_counter()
 
     def done(self):  # after it
-        if not self.counts:
+        if self.t0 is None:
             return
         if not self.warm:  # the first step (allocations, caches) says nothing of the speed
             self.warm = True

@@ -111,7 +111,7 @@ DEFAULTS = dict(
     fsdp_full_grads=False,  # FSDP with accumulation: full gradients until the last micro-step, one reduce-scatter a step
     fsdp_reshard=True,  # FSDP: free a Block's gathered weights after its forward (False: keep them for its backward)
     pg_timeout=600,  # seconds a rank waits in a collective for the others before the run is ended as stuck
-    cpu_threads=0,  # CPU: torch's threads; 0 = the fastest of n, n/2, ..., 1 on the first steps (OMP_NUM_THREADS wins)
+    cpu_threads=0,  # CPU: torch's threads; 0 = OMP_NUM_THREADS if set, else the fastest of n, n/2, ..., 1, timed
     peak_flops=0.0,  # one device's peak FLOP/s, for MFU; 0 = the GPU's bf16 peak from runtime.PEAK_FLOPS (CPU: no MFU)
     seed=1337,
     # --plan: check the settings and print the run's sizes, per-GPU memory and time, then exit

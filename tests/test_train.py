@@ -680,6 +680,14 @@ def test_cpu_threads_are_picked_by_timing_the_first_steps(monkeypatch, busy):
                          "cpu_threads=N or OMP_NUM_THREADS=N chooses"]
     else:  # 2 threads were slower than 4: no need to time 1; back to 4
         assert taken == [4] * 4 + [2] * 3 + [4] * 5 and lines[0].startswith("CPU threads: 4 (4: 50 ms, 2: 80 ms a")
+    # an evaluation after training steps were timed is not timed: the pick goes on over the steps
+    threads[0] = 4
+    picker = runtime.ThreadPicker("cpu", 0, 1, lambda line, **kw: lines.append(line))
+    for kind in ["training step"] * 3 + ["val batch"] * 5 + ["training step"] * 30:
+        picker.start(kind)
+        now[0] += cost[threads[0]] if kind == "training step" else 9.0
+        picker.done()
+    assert picker.counts == [] and max(picker.times) <= 4 and len(lines) == 2
     # a thread count given, or chosen by OMP_NUM_THREADS or torchrun, or a GPU: no timing
     runtime.ThreadPicker("cpu", 3, 1, print)
     assert threads[0] == 3
