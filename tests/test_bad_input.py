@@ -29,6 +29,7 @@ CASES = [
     ("scratch run into an existing run", TRAIN + ["--out_dir=run"], ["already holds a run", "--init_from=resume"]),
     ("a new run into a folder with only ckpt_best.pt", TRAIN + ["--out_dir=bestonly"], ["ckpt_best.pt", "--overwrite"]),
     ("a new run into a folder with only a log", TRAIN + ["--out_dir=logonly"], ["log.txt", "--overwrite"]),
+    ("train: a negative thread count", TRAIN + ["--cpu_threads=-1", "--out_dir=o_thr"], ["--cpu_threads must not be negative"]),
     ("train: resume an align.py run", TRAIN + ["--init_from=resume", "--out_dir=dporun"], ["align.py run", "align.py"]),
     ("plan: a negative plan_world", TRAIN + ["--plan", "--plan_world=-1"], ["--plan_world"]),
     ("plan: resume a checkpoint without model_args", TRAIN + ["--plan", "--init_from=resume", "--out_dir=nomodelargs"],
