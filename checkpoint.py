@@ -134,6 +134,9 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
         return model.to(device), meta
     path = checkpoint_path(out_dir)
     ckpt = load_checkpoint(path)
+    if "vision" in (ckpt.get("config") or {}):  # a tower and a projector in front of the GPT: it needs its image
+        raise UserError(f"{path} is a vision run (train_vision.py): ask it with python sample.py --out_dir={out_dir} "
+                        "--image=PICTURE, or score it with python vision.py")
     try:
         if "lora" in ckpt:
             base = ckpt["base"]  # a Hugging Face model by name, or a folder (another run, an HF folder) by its absolute path

@@ -29,6 +29,7 @@ CASES = [
     ("scratch run into an existing run", TRAIN + ["--out_dir=run"], ["already holds a run", "--init_from=resume"]),
     ("a new run into a folder with only ckpt_best.pt", TRAIN + ["--out_dir=bestonly"], ["ckpt_best.pt", "--overwrite"]),
     ("a new run into a folder with only a log", TRAIN + ["--out_dir=logonly"], ["log.txt", "--overwrite"]),
+    ("sample: a vision run without --image", SAMPLE + ["--out_dir=visionrun"], ["is a vision run", "--image="]),
     ("train: a negative thread count", TRAIN + ["--cpu_threads=-1", "--out_dir=o_thr"], ["--cpu_threads must not be negative"]),
     ("train: resume an align.py run", TRAIN + ["--init_from=resume", "--out_dir=dporun"], ["align.py run", "align.py"]),
     ("plan: a negative plan_world", TRAIN + ["--plan", "--plan_world=-1"], ["--plan_world"]),
@@ -203,6 +204,9 @@ def make_workdir(w):
     dpo["config"]["method"] = "dpo"
     os.makedirs(w / "dporun")
     torch.save(dpo, w / "dporun" / "ckpt.pt")
+    dpo["config"] = dict(dpo["config"], vision={})  # as a train_vision.py run's config marks it
+    os.makedirs(w / "visionrun")
+    torch.save(dpo, w / "visionrun" / "ckpt.pt")
     os.makedirs(w / "logonly")
     (w / "logonly" / "log.txt").write_text("0 train 4.2\n")
     code, _, err = run_python([os.path.join(ROOT, "train.py"), "--out_dir=lorarun", "--init_from=run", "--lora_rank=2"]
