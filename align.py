@@ -304,7 +304,8 @@ def load_reward(cfg, meta, device):
                     raise UserError(f"{signals[0]} while --reward_fn={cfg['reward_fn']} ran on {text[:60]!r}: "
                                     f"stopped without saving this step; {cfg['out_dir']}/ckpt.pt, if any, is the last "
                                     "(continue with --init_from=resume)") from None
-                raise UserError(f"--reward_fn={cfg['reward_fn']} raised {type(e).__name__}: {e} on {text[:60]!r}") from None
+                raise UserError(f"--reward_fn={cfg['reward_fn']} raised {type(e).__name__}: {e} "
+                                f"on {text[:60]!r}") from None
             finally:
                 timer.cancel()
                 for s, handler in zip((signal.SIGINT, signal.SIGTERM), kept):

@@ -416,7 +416,8 @@ def test_chat_keeps_typed_markers_as_text_and_says_its_notes(tmp_path, monkeypat
     model = EchoModel(encode(" ok"), meta["eot"], block_size=16)
     monkeypatch.setattr("sys.stdin", io.StringIO("the king " * 20 + "\n"))
     capsys.readouterr()
-    sample.chat(model, meta, decode, dict(sample.DEFAULTS, max_new_tokens=4), torch.autocast("cpu", enabled=False), "cpu")
+    sample.chat(model, meta, decode, dict(sample.DEFAULTS, max_new_tokens=4), torch.autocast("cpu", enabled=False),
+                "cpu")
     assert "more than the model's 16: it reads only the last 16" in capsys.readouterr().err
     # a model never tuned on instructions is said to be one
     plain_folder, _ = make_llama_folder(tmp_path / "plain", chat=False)
@@ -644,7 +645,8 @@ def test_settings_that_cannot_work_or_would_be_ignored_are_one_line(monkeypatch,
     # 0.5 s in) ends it in one line; the signal handlers are then the run's again
     import signal
     import threading
-    (tmp_path / "hanging_reward.py").write_text("import time\ndef f(text):\n    while True:\n        time.sleep(0.01)\n")
+    (tmp_path / "hanging_reward.py").write_text("import time\ndef f(text):\n    while True:\n"
+                                                "        time.sleep(0.01)\n")
     monkeypatch.setattr(align, "REWARD_WAIT_S", 0.2)
     score = align.load_reward(dict(align.DEFAULTS, reward_fn="hanging_reward:f", out_dir="run"), {}, "cpu")
     before = signal.getsignal(signal.SIGINT)

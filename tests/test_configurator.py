@@ -125,8 +125,8 @@ def test_a_config_file_that_exits_is_refused(capsys, tmp_path):
 
 
 SCRIPTS = ["train", "sample", "hellaswag", "bench", "prepare_shakespeare", "prepare_fineweb", "prepare_alpaca",
-           "export_hf", "checkpoint", "plot", "align", "prepare_preferences", "prepare_tokenizer", "export_gguf", "serve",
-           "vision", "prepare_vision", "train_vision"]
+           "export_hf", "checkpoint", "plot", "align", "prepare_preferences", "prepare_tokenizer", "export_gguf",
+           "serve", "vision", "prepare_vision", "train_vision"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
