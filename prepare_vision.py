@@ -4,7 +4,7 @@ Prepare an image-text (visual instruction) dataset: questions about images, with
     python prepare_vision.py --synthetic=4000 --out_dir=data/shapes --tokenizer=char --image_size=32
     python prepare_vision.py --input=pics/qa.jsonl --out_dir=data/mine            # your own
     python prepare_vision.py --input=pics/qa.jsonl --tower=google/siglip-base-patch16-224 --out_dir=data/mine_siglip
-    python prepare_vision.py --hub=HuggingFaceM4/VQAv2 --hub_split=validation --out_dir=data/vqa   # (needs the network)
+    python prepare_vision.py --hub=HuggingFaceM4/VQAv2 --hub_split=validation --out_dir=data/vqa  # (the network)
 
 A record is one line of a JSONL file beside its images:
 

@@ -39,8 +39,8 @@ from checkpoint import check_same_tokenizer, claim_out_dir, load_checkpoint, loa
 from dataloader import get_tokenizer, read_meta, vocab_size_of
 from model import GPT, GPTConfig
 from optim import configure_optimizers
-from runtime import (StepClock, StopFlag, close_world, console_line, ddp_wrap, format_time, nonfinite, rank_failed,
-                     setup_world, stop_agreed, worse_than_best)
+from runtime import (StepClock, StopFlag, close_world, console_line, ddp_wrap, evaluates_at, format_time, nonfinite,
+                     rank_failed, setup_world, stop_agreed, worse_than_best)
 from vision import (ImageSFTLoader, ViT, VisionLM, accuracy, answer_end, attach_vision, image_settings, image_tokens,
                     load_hf_tower, load_vision_model, val_questions)
 
@@ -57,32 +57,32 @@ DEFAULTS = dict(
     checkpoint_interval=0,  # also save every this many steps (0 = at the end and on a stop only)
     keep_interval=0,  # keep ckpt_STEP.pt every this many steps (0 = only the latest)
     wandb_log=False,  # also log to Weights & Biases (pip install wandb)
-    wandb_project="gpt2-vision",
-    wandb_run_name="run",
+    wandb_project="gpt2-vision",  # its W&B project
+    wandb_run_name="run",  # its W&B run name
     # data
     batch_size=32,  # examples per micro-batch on each rank
     block_size=128,  # the LM's context: the longest example's text plus its image's tokens
     total_batch_size=0,  # examples per optimizer step over all ranks; 0 = one micro-batch per rank
     # the LM, when new (init_from=scratch)
-    n_layer=4,
-    n_head=4,
-    n_embd=128,
-    dropout=0.0,
-    bias=True,
+    n_layer=4,  # the LM's Blocks
+    n_head=4,  # its attention heads (n_embd must be a multiple)
+    n_embd=128,  # its width
+    dropout=0.0,  # dropout in the LM and the ViT (0 for short runs; fine-tuning may want 0.1)
+    bias=True,  # biases in the Linears and LayerNorms (GPT-2 has them)
     # the vision tower and the projector
     tower="",  # empty: a new ViT (below); or a SigLIP/CLIP vision model's folder or Hub name (data prepared with it)
     vit_layers=4,  # the new ViT's Blocks
-    vit_heads=4,
-    vit_embd=128,
+    vit_heads=4,  # its attention heads (vit_embd must be a multiple)
+    vit_embd=128,  # its width: each patch's vector
     patch_size=4,  # its patches: patch_size x patch_size pixels
     shuffle=2,  # the projector's pixel shuffle: r x r patches -> one LM token (1 = every patch a token)
     freeze="",  # what does not train: "" (nothing) | tower | lm | tower,lm (the projector always trains)
     # optimizer (train.py's)
     learning_rate=1e-3,  # AdamW's peak learning rate
     max_iters=1000,  # optimizer steps in all
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
+    weight_decay=0.1,  # AdamW's decoupled weight decay, on the matrices only
+    beta1=0.9,  # AdamW's first-moment decay
+    beta2=0.95,  # its second-moment decay
     grad_clip=1.0,  # clip the global gradient norm to this (0 = no clipping)
     decay_lr=True,  # False: constant learning_rate after warmup
     warmup_iters=50,  # linear warmup from 0 over this many steps
@@ -92,7 +92,7 @@ DEFAULTS = dict(
     device="auto",  # auto | cpu | cuda | cuda:N | mps
     dtype="auto",  # auto | float32 | bfloat16 | float16
     pg_timeout=600,  # seconds a rank waits in a collective for the others
-    seed=1337,
+    seed=1337,  # the initial weights, the batches' order and dropout
     plan=False,  # print the run's parts, FLOPs and memory, then exit: no data, GPU or download needed
 )
 
@@ -236,15 +236,16 @@ def train(cfg, world):
     n_img = image_tokens(v)
     text_T = gpt.config.block_size - n_img + 1  # the placeholder's one position becomes n_img
     if text_T < 2:
-        raise UserError(f"block_size={gpt.config.block_size} leaves no room for text beside the image's {n_img} tokens")
+        raise UserError(f"block_size={gpt.config.block_size} leaves no room for text beside the image's {n_img} "
+                        "tokens: raise --block_size")
     step_examples = cfg["total_batch_size"] or cfg["batch_size"] * world.size
     if step_examples % (cfg["batch_size"] * world.size):
         raise UserError(f"total_batch_size={step_examples} examples is not a multiple of batch_size x ranks = "
                         f"{cfg['batch_size'] * world.size}")
     grad_accum = step_examples // (cfg["batch_size"] * world.size)
     common = dict(rank=world.rank, world_size=world.size, vocab_size=meta["image_token"] + 1)
-    train_loader = ImageSFTLoader(data_dir, "train", cfg["batch_size"], text_T, seed=cfg["seed"], grad_accum=grad_accum,
-                                  **common)
+    train_loader = ImageSFTLoader(data_dir, "train", cfg["batch_size"], text_T, seed=cfg["seed"],
+                                  grad_accum=grad_accum, **common)
     val_loader = ImageSFTLoader(data_dir, "val", cfg["batch_size"], text_T, shuffle=False, **common)
     say(f"device {world.device}, {world.size} rank(s), {step_examples} examples per step = {cfg['batch_size']} x "
         f"{world.size} ranks x {grad_accum} accumulation steps; {n_img} tokens per image, text up to {text_T - 1}")
@@ -275,8 +276,8 @@ def train(cfg, world):
         stopping = stop_agreed(stop, world)
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step > start_step
         clock.pause()
-        val_loss = None if step > start_step else val_loss
-        if ((cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or last or due) and not stopping:
+        val_loss = None if step > start_step else val_loss  # a checkpoint holds the val loss of its own weights
+        if evaluates_at(step, start_step, last, val_loss, cfg) and not stopping:
             val_loss = evaluate(cfg, model, val_loader, world, autocast)
             line = f"step {step}: val loss {val_loss:.4f}" + worse_than_best(val_loss, best_val)
             values = dict(val=val_loss)
@@ -340,7 +341,10 @@ KNOWN_TOWERS = {"google/siglip-base-patch16-224": ("siglip", {}),
 
 def plan_tower(cfg):
     """(the tower on the meta device, its side in pixels, its patch side)."""
-    from transformers import AutoConfig, CLIPVisionConfig, SiglipVisionConfig
+    try:
+        from transformers import AutoConfig, CLIPVisionConfig, SiglipVisionConfig
+    except ImportError:
+        die("--plan with a pretrained --tower needs transformers: pip install transformers")
     if cfg["tower"] in KNOWN_TOWERS and not os.path.isdir(cfg["tower"]):
         kind, args = KNOWN_TOWERS[cfg["tower"]]
         config = (SiglipVisionConfig if kind == "siglip" else CLIPVisionConfig)(**args)
