@@ -389,8 +389,17 @@ def sample(cfg, device, autocast):
     image = torch.from_numpy(read_image(cfg["image"], run["vision"]["image"]))[None].to(device)  # (1, H, W, 3)
     encode, decode = get_tokenizer(meta)
     end = answer_end(meta)
-    prompt, _ = encode_example(meta, encode, render_prompt(meta["template"], meta, cfg["start"].strip()), "",
+    question = cfg["start"].strip()
+    if question.count(PLACEHOLDER) > 1:
+        raise UserError(f"--start holds {PLACEHOLDER} {question.count(PLACEHOLDER)} times: a vision run reads one "
+                        f"image; write {PLACEHOLDER} once where it goes, or leave it out (the image goes first)")
+    prompt, _ = encode_example(meta, encode, render_prompt(meta["template"], meta, question), "",
                                meta["image_token"], end)
+    n_img, block_size = image_tokens(run["vision"]), vlm.gpt.config.block_size
+    if len(prompt) - 1 + n_img > block_size:  # the placeholder's one position becomes the image's n_img
+        raise UserError(f"--start is too long: the prompt's {len(prompt) - 1} text tokens and the image's {n_img} "
+                        f"exceed the model's block_size of {block_size}; shorten the question so that the prompt "
+                        f"(its template included) fits in {block_size - n_img} tokens")
     torch.manual_seed(cfg["seed"])
     for k in range(cfg["num_samples"]):
         with autocast:
@@ -502,8 +511,21 @@ DEFAULTS = dict(
     split="val",  # val | train
     limit=0,  # the first N questions (0 = all)
     batch_size=64,  # questions answered at once
-    device="auto",
+    device="auto",  # auto | cpu | cuda | cuda:N | mps
 )
+
+
+def check_same_images(meta, run, data_meta, out_dir, dataset):
+    """The data must be the run's kind: the same tokenizer, and images prepared as the run reads
+    them (the same size, resizing and normalisation: prepare_vision.py's --image_size or --tower)."""
+    from checkpoint import check_same_tokenizer
+    check_same_tokenizer(meta, data_meta, out_dir, dataset)
+    ours, theirs = run["vision"]["image"], data_meta.get("image")
+    if ours != theirs:
+        what = lambda m, i: (f"{'x'.join(map(str, i['size']))} images for {m.get('tower') or 'a new ViT'}"
+                             if isinstance(i, dict) and "size" in i else "no images")
+        raise UserError(f"data/{dataset} holds {what(data_meta, theirs)}, but {out_dir} reads {what(meta, ours)}: "
+                        "prepare it with the run's settings (prepare_vision.py --image_size or --tower)")
 
 
 def main():
@@ -514,6 +536,7 @@ def main():
     try:
         vlm, meta, run = load_vision_model(cfg["out_dir"], device)
         data_dir = os.path.join("data", cfg["dataset"] or run["dataset"])
+        check_same_images(meta, run, read_meta(data_dir), cfg["out_dir"], cfg["dataset"] or run["dataset"])
         questions, images, kinds = val_questions(data_dir, cfg["split"], cfg["limit"])
         decode, stop = get_tokenizer(meta)[1], answer_end(meta)
         with_image = accuracy(vlm, questions, images, kinds, stop, decode, device, batch_size=cfg["batch_size"])

@@ -4,6 +4,7 @@ runs (resume, DDP = accumulation, a trained model's answers need the image) and 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,14 +171,21 @@ def shapes_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def full_run(shapes_dir):
+    """shapes_dir with a 6-step run in full/ (evaluated at steps 0, 3 and 6)."""
+    run_script([os.path.join(ROOT, "train_vision.py")] + TRAIN + ["--out_dir=full", "--max_iters=6",
+                                                                  "--eval_interval=3"], cwd=shapes_dir)
+    return shapes_dir
+
+
 def weights(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
-def test_resume_is_exact_and_the_checkpoint_has_everything_to_answer(shapes_dir):
-    d = shapes_dir
+def test_resume_is_exact_and_the_checkpoint_has_everything_to_answer(full_run):
+    d = full_run
     train = [os.path.join(ROOT, "train_vision.py")] + TRAIN
-    run_script(train + ["--out_dir=full", "--max_iters=6", "--eval_interval=3"], cwd=d)
     run_script(train + ["--out_dir=half", "--max_iters=3", "--eval_interval=3"], cwd=d)
     run_script(train + ["--out_dir=half", "--max_iters=6", "--eval_interval=3", "--init_from=resume"], cwd=d)
     a, b = weights(d / "full"), weights(d / "half")
@@ -207,6 +215,26 @@ def test_resume_is_exact_and_the_checkpoint_has_everything_to_answer(shapes_dir)
     bad = run_script([os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=none.png"], cwd=d, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: image none.png not found"
     assert "Traceback" not in bad.stderr
+
+
+def test_a_question_or_a_dataset_that_does_not_fit_the_run_is_one_line(full_run):
+    d = full_run
+    sample = [os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=red.png", "--max_new_tokens=2"]
+    from PIL import Image
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(d / "red.png")
+    for start, says in (("What shape is it? " * 4, "--start is too long"),  # 72 characters, the template, 4 image tokens > 56
+                        ("<image> or <image>?", "--start holds <image> 2 times")):
+        p = run_script(sample + [f"--start={start}"], cwd=d, check=False)
+        assert p.returncode == 2 and says in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
+    for name, change, says in (("chars", lambda m: m["chars"].append("~"), "tokenizer"),
+                               ("size", lambda m: m["image"].update(size=[8, 8]), "holds 8x8 images")):
+        shutil.copytree(d / "data/shapes", d / f"data/{name}", dirs_exist_ok=True)
+        meta = json.loads((d / f"data/{name}/meta.json").read_text())
+        change(meta)
+        (d / f"data/{name}/meta.json").write_text(json.dumps(meta))
+        p = run_script([os.path.join(ROOT, "vision.py"), "--out_dir=full", f"--dataset={name}", "--device=cpu"],
+                       cwd=d, check=False)
+        assert p.returncode == 2 and says in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
 
 
 def test_each_training_script_refuses_the_others_data_in_one_line(shapes_dir, workdir):
