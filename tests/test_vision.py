@@ -222,7 +222,8 @@ def test_a_question_or_a_dataset_that_does_not_fit_the_run_is_one_line(full_run)
     sample = [os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=red.png", "--max_new_tokens=2"]
     from PIL import Image
     Image.new("RGB", (16, 16), (200, 30, 30)).save(d / "red.png")
-    for start, says in (("What shape is it? " * 4, "--start is too long"),  # 72 characters, the template, 4 image tokens > 56
+    # 72 characters, the template and 4 image tokens: more than block_size=56
+    for start, says in (("What shape is it? " * 4, "--start is too long"),
                         ("<image> or <image>?", "--start holds <image> 2 times")):
         p = run_script(sample + [f"--start={start}"], cwd=d, check=False)
         assert p.returncode == 2 and says in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
