@@ -20,8 +20,9 @@ ids: no text ever has it); the model puts the image's vectors there (vision.py).
 two sizes, left or right) and asks questions whose answers need the image: how many shapes,
 what color is the square, what shape is the red one, where is the blue circle (left or
 right), which is bigger (red or blue). Answers are one word. It writes the
-JSONL and PNGs into --source_dir (default: out_dir + "_source"), then prepares them like any
-input: the test and the laptop recipe's task.
+JSONL and PNGs into --source_dir (default: out_dir + "_source"; one that holds anything is
+refused unless --overwrite), then prepares them like any input: the test and the laptop
+recipe's task. --hub writes its rows there the same way, each distinct picture once.
 
 Written to --out_dir: the SFT files (train.bin/val.bin, train_index.npy/val_index.npy,
 prepare_alpaca.py's format), each split's images once, at the model's resolution, as
@@ -33,6 +34,7 @@ to --image_size for a ViT trained from scratch. The val split is held out by ima
 question about a val image is in val.
 """
 
+import hashlib
 import json
 import os
 
@@ -44,13 +46,13 @@ if __name__ == "__main__":
 import numpy as np
 from tqdm import tqdm
 
-from dataloader import publish_dataset, staging, vocab_size_of, write_meta, write_sft
+from dataloader import describe_folder, publish_dataset, staging, vocab_size_of, write_meta, write_sft
 from vision import PLACEHOLDER, answer_end, encode_example, image_settings, read_image, render_prompt
 
 DEFAULTS = dict(
     input="",  # a JSONL of {"image", "instruction", "input", "output"}, the image paths relative to its folder
     synthetic=0,  # or draw this many images of shapes with questions about them (the laptop task)
-    source_dir="",  # where --synthetic writes its JSONL and PNGs (empty = out_dir + "_source")
+    source_dir="",  # where --synthetic and --hub write their JSONL and PNGs (empty = out_dir + "_source")
     hub="",  # or a Hugging Face dataset with an image and a question and answer per row (datasets; the network)
     hub_split="train",  # its split to read
     hub_image="image",  # its column of images
@@ -65,7 +67,7 @@ DEFAULTS = dict(
     val_fraction=0.1,  # this share of the images, drawn at random, is val, with all their questions
     max_len=256,  # prompts + answers longer than this many tokens (the placeholder counted as one) are dropped
     seed=1337,  # the split (and --synthetic's drawing) is seeded with this
-    overwrite=False,  # replace another dataset already in out_dir (the same one, prepared again, is kept)
+    overwrite=False,  # replace another dataset in out_dir and what --source_dir holds (the same dataset is kept)
 )
 
 # -----------------------------------------------------------------------------
@@ -155,7 +157,9 @@ def make_synthetic(folder, n_images, seed, per_image=3):
 
 def from_hub(cfg, folder):
     """Write a Hugging Face dataset's rows as PNGs and a JSONL in folder (datasets; the network,
-    or its cache). Returns the JSONL's path."""
+    or its cache). Returns the JSONL's path. Each distinct picture is one file, named by a hash of
+    its pixels: a picture with several questions (VQA has a few each) is one image to the split,
+    so its questions are all in train or all in val."""
     try:
         import datasets
     except ImportError:
@@ -177,8 +181,10 @@ def from_hub(cfg, folder):
         answer = row[cfg["hub_answer"]]
         answer = answer[0] if isinstance(answer, list) else answer
         answer = answer.get("answer", "") if isinstance(answer, dict) else str(answer)
-        name = f"images/{i:07d}.png"
-        row[cfg["hub_image"]].convert("RGB").save(os.path.join(folder, name))
+        img = row[cfg["hub_image"]].convert("RGB")
+        name = f"images/{hashlib.sha256(str(img.size).encode() + img.tobytes()).hexdigest()[:20]}.png"
+        if not os.path.isfile(os.path.join(folder, name)):  # (an earlier row's picture: written already)
+            img.save(os.path.join(folder, name))
         lines.append(json.dumps({"image": name, "instruction": str(row[cfg["hub_question"]]), "input": "",
                                  "output": answer}))
     path = os.path.join(folder, "data.jsonl")
@@ -236,6 +242,18 @@ def tokenizer_for(cfg, records):
     return meta, encode
 
 
+def check_folders(source, out_dir, overwrite):
+    """Before --synthetic draws or --hub downloads anything: its source folder and out_dir must be
+    empty (or new), unless --overwrite. (--input's out_dir is checked when the dataset is written:
+    the same dataset prepared again is kept as it is.)"""
+    if overwrite:
+        return
+    for folder, what in ((out_dir, "--out_dir"), (source, "--source_dir")):
+        if os.path.isdir(folder) and os.listdir(folder):
+            raise UserError(f"{folder} already holds {describe_folder(folder)}: choose another {what}, or replace "
+                            f"what it holds with --overwrite")
+
+
 def prepare(cfg):
     if sum(map(bool, (cfg["input"], cfg["synthetic"], cfg["hub"]))) != 1:
         die("give one source: --input=FILE.jsonl, --synthetic=N or --hub=NAME")
@@ -244,6 +262,8 @@ def prepare(cfg):
     if cfg["template"] not in ("short", "alpaca", "chat"):
         die(f"--template must be short, alpaca or chat, got {cfg['template']!r}")
     source = cfg["source_dir"] or cfg["out_dir"].rstrip("/") + "_source"
+    if cfg["synthetic"] or cfg["hub"]:
+        check_folders(source, cfg["out_dir"], cfg["overwrite"])
     path = cfg["input"]
     if cfg["synthetic"]:
         path = make_synthetic(source, cfg["synthetic"], cfg["seed"])

@@ -102,10 +102,36 @@ def test_a_hugging_face_dataset_is_read_through_datasets(tmp_path):
     (tmp_path / "vqa/data").mkdir(parents=True)
     ds.cast_column("picture", datasets.Image()).to_parquet(str(tmp_path / "vqa/data/train-00000.parquet"))
     run_script([PREPARE, "--hub=vqa", "--hub_image=picture", "--hub_question=q", "--hub_answer=a", "--tokenizer=char",
-                "--image_size=8", "--val_fraction=0.34", "--out_dir=data/vqa"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+                "--image_size=8", "--val_fraction=0.34", "--out_dir=data/vqa"], cwd=tmp_path,
+               env={"HF_HUB_OFFLINE": "1"})
     records = [json.loads(line) for line in open(tmp_path / "data/vqa_source/data.jsonl")]
     assert [r["output"] for r in records] == ["dark", "red"] * 3
+    # two pictures, three rows each: one file each, and each picture's three questions in one split
+    assert len({r["image"] for r in records}) == 2 and len(os.listdir(tmp_path / "data/vqa_source/images")) == 2
+    assert all(r["image"] == records[i % 2]["image"] for i, r in enumerate(records))
+    for split in ("train", "val"):
+        _, index = read_sft(tmp_path / "data/vqa", split)
+        images, _ = read_images(tmp_path / "data/vqa", split, len(index))
+        assert len(images) == 1 and len(index) == 3
     assert read_meta(tmp_path / "data/vqa")["format"] == "image-sft"
     bad = run_script([PREPARE, "--hub=vqa", "--tokenizer=char", "--out_dir=data/x"], cwd=tmp_path, check=False,
                      env={"HF_HUB_OFFLINE": "1"})
     assert bad.returncode == 2 and "no column 'image'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_synthetic_refuses_a_source_dir_or_out_dir_that_holds_files_before_drawing(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("my own")
+    p = run_script([PREPARE, "--synthetic=4", "--source_dir=mine", "--out_dir=data/s"], cwd=tmp_path, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "mine already holds notes.txt" in last and "--overwrite" in last, p.stderr[-500:]
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"] and not (tmp_path / "data/s").exists()
+    (tmp_path / "data/s").mkdir(parents=True)
+    (tmp_path / "data/s/old.bin").write_bytes(b"0000")
+    p = run_script([PREPARE, "--synthetic=4", "--out_dir=data/s"], cwd=tmp_path, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "data/s already holds" in last and "--overwrite" in last, p.stderr[-500:]
+    assert not (tmp_path / "data/s_source").exists()  # nothing drawn
+    run_script([PREPARE, "--synthetic=4", "--source_dir=mine", "--tokenizer=char", "--image_size=8",
+                "--out_dir=data/s", "--overwrite"], cwd=tmp_path)
+    assert (tmp_path / "mine/notes.txt").exists() and len(os.listdir(tmp_path / "mine/images")) == 4
