@@ -620,6 +620,7 @@ def align(cfg, world):
     optimizers = configure_optimizers(raw_model, cfg["weight_decay"], cfg["learning_rate"], (0.9, 0.95),
                                       world.device_type, verbose=False)
     scaler = torch.amp.GradScaler(world.device_type, enabled=(ptdtype == torch.float16))
+    measured = bool(resume and ckpt.get("evaluated"))  # its step was evaluated (PPO: no val loss says so)
     step, val_loss, best_val = (restore_run(ckpt, cfg["out_dir"], raw_model, optimizers, scaler, train_loader, world, say)
                                 if resume else (0, None, None))
     del ckpt
@@ -657,7 +658,9 @@ def align(cfg, world):
         stopping = stop_agreed(stop, world)
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step > start_step
         val_loss = None if step > start_step else val_loss
-        if evaluates_at(step, start_step, last, val_loss, cfg) and not stopping:
+        measured = measured and step == start_step
+        if evaluates_at(step, start_step, last, measured or val_loss is not None, cfg) and not stopping:
+            measured = True
             if ppo:  # the mean reward and KL of answers to the same val prompts, sampled with the same seed
                 val = evaluate_ppo(cfg, ctx, val_prompts, step)
                 say(f"step {step}: val reward {val['reward']:.4f}, KL {val['kl']:.4f}")
@@ -670,7 +673,7 @@ def align(cfg, world):
                 log(step, val=val_loss, val_acc=val["acc"], val_margin=val["margin"])
         if (last or stopping or due) and step > start_step:
             best_val = save_run(cfg, step, val_loss, best_val, model=raw_model, optimizers=optimizers, scaler=scaler,
-                                loader=train_loader, meta=meta, base=base, world=world)
+                                loader=train_loader, meta=meta, base=base, world=world, evaluated=measured)
         if last or stopping:
             if stopping:
                 say(f"stopped at step {step}; continue with --init_from=resume")

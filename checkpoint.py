@@ -303,11 +303,13 @@ def load_optimizer(raw_model, optimizers, state):
     dcp.set_optimizer_state_dict(raw_model, optimizers, state, options=dcp.StateDictOptions(full_state_dict=True))
 
 
-def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, loader, meta, base, world):
+def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, loader, meta, base, world,
+             evaluated=False):
     """Write out_dir/ckpt.pt (atomically), ckpt_STEP.pt every keep_interval steps, and ckpt_best.pt
     when this checkpoint's val loss (evaluated at this step, or None) is the best (the lowest) of
     the run; return the best val loss now. A val loss that is not finite is never saved. Every rank
-    must call it: the RNG states (and under FSDP the weights and optimizer state) are gathered."""
+    must call it: the RNG states (and under FSDP the weights and optimizer state) are gathered.
+    evaluated: this step's evaluation was logged (implied by a val loss; PPO's has none)."""
     if val_loss is not None and not math.isfinite(val_loss):  # finite weights can still score nan
         raise nonfinite(cfg["out_dir"], step, val_loss)
     if val_loss is not None and (best_val_loss is None or val_loss < best_val_loss):
@@ -323,7 +325,7 @@ def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, l
         ckpt = make_checkpoint(model, meta, cfg, state_dict=model_state, step=step, optimizer=optim_state,
                                scaler=scaler.state_dict() if scaler.is_enabled() else None,
                                loader=loader.state_dict(), rng=rngs, val_loss=val_loss, best_val_loss=best_val_loss,
-                               base=base)
+                               base=base, evaluated=evaluated or val_loss is not None)
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
         try:  # a full disk: the last good checkpoint stays, and every rank stops
             save_checkpoint(ckpt, path)

@@ -168,12 +168,13 @@ def stop_agreed(stop, world):
     return bool(flag.item())
 
 
-def evaluates_at(step, start_step, last, val_loss, cfg):
+def evaluates_at(step, start_step, last, measured, cfg):
     """Whether the val loss is measured at this step: every eval_interval, at every checkpoint and at
-    the end. A resume's first step is measured only if its checkpoint lacks it (a stop saved before
-    the evaluation it would have had): so the resumed log.txt equals an uninterrupted run's."""
+    the end. A resume's first step is measured only if its checkpoint was not (measured: False; a
+    stop saved before the evaluation it would have had): so the resumed log.txt equals an
+    uninterrupted run's."""
     every = lambda n: bool(n) and step % n == 0
-    if step == start_step and val_loss is not None:  # measured and logged before this checkpoint was saved
+    if step == start_step and measured:  # measured and logged before this checkpoint was saved
         return False
     return every(cfg["eval_interval"]) or last or (every(cfg["checkpoint_interval"]) and step > 0)
 

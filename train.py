@@ -409,7 +409,7 @@ def train(cfg, world):
         due = bool(cfg["checkpoint_interval"]) and step % cfg["checkpoint_interval"] == 0 and step > start_step
         clock.pause()  # evaluation and saving are not counted in the step time
         val_loss = None if step > start_step else val_loss  # a checkpoint holds the val loss of its own weights
-        if evaluates_at(step, start_step, last, val_loss, cfg) and not stopping:
+        if evaluates_at(step, start_step, last, val_loss is not None, cfg) and not stopping:
             if step == start_step:  # the first thing a run does, and on a slow machine not a short one
                 say(f"evaluating the starting model ({cfg['eval_iters']} val batches)...", flush=True)
             val = evaluate(model, val_loader, cfg["eval_iters"], world, autocast, stop, threads)

@@ -277,7 +277,7 @@ def train(cfg, world):
         due = cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step > start_step
         clock.pause()
         val_loss = None if step > start_step else val_loss  # a checkpoint holds the val loss of its own weights
-        if evaluates_at(step, start_step, last, val_loss, cfg) and not stopping:
+        if evaluates_at(step, start_step, last, val_loss is not None, cfg) and not stopping:
             val_loss = evaluate(cfg, model, val_loader, world, autocast)
             line = f"step {step}: val loss {val_loss:.4f}" + worse_than_best(val_loss, best_val)
             values = dict(val=val_loss)

@@ -557,6 +557,10 @@ def test_a_stop_on_a_checkpoint_step_resumes_to_the_uninterrupted_log(pref_dir, 
     parts = run(f"s_{method}_parts", "--init_from=resume")
     assert parts == whole
     assert any(line.startswith("3 val") for line in whole)
+    # an ordinary end at step 3 (evaluated there), resumed to 6: no evaluation twice (the lr is
+    # constant after warmup, so max_iters changes nothing else)
+    run(f"s_{method}_end3", "--max_iters=3")
+    assert run(f"s_{method}_end3", "--init_from=resume", "--max_iters=6") == whole
 
 
 def test_align_recipes_are_valid_settings():
