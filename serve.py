@@ -49,7 +49,7 @@ if __name__ == "__main__":
 
 import torch
 
-from checkpoint import checkpoint_path, load_model, newest_checkpoint
+from checkpoint import checkpoint_path, load_checkpoint, load_model, newest_checkpoint
 from dataloader import encode_pair, eot_of, get_tokenizer, with_bos
 from model import sample_next
 
@@ -612,6 +612,9 @@ def load(cfg, device):
             raise UserError("no out*/ckpt.pt here: train a model first (see README), or give --out_dir or "
                             "--init_from=gpt2")
         out_dir = os.path.dirname(path)
+    if (load_checkpoint(checkpoint_path(out_dir)).get("config") or {}).get("method") == "reward":
+        raise UserError(f"{out_dir} is a reward model (align.py --method=reward): it scores answers, its lm_head "
+                        "was never trained to write them; serve the policy (a DPO, PPO or SFT run) instead")
     model, meta = load_model(out_dir=out_dir, device=device)
     print(f"loaded {checkpoint_path(out_dir)}", file=sys.stderr)
     return model, meta, os.path.normpath(out_dir)

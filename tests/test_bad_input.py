@@ -29,6 +29,7 @@ CASES = [
     ("scratch run into an existing run", TRAIN + ["--out_dir=run"], ["already holds a run", "--init_from=resume"]),
     ("a new run into a folder with only ckpt_best.pt", TRAIN + ["--out_dir=bestonly"], ["ckpt_best.pt", "--overwrite"]),
     ("a new run into a folder with only a log", TRAIN + ["--out_dir=logonly"], ["log.txt", "--overwrite"]),
+    ("serve: a reward model", ["serve.py", "--out_dir=rewardrun", "--port=0"], ["is a reward model", "policy"]),
     ("sample: a vision run without --image", SAMPLE + ["--out_dir=visionrun"], ["is a vision run", "--image="]),
     ("train: a negative thread count", TRAIN + ["--cpu_threads=-1", "--out_dir=o_thr"],
      ["--cpu_threads must not be negative"]),
