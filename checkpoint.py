@@ -15,6 +15,8 @@ numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run
     lora         LoRA runs only: the adapter tensors and settings (lora.lora_state_dict)
     base         LoRA runs only: where the frozen base weights come from ("gpt2"..., or the
                  absolute path of another run's out_dir or of a Hugging Face folder)
+    parts        LoRA runs only, where the model has parts beside its GPT (a vision run's tower
+                 and projector): their weights, which no base holds
     meta         the tokenizer (the dataset's meta.json)
     config       the run's settings                  step      optimizer steps done
     optimizer    the optimizers' full state (AdamW's, and Muon's with optimizer=muon) in one
@@ -60,6 +62,9 @@ def make_checkpoint(model, meta, config, state_dict=None, **training_state):
     ckpt = {"model_args": vars(model.config).copy(), "meta": meta, "config": config, **training_state}
     if lora.has_lora(model):
         ckpt["lora"] = lora.lora_state_dict(model)  # small: the base is named by ckpt["base"]
+        parts = {k: v for k, v in model.state_dict().items() if not k.startswith(("transformer.", "lm_head."))}
+        if parts:  # gpt.vision and gpt.projector: not the base's, so kept whole
+            ckpt["parts"] = parts
     else:
         ckpt["model"] = model.state_dict() if state_dict is None else state_dict
     return ckpt
@@ -139,17 +144,7 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
                         "--image=PICTURE, or score it with python vision.py")
     try:
         if "lora" in ckpt:
-            base = ckpt["base"]  # a Hugging Face model by name, or a folder (another run, an HF folder) by its absolute path
-            if not os.path.exists(base) and (base not in OPENAI_MODELS and os.path.isabs(base)):
-                raise UserError(f"{out_dir} is a LoRA run whose base {base} is not there: the adapters "
-                                "need those weights, so put the base run back at that path")
-            from_run = os.path.isfile(os.path.join(base, "ckpt.pt"))
-            model, _ = load_model(out_dir=base, dropout=dropout) if from_run else load_model(init_from=base, dropout=dropout)
-            if lora.has_lora(model):  # the base is itself a LoRA run: fold its adapters in first
-                lora.merge_lora(model)
-            if ckpt["model_args"]["block_size"] < model.config.block_size:  # the run cropped GPT-2's context
-                model.crop_block_size(ckpt["model_args"]["block_size"])
-            lora.load_lora(model, ckpt["lora"])
+            model = load_lora_run(ckpt, out_dir, dropout)
         else:
             model = GPT(GPTConfig(**dict(ckpt["model_args"], dropout=dropout)))
             # align.py's reward model and PPO policy are a GPT plus reward_head / value_head: the GPT loads here
@@ -158,6 +153,23 @@ def load_model(out_dir=None, init_from=None, device="cpu", dropout=0.0):
         raise UserError(f"{path} does not fit this project's GPT ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None
     return model.to(device), ckpt["meta"]
+
+
+def load_lora_run(ckpt, out_dir, dropout=0.0):
+    """A LoRA run's GPT: its base loaded (by name, or from its folder: another run of ours or a
+    Hugging Face folder), cropped to the run's block_size, and the run's adapters added."""
+    base = ckpt["base"]  # a Hugging Face model by name, or a folder (another run, an HF folder) by its absolute path
+    if not os.path.exists(base) and (base not in OPENAI_MODELS and os.path.isabs(base)):
+        raise UserError(f"{out_dir} is a LoRA run whose base {base} is not there: the adapters "
+                        "need those weights, so put the base run back at that path")
+    from_run = os.path.isfile(os.path.join(base, "ckpt.pt"))
+    model, _ = load_model(out_dir=base, dropout=dropout) if from_run else load_model(init_from=base, dropout=dropout)
+    if lora.has_lora(model):  # the base is itself a LoRA run: fold its adapters in first
+        lora.merge_lora(model)
+    if ckpt["model_args"]["block_size"] < model.config.block_size:  # the run cropped GPT-2's context
+        model.crop_block_size(ckpt["model_args"]["block_size"])
+    lora.load_lora(model, ckpt["lora"])
+    return model
 
 
 # -----------------------------------------------------------------------------

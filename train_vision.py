@@ -12,7 +12,9 @@ data).
 
 The LM is any model the project loads (init_from: scratch, a run's out_dir, gpt2..., a Hugging
 Face GPT-2 or Llama folder); the tower a new ViT (tower="") or a SigLIP/CLIP one (tower=FOLDER or
-Hub name), each frozen if --freeze says so. Every step is train.py's: batches of whole examples
+Hub name), each frozen if --freeze says so; or, with --lora_rank, the LM frozen and LoRA adapters
+trained on it (the checkpoint then holds the adapters, the tower and the projector, and names the
+LM as its base, as a train.py LoRA run does). Every step is train.py's: batches of whole examples
 (SFTLoader, plus their images), gradient accumulation to total_batch_size examples, AdamW with
 warmup and cosine decay, clipping; the settings, log.txt, the checkpoint (ckpt.pt: the GPT with
 gpt.vision and gpt.projector, and the vision settings in its config), DDP under torchrun,
@@ -35,6 +37,7 @@ if __name__ == "__main__":
 import torch
 import torch.distributed as dist
 
+import lora
 from checkpoint import check_same_tokenizer, claim_out_dir, load_checkpoint, load_model, restore_run, save_run
 from dataloader import get_tokenizer, read_meta, vocab_size_of
 from model import GPT, GPTConfig
@@ -77,6 +80,11 @@ DEFAULTS = dict(
     patch_size=4,  # its patches: patch_size x patch_size pixels
     shuffle=2,  # the projector's pixel shuffle: r x r patches -> one LM token (1 = every patch a token)
     freeze="",  # what does not train: "" (nothing) | tower | lm | tower,lm (the projector always trains)
+    # LoRA on the LM (lora.py; train.py's settings): its weights frozen, adapters trained; 0 = off
+    lora_rank=0,  # the adapters' rank (needs a trained LM: --init_from)
+    lora_alpha=16.0,  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout=0.0,  # dropout on the adapters' input
+    lora_targets="q,v",  # which of the LM's Linears get adapters: q, k, v, attn_proj, mlp_fc, mlp_proj
     # optimizer (train.py's)
     learning_rate=1e-3,  # AdamW's peak learning rate
     max_iters=1000,  # optimizer steps in all
@@ -120,6 +128,17 @@ def check_settings(cfg):
         die("--freeze=lm keeps a new LM's random weights: give a trained one with --init_from")
     if "tower" in frozen and not cfg["tower"]:
         die("--freeze=tower keeps a new ViT's random weights: give a pretrained --tower, or train it")
+    if cfg["lora_rank"] < 0:
+        die(f"--lora_rank must not be negative (0 = no LoRA), got {cfg['lora_rank']}")
+    if cfg["lora_rank"]:
+        if cfg["init_from"] == "scratch":
+            die("--lora_rank adapts a trained LM and keeps its weights: give one with --init_from")
+        if "lm" in frozen:
+            die("--lora_rank trains adapters on the LM, --freeze=lm trains nothing of it: give one of the two")
+        try:
+            lora.parse_targets(cfg["lora_targets"])
+        except ValueError as e:
+            die(str(e))
 
 
 def vision_settings(cfg, meta, say):
@@ -158,12 +177,20 @@ def build(cfg, meta, world, say):
         old = ckpt.get("config") or {}
         if "vision" not in old:
             raise UserError(f"{cfg['out_dir']} is not a train_vision.py run: resume it with the script that made it")
-        for key in ("dataset", "freeze"):
-            if old.get(key) != cfg[key]:
-                raise UserError(f"{cfg['out_dir']} was trained with {key}={old.get(key)!r}; resume it with the same")
+        def trains(c):  # what a run trains on and with: a resume keeps it (the saved moments fit it)
+            rank = c.get("lora_rank", 0)  # (a run from before LoRA had none)
+            return dict(dataset=c["dataset"], freeze=c["freeze"],
+                        lora_rank=(rank, lora.parse_targets(c["lora_targets"])) if rank else 0)
+        was, now = trains(old), trains(cfg)
+        for key in was:
+            if was[key] != now[key]:
+                targets = f", lora_targets={old['lora_targets']!r}" if key == "lora_rank" and was[key] else ""
+                raise UserError(f"{cfg['out_dir']} was trained with {key}={old.get(key, 0)!r}{targets}; "
+                                "resume it with the same")
         vlm, _, _ = load_vision_model(cfg["out_dir"])
         check_same_tokenizer(ckpt["meta"], meta, cfg["out_dir"], cfg["dataset"])
         say(f"resuming from {cfg['out_dir']}/ckpt.pt at step {ckpt['step']}")
+        set_trainable(vlm.gpt, cfg["freeze"])
         return vlm.gpt, old.get("base"), old["vision"], ckpt
     v, tower = vision_settings(cfg, meta, say)
     if cfg["init_from"] == "scratch":
@@ -180,12 +207,24 @@ def build(cfg, meta, world, say):
                             f"{gpt.config.block_size}")
         gpt.crop_block_size(cfg["block_size"])
         base = os.path.abspath(cfg["init_from"]) if os.path.isdir(cfg["init_from"]) else cfg["init_from"]
+    if lora.has_lora(gpt):  # the LM is a LoRA run: start from its merged weights (as train.py does)
+        lora.merge_lora(gpt)
+    if cfg["lora_rank"]:
+        lora.apply_lora(gpt, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+                        targets=cfg["lora_targets"], verbose=False)
     attach_vision(gpt, v, tower=tower)
-    frozen = cfg["freeze"].replace(" ", "").split(",")
-    for name, p in gpt.named_parameters():  # what the run does not train: no gradient, no optimizer state
-        part = "tower" if name.startswith("vision.") else "projector" if name.startswith("projector.") else "lm"
-        p.requires_grad_(part not in frozen)
+    set_trainable(gpt, cfg["freeze"])
     return gpt, base, v, None
+
+
+def set_trainable(gpt, freeze):
+    """What the run trains: the tower unless frozen, the projector always, the LM unless frozen
+    (with LoRA: its adapters only). The rest gets no gradient and no optimizer state."""
+    frozen, adapted = freeze.replace(" ", "").split(","), lora.has_lora(gpt)
+    for name, p in gpt.named_parameters():
+        part = "tower" if name.startswith("vision.") else "projector" if name.startswith("projector.") else "lm"
+        is_adapter = ".lora_A." in name or ".lora_B." in name
+        p.requires_grad_(part not in frozen and (part != "lm" or not adapted or is_adapter))
 
 
 def lr_at(step, cfg):
@@ -365,8 +404,8 @@ def print_plan(cfg):
     weights, gradients and AdamW moments (fp32), for one rank (DDP: each holds them all)."""
     from plan import ASSUMED_GPU, ASSUMED_MFU, plan_meta, plan_model
     meta, _ = plan_meta(cfg)
-    frozen = cfg["freeze"].replace(" ", "").split(",")
-    gpt = plan_model(dict(cfg, lora_rank=0), meta)  # the LM on the meta device
+    frozen = cfg["freeze"].replace(" ", "").split(",") + (["lm"] if cfg["lora_rank"] else [])
+    gpt = plan_model(dict(cfg, lora_rank=0), meta)  # the LM on the meta device (without adapters)
     if cfg["tower"]:
         tower, side, patch = plan_tower(cfg)
         width = tower.model.config.hidden_size
@@ -378,14 +417,16 @@ def print_plan(cfg):
     n_img = n_patches // cfg["shuffle"] ** 2
     parts = dict(LM=gpt.num_params(), tower=sum(p.numel() for p in tower.parameters()),
                  projector=width * cfg["shuffle"] ** 2 * gpt.config.n_embd)
-    trains = {k: k.lower() not in frozen for k in parts}
+    if cfg["lora_rank"]:  # the adapters, beside the frozen LM
+        parts["LoRA"] = plan_model(cfg, meta).num_params() - parts["LM"]
+    trains = {k: k.lower() not in frozen for k in parts}  # (LoRA: "lora" is never frozen)
     world = int(os.environ.get("WORLD_SIZE", 1))
     examples = cfg["total_batch_size"] or cfg["batch_size"] * world
     positions = examples * cfg["block_size"]  # at most: text and image tokens, every example padded to block_size
     lm_flops = (6 if trains["LM"] else 4) * gpt.num_params(non_embedding=True) + 12 * gpt.config.n_layer * \
         gpt.config.n_embd * cfg["block_size"]  # frozen: no weight gradients, but the projector's pass through
     flops = positions * lm_flops + examples * n_patches * (6 if trains["tower"] else 2) * parts["tower"] + \
-        examples * n_img * 6 * parts["projector"]
+        examples * n_img * 6 * parts["projector"] + positions * 6 * parts.get("LoRA", 0)
     trained = sum(n for k, n in parts.items() if trains[k])
     gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
     print("plan: " + ", ".join(f"{k} {n / 1e6:,.2f}M ({'trained' if trains[k] else 'frozen'})"

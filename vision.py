@@ -364,9 +364,18 @@ def load_vision_model(out_dir, device="cpu"):
     if "vision" not in cfg:
         raise UserError(f"{path} is not a vision run (train_vision.py's): it reads no images")
     try:
-        gpt = GPT(GPTConfig(**ckpt["model_args"]))
-        attach_vision(gpt, cfg["vision"], tower_config=cfg["vision"].get("tower_config"))
-        gpt.load_state_dict(ckpt["model"])
+        tower_config = cfg["vision"].get("tower_config")
+        if "lora" in ckpt:  # the LM is a base with adapters; the tower and projector are in ckpt["parts"]
+            from checkpoint import load_lora_run
+            gpt = load_lora_run(ckpt, out_dir, dropout=ckpt["model_args"].get("dropout", 0.0))  # (a resume's)
+            attach_vision(gpt, cfg["vision"], tower_config=tower_config)
+            missing, unexpected = gpt.load_state_dict(ckpt.get("parts") or {}, strict=False)
+            lost = [k for k in missing if k.startswith(("vision.", "projector."))]
+            if lost or unexpected:
+                raise KeyError(f"the tower and projector weights do not fit: {(lost + unexpected)[0]}")
+        else:
+            gpt = attach_vision(GPT(GPTConfig(**ckpt["model_args"])), cfg["vision"], tower_config=tower_config)
+            gpt.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).splitlines()[0][:200] if str(e) else ""
         raise UserError(f"{path} does not fit a vision model ({type(e).__name__}: {first})") from None

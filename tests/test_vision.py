@@ -95,6 +95,10 @@ def test_plan_sizes_a_run_with_a_pretrained_tower_without_a_download(tmp_path):
                     "--plan"], cwd=tmp_path)
     assert "tower 92.88M (frozen)" in p.stdout and "LM 123.85M (trained)" in p.stdout
     assert "196 patches of 16x16 -> 49 LM tokens" in p.stdout and not os.listdir(tmp_path)
+    p = run_script([os.path.join(ROOT, "train_vision.py"), "--tower=google/siglip-base-patch16-224",
+                    "--init_from=gpt2", "--freeze=tower", "--lora_rank=8", "--dataset=none", "--batch_size=16", "--block_size=256", "--plan"],
+                   cwd=tmp_path)
+    assert "LM 123.85M (frozen)" in p.stdout and "LoRA 0.29M (trained)" in p.stdout  # GPT-2's q,v at r=8
 
 
 def hf_folder(tmp_path, kind):
@@ -137,15 +141,16 @@ def test_pretrained_tower_preprocessing_and_features_equal_transformers(tmp_path
 
 
 def test_a_run_with_a_frozen_pretrained_tower(tmp_path):
-    """Data prepared for a SigLIP tower's processor, two steps with the tower frozen: the tower's
-    weights are transformers' still, the rest trained, and the run loads back with them."""
+    """Data prepared for a SigLIP tower's processor, two steps with the tower frozen (the second
+    after a resume): the tower's weights are transformers' still, and the run loads back with them."""
     folder, hf, _ = hf_folder(tmp_path, "siglip")
     run_script([os.path.join(ROOT, "prepare_vision.py"), "--synthetic=20", "--tokenizer=char", f"--tower={folder}",
                 "--out_dir=data/s"], cwd=tmp_path)
-    run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=s", f"--tower={folder}", "--freeze=tower",
-                "--device=cpu", "--batch_size=4", "--block_size=60", "--n_layer=1", "--n_head=2", "--n_embd=32",
-                "--max_iters=2", "--eval_iters=1", "--eval_questions=4", "--warmup_iters=1", "--out_dir=o"],
-               cwd=tmp_path)
+    run = [os.path.join(ROOT, "train_vision.py"), "--dataset=s", f"--tower={folder}", "--freeze=tower",
+           "--device=cpu", "--batch_size=4", "--block_size=60", "--n_layer=1", "--n_head=2", "--n_embd=32",
+           "--eval_iters=1", "--eval_questions=4", "--warmup_iters=1", "--out_dir=o"]
+    run_script(run + ["--max_iters=1"], cwd=tmp_path)
+    run_script(run + ["--max_iters=2", "--init_from=resume"], cwd=tmp_path)  # a resume keeps the tower frozen too
     vlm, meta, cfg = load_vision_model(str(tmp_path / "o"))
     assert meta["image_size"] == [32, 32] and cfg["vision"]["n_patches"] == 16
     for name, p in hf.state_dict().items():
@@ -245,6 +250,44 @@ def test_each_training_script_refuses_the_others_data_in_one_line(shapes_dir, wo
     p = run_script([os.path.join(ROOT, "train_vision.py"), "--dataset=tiny", "--device=cpu"], cwd=workdir, check=False)
     assert p.returncode == 2 and "not an image-text dataset" in p.stderr.strip().splitlines()[-1]
     assert "Traceback" not in p.stderr
+
+
+def test_lora_on_the_lm_keeps_its_weights_and_saves_the_tower(shapes_dir):
+    """--lora_rank on a trained LM: the LM's weights stay as they were, the adapters, tower and
+    projector train; the checkpoint holds those three (not the LM, named as its base), loads back,
+    and a resume is exact. Without a trained LM, or with --freeze=lm, it is one line."""
+    from checkpoint import make_checkpoint, save_checkpoint
+    from dataloader import vocab_size_of
+    d = shapes_dir
+    meta = json.loads((d / "data/shapes/meta.json").read_text())
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(block_size=64, vocab_size=vocab_size_of(meta), n_layer=2, n_head=2, n_embd=32))
+    (d / "lm").mkdir(exist_ok=True)
+    save_checkpoint(make_checkpoint(lm, meta, {}, step=0), str(d / "lm" / "ckpt.pt"))
+    train = [os.path.join(ROOT, "train_vision.py")] + TRAIN + ["--init_from=lm", "--lora_rank=2", "--eval_interval=2"]
+    run_script(train + ["--out_dir=lora", "--max_iters=4"], cwd=d)
+    run_script(train + ["--out_dir=lora_half", "--max_iters=2"], cwd=d)
+    run_script(train + ["--out_dir=lora_half", "--max_iters=4", "--init_from=resume"], cwd=d)
+    ck = torch.load(d / "lora" / "ckpt.pt", weights_only=True)
+    assert "model" not in ck and ck["base"] == str(d / "lm") and ck["lora"]["rank"] == 2
+    assert {k.split(".")[0] for k in ck["parts"]} == {"vision", "projector"}
+    half = torch.load(d / "lora_half" / "ckpt.pt", weights_only=True)
+    for k in ck["parts"]:
+        assert torch.equal(ck["parts"][k], half["parts"][k]), k
+    for k in ck["lora"]["tensors"]:
+        assert torch.equal(ck["lora"]["tensors"][k], half["lora"]["tensors"][k]), k
+    assert read_log(d / "lora" / "log.txt", "train") == read_log(d / "lora_half" / "log.txt", "train")
+    vlm, _, _ = load_vision_model(str(d / "lora"))
+    got = vlm.gpt.state_dict()
+    for k, v in lm.state_dict().items():  # the base, untouched (its positions cropped to the run's block_size)
+        assert torch.equal(got[k], v[:56] if k == "transformer.wpe.weight" else v), k
+    for k in ck["parts"]:
+        assert torch.equal(got[k], ck["parts"][k]), k
+    assert any(k.endswith(".lora_B.q") and v.abs().sum() > 0 for k, v in got.items())  # the adapters trained
+    for args, says in ((["--init_from=scratch"], "give one with --init_from"),
+                       (["--freeze=lm"], "give one of the two")):
+        p = run_script(train + args + ["--out_dir=bad"], cwd=d, check=False)
+        assert p.returncode == 2 and says in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
 
 
 @pytest.mark.slow
