@@ -42,8 +42,8 @@ from checkpoint import check_same_tokenizer, claim_out_dir, load_checkpoint, loa
 from dataloader import get_tokenizer, read_meta, vocab_size_of
 from model import GPT, GPTConfig
 from optim import configure_optimizers
-from runtime import (StepClock, StopFlag, close_world, console_line, ddp_wrap, evaluates_at, format_time, nonfinite,
-                     rank_failed, setup_world, stop_agreed, worse_than_best)
+from runtime import (StepClock, StopFlag, ThreadPicker, close_world, console_line, ddp_wrap, evaluates_at, format_time,
+                     nonfinite, rank_failed, setup_world, stop_agreed, worse_than_best)
 from vision import (ImageSFTLoader, ViT, VisionLM, accuracy, answer_end, attach_vision, image_settings, image_tokens,
                     load_hf_tower, load_vision_model, val_questions)
 
@@ -100,6 +100,7 @@ DEFAULTS = dict(
     device="auto",  # auto | cpu | cuda | cuda:N | mps
     dtype="auto",  # auto | float32 | bfloat16 | float16
     pg_timeout=600,  # seconds a rank waits in a collective for the others
+    cpu_threads=0,  # CPU: torch's threads; 0 = OMP_NUM_THREADS if set, else the fastest of n, n/2, ..., 1, timed
     seed=1337,  # the initial weights, the batches' order and dropout
     plan=False,  # print the run's parts, FLOPs and memory, then exit: no data, GPU or download needed
 )
@@ -113,7 +114,8 @@ def check_settings(cfg):
         if cfg[key] < 1:
             die(f"--{key} must be at least 1, got {cfg[key]}")
     for key in ("max_iters", "total_batch_size", "eval_interval", "eval_questions", "checkpoint_interval",
-                "keep_interval", "warmup_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip", "seed"):
+                "keep_interval", "warmup_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip", "seed",
+                "cpu_threads"):
         if cfg[key] < 0:
             die(f"--{key} must not be negative, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"] or cfg["vit_embd"] % cfg["vit_heads"]:
@@ -239,8 +241,9 @@ def lr_at(step, cfg):
     return floor + 0.5 * (1.0 + math.cos(math.pi * done)) * (top - floor)
 
 
-def evaluate(cfg, model, loader, world, autocast):
-    """The mean val loss per answer token over eval_iters batches on every rank (the same each time)."""
+def evaluate(cfg, model, loader, world, autocast, threads):
+    """The mean val loss per answer token over eval_iters batches on every rank (the same each time).
+    threads: the run's ThreadPicker (its first batches are timed at several thread counts)."""
     model.eval()
     loader.reset()
     totals = torch.zeros(2, device=world.device)  # loss summed over targets, targets
@@ -248,8 +251,10 @@ def evaluate(cfg, model, loader, world, autocast):
         for _ in range(cfg["eval_iters"]):
             x, y, images = loader.next_batch_images()
             n = int((y != -1).sum())
+            threads.start("val batch")
             with autocast:
                 loss = model(x.to(world.device), y.to(world.device), images.to(world.device))
+            threads.done()
             totals += torch.stack([loss.float() * n, torch.tensor(float(n), device=world.device)])
     model.train()
     if world.ddp:
@@ -308,6 +313,7 @@ def train(cfg, world):
     decode, stop_token = get_tokenizer(meta)[1], answer_end(meta)
     questions = val_questions(data_dir, "val", cfg["eval_questions"]) if cfg["eval_questions"] else None
 
+    threads = ThreadPicker(world.device_type, cfg["cpu_threads"], world.size, say)  # (CPU only: train.py's)
     start_step = step
     clock = StepClock(start_step, world.device_type)
     while True:
@@ -317,7 +323,7 @@ def train(cfg, world):
         clock.pause()
         val_loss = None if step > start_step else val_loss  # a checkpoint holds the val loss of its own weights
         if evaluates_at(step, start_step, last, val_loss is not None, cfg) and not stopping:
-            val_loss = evaluate(cfg, model, val_loader, world, autocast)
+            val_loss = evaluate(cfg, model, val_loader, world, autocast, threads)
             line = f"step {step}: val loss {val_loss:.4f}" + worse_than_best(val_loss, best_val)
             values = dict(val=val_loss)
             if questions and world.master:  # (answered on rank 0 only: no collective inside)
@@ -337,6 +343,7 @@ def train(cfg, world):
             break
         clock.resume()
 
+        threads.start()
         lr = lr_at(step, cfg)
         for group in optimizers[0].param_groups:
             group["lr"] = lr
@@ -355,6 +362,7 @@ def train(cfg, world):
         scaler.update()
         optimizers[0].zero_grad(set_to_none=True)
         step += 1
+        threads.done()
         clock.count(text_tokens + step_examples * (n_img - 1))  # text and image tokens, the LM's positions
         if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
             if world.ddp:
