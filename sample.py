@@ -8,6 +8,8 @@ Generate text from a trained model, printing it as it comes.
     python sample.py --start=FILE:prompt.txt               # the prompt from a file
     python sample.py --out_dir=out-alpaca --start "Name three primary colors."   # ask an SFT run
     python sample.py --out_dir=out-vision-shapes --image=pic.png --start "What color is the circle?"   # a vision run
+    printf 'How many shapes?\nWhere is the red circle?\n' | python sample.py --out_dir=out-vision-shapes \
+        --image=pic.png --chat                                            # questions about one picture
 
     printf 'Hi\nTell me more\n' | python sample.py --out_dir=out-alpaca --chat   # a conversation
 

@@ -37,6 +37,7 @@ from the question alone), by question kind.
 
 import json
 import os
+import sys
 
 from configurator import UserError, configure, die, exit_on_ctrl_c, print_config
 
@@ -391,30 +392,53 @@ def answer_end(meta):
 
 def sample(cfg, device, autocast):
     """sample.py --image=PATH: a vision run (--out_dir) answers the question in --start about the
-    picture, num_samples times (greedy at temperature 0)."""
+    picture, num_samples times (greedy at temperature 0). With --chat, every line on stdin is a
+    question about the same picture, each answered on its own (a vision run learned one question
+    per image, never a conversation); /exit or the end of stdin ends it."""
     if not cfg["out_dir"]:
         raise UserError("--image needs --out_dir=RUN, a vision run (train_vision.py)")
     vlm, meta, run = load_vision_model(cfg["out_dir"], device)
     image = torch.from_numpy(read_image(cfg["image"], run["vision"]["image"]))[None].to(device)  # (1, H, W, 3)
     encode, decode = get_tokenizer(meta)
     end = answer_end(meta)
-    question = cfg["start"].strip()
-    if question.count(PLACEHOLDER) > 1:
-        raise UserError(f"--start holds {PLACEHOLDER} {question.count(PLACEHOLDER)} times: a vision run reads one "
-                        f"image; write {PLACEHOLDER} once where it goes, or leave it out (the image goes first)")
-    prompt, _ = encode_example(meta, encode, render_prompt(meta["template"], meta, question), "",
-                               meta["image_token"], end)
     n_img, block_size = image_tokens(run["vision"]), vlm.gpt.config.block_size
-    if len(prompt) - 1 + n_img > block_size:  # the placeholder's one position becomes the image's n_img
-        raise UserError(f"--start is too long: the prompt's {len(prompt) - 1} text tokens and the image's {n_img} "
-                        f"exceed the model's block_size of {block_size}; shorten the question so that the prompt "
-                        f"(its template included) fits in {block_size - n_img} tokens")
-    torch.manual_seed(cfg["seed"])
-    for k in range(cfg["num_samples"]):
+
+    def prompt_of(question, what="--start"):
+        if question.count(PLACEHOLDER) > 1:
+            raise UserError(f"{what} holds {PLACEHOLDER} {question.count(PLACEHOLDER)} times: a vision run reads one "
+                            f"image; write {PLACEHOLDER} once where it goes, or leave it out (the image goes first)")
+        prompt, _ = encode_example(meta, encode, render_prompt(meta["template"], meta, question), "",
+                                   meta["image_token"], end)
+        if len(prompt) - 1 + n_img > block_size:  # the placeholder's one position becomes the image's n_img
+            raise UserError(f"{what} is too long: the prompt's {len(prompt) - 1} text tokens and the image's {n_img} "
+                            f"exceed the model's block_size of {block_size}; shorten the question so that the prompt "
+                            f"(its template included) fits in {block_size - n_img} tokens")
+        return prompt
+
+    def say(prompt):
         with autocast:
             ids = vlm.answer([prompt], image, cfg["max_new_tokens"], end, temperature=cfg["temperature"],
                              top_k=cfg["top_k"] or None, top_p=cfg["top_p"])[0]
         print(decode(ids).strip(), flush=True)
+
+    torch.manual_seed(cfg["seed"])
+    if not cfg["chat"]:
+        prompt = prompt_of(cfg["start"].strip())
+        for _ in range(cfg["num_samples"]):
+            say(prompt)
+        return
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip():
+            try:
+                say(prompt_of(line.strip(), "the question"))
+            except UserError as e:  # one question too long: say so, and take the next
+                print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def test_plan_sizes_a_run_with_a_pretrained_tower_without_a_download(tmp_path):
     assert "tower 92.88M (frozen)" in p.stdout and "LM 123.85M (trained)" in p.stdout
     assert "196 patches of 16x16 -> 49 LM tokens" in p.stdout and not os.listdir(tmp_path)
     p = run_script([os.path.join(ROOT, "train_vision.py"), "--tower=google/siglip-base-patch16-224",
-                    "--init_from=gpt2", "--freeze=tower", "--lora_rank=8", "--dataset=none", "--batch_size=16", "--block_size=256", "--plan"],
+                    "--init_from=gpt2", "--freeze=tower", "--lora_rank=8", "--dataset=none", "--batch_size=16",
+                    "--block_size=256", "--plan"],
                    cwd=tmp_path)
     assert "LM 123.85M (frozen)" in p.stdout and "LoRA 0.29M (trained)" in p.stdout  # GPT-2's q,v at r=8
 
@@ -221,6 +222,31 @@ def test_resume_is_exact_and_the_checkpoint_has_everything_to_answer(full_run):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: image none.png not found"
     assert "Traceback" not in bad.stderr
 
+
+def test_chat_about_a_picture_answers_each_line_as_start_would(full_run, monkeypatch, capsys):
+    """sample.py --image --chat: every stdin line is a question about the picture, answered as
+    --start answers it; an overlong one is an error line and the next is still answered."""
+    import io
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    import sample
+    from vision import sample as ask
+    d = full_run
+    Image.new("RGB", (16, 16), (40, 180, 60)).save(d / "green.png")
+    cfg = dict(sample.DEFAULTS, out_dir=str(d / "full"), image=str(d / "green.png"), max_new_tokens=8,
+               temperature=0.0, num_samples=1)
+    questions = ["How many shapes?", "What shape is it? " * 4, "What color is the circle?"]
+    expected = []
+    for q in questions[::2]:
+        ask(dict(cfg, start=q), "cpu", nullcontext())
+        expected.append(capsys.readouterr().out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions + ["/exit", "How many shapes?"]) + "\n"))
+    ask(dict(cfg, chat=True), "cpu", nullcontext())
+    out, err = capsys.readouterr()
+    assert out == "".join(expected) and len(out.splitlines()) == 2
+    assert err.count("error: the question is too long") == 1
 
 def test_a_question_or_a_dataset_that_does_not_fit_the_run_is_one_line(full_run):
     d = full_run
