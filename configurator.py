@@ -1,6 +1,6 @@
 """
 The configurator: how every script here takes its settings, plus the few small things that
-all of them share (the one-line error, atomic writes, the device and dtype).
+all of them share (the one-line error, atomic writes, the device and dtype, lines from stdin).
 
     python train.py config/shakespeare_char_cpu.py --batch_size=32 --compile=False
     python train.py -h                                     # every setting, with its comment
@@ -59,6 +59,20 @@ def exit_on_ctrl_c():
         print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
     signal.signal(signal.SIGINT, handler)
+
+
+def read_lines(prompt="> "):
+    """The lines typed on stdin (or piped to it), stripped, empty ones skipped, until /exit or
+    the end of input: sample.py's --chat. On a terminal, prompt is shown (on stderr) before each."""
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print(prompt, end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip():
+            yield line.strip()
 
 
 @contextmanager

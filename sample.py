@@ -22,8 +22,8 @@ instruction (SFT) or preference dataset (--instruct=False to give the raw prompt
 import os
 import sys
 
-from configurator import (UserError, autocast_context, configure, die, exit_on_ctrl_c, print_config, resolve_device,
-                          resolve_dtype)
+from configurator import (UserError, autocast_context, configure, die, exit_on_ctrl_c, print_config, read_lines,
+                          resolve_device, resolve_dtype)
 
 if __name__ == "__main__":
     exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
@@ -171,19 +171,10 @@ def chat(model, meta, decode, cfg, autocast, device):
 
     history, told = [], False  # history: (the user's line, the answer's token ids) of each earlier turn
     torch.manual_seed(cfg["seed"])
-    tty = sys.stdin.isatty()
-    while True:
-        if tty:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
-            return
-        line = line.strip()
+    for line in read_lines():
         if line == "/reset":
             history = []
             print("(the conversation is forgotten)", file=sys.stderr)
-            continue
-        if not line:
             continue
         ids = context(history, line)
         if len(ids) > block_size and not history:

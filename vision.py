@@ -39,7 +39,7 @@ import json
 import os
 import sys
 
-from configurator import UserError, configure, die, exit_on_ctrl_c, print_config
+from configurator import UserError, configure, die, exit_on_ctrl_c, print_config, read_lines
 
 if __name__ == "__main__":
     exit_on_ctrl_c()  # first: a Ctrl-C while torch loads (seconds) ends in one line, not a traceback
@@ -427,18 +427,11 @@ def sample(cfg, device, autocast):
         for _ in range(cfg["num_samples"]):
             say(prompt)
         return
-    tty = sys.stdin.isatty()
-    while True:
-        if tty:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
-            return
-        if line.strip():
-            try:
-                say(prompt_of(line.strip(), "the question"))
-            except UserError as e:  # one question too long: say so, and take the next
-                print(f"error: {e}", file=sys.stderr, flush=True)
+    for line in read_lines():
+        try:
+            say(prompt_of(line, "the question"))
+        except UserError as e:  # one question too long: say so, and take the next
+            print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
