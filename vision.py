@@ -36,6 +36,7 @@ from the question alone), by question kind.
 """
 
 import json
+import math
 import os
 import sys
 
@@ -181,6 +182,10 @@ class ViT(nn.Module):
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config)
         self.apply(lambda m: GPT._init_weights(self, m))  # GPT-2's init, by the same rules
+        # but the positions start at the scale of a patch's embedding (3p^2 pixels of about unit size
+        # through weights of std 0.02), not at GPT-2's 0.02 for a table beside token embeddings of
+        # 0.02: ten times smaller, they left where a shape is unseen for hundreds of steps (docs/vision.md)
+        nn.init.normal_(self.wpe.weight, std=0.02 * math.sqrt(3 * patch_size ** 2))
 
     def forward(self, pixels):
         B, _, H, W = pixels.shape
