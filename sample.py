@@ -48,7 +48,7 @@ DEFAULTS = dict(
     dtype="auto",  # auto | float32 | bfloat16 | float16
     compile=False,  # torch.compile the model (a minute of compiling first: pays off for long samples)
     chat=False,  # a conversation: each line of stdin is a turn, answered in the instruction template (/reset, /exit)
-    image="",  # a picture file: a vision run (train_vision.py, --out_dir) answers --start about it
+    image="",  # a picture file: a vision run (train_vision.py, --out_dir) answers --start (or each --chat line)
 )
 
 

@@ -141,6 +141,9 @@ def check_settings(cfg):
             lora.parse_targets(cfg["lora_targets"])
         except ValueError as e:
             die(str(e))
+        if not 0 <= cfg["lora_dropout"] < 1 or cfg["lora_alpha"] <= 0:
+            die(f"--lora_dropout must be in [0, 1) and --lora_alpha positive, got {cfg['lora_dropout']} and "
+                f"{cfg['lora_alpha']}")
 
 
 def vision_settings(cfg, meta, say):
@@ -179,16 +182,16 @@ def build(cfg, meta, world, say):
         old = ckpt.get("config") or {}
         if "vision" not in old:
             raise UserError(f"{cfg['out_dir']} is not a train_vision.py run: resume it with the script that made it")
-        def trains(c):  # what a run trains on and with: a resume keeps it (the saved moments fit it)
-            rank = c.get("lora_rank", 0)  # (a run from before LoRA had none)
-            return dict(dataset=c["dataset"], freeze=c["freeze"],
-                        lora_rank=(rank, lora.parse_targets(c["lora_targets"])) if rank else 0)
+        def trains(c):  # what a run trains on and with: a resume keeps it (the saved adapters and moments fit it)
+            adapters = (c["lora_rank"], lora.parse_targets(c["lora_targets"]), c["lora_alpha"], c["lora_dropout"]) \
+                if c.get("lora_rank") else 0  # (0: no LoRA, or a run from before it)
+            return dict(dataset=c["dataset"], freeze=c["freeze"], lora=adapters)
         was, now = trains(old), trains(cfg)
         for key in was:
             if was[key] != now[key]:
-                targets = f", lora_targets={old['lora_targets']!r}" if key == "lora_rank" and was[key] else ""
-                raise UserError(f"{cfg['out_dir']} was trained with {key}={old.get(key, 0)!r}{targets}; "
-                                "resume it with the same")
+                keys = ("lora_rank", "lora_targets", "lora_alpha", "lora_dropout") if was[key] else ("lora_rank",)
+                said = ", ".join(f"{k}={old.get(k, 0)!r}" for k in (keys if key == "lora" else (key,)))
+                raise UserError(f"{cfg['out_dir']} was trained with {said}; resume it with the same")
         vlm, _, _ = load_vision_model(cfg["out_dir"])
         check_same_tokenizer(ckpt["meta"], meta, cfg["out_dir"], cfg["dataset"])
         say(f"resuming from {cfg['out_dir']}/ckpt.pt at step {ckpt['step']}")

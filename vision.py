@@ -184,7 +184,7 @@ class ViT(nn.Module):
         self.apply(lambda m: GPT._init_weights(self, m))  # GPT-2's init, by the same rules
         # but the positions start at the scale of a patch's embedding (3p^2 pixels of about unit size
         # through weights of std 0.02), not at GPT-2's 0.02 for a table beside token embeddings of
-        # 0.02: ten times smaller, they left where a shape is unseen for hundreds of steps (docs/vision.md)
+        # 0.02: about seven times smaller, they left where a shape is unseen for hundreds of steps (docs/vision.md)
         nn.init.normal_(self.wpe.weight, std=0.02 * math.sqrt(3 * patch_size ** 2))
 
     def forward(self, pixels):
@@ -433,6 +433,9 @@ def sample(cfg, device, autocast):
             say(prompt)
         return
     for line in read_lines():
+        if line == "/reset":  # (text chat's: here every question stands alone already)
+            print("(each question is answered on its own: there is nothing to forget)", file=sys.stderr)
+            continue
         try:
             say(prompt_of(line, "the question"))
         except UserError as e:  # one question too long: say so, and take the next

@@ -242,11 +242,13 @@ def test_chat_about_a_picture_answers_each_line_as_start_would(full_run, monkeyp
     for q in questions[::2]:
         ask(dict(cfg, start=q), "cpu", nullcontext())
         expected.append(capsys.readouterr().out)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions + ["/exit", "How many shapes?"]) + "\n"))
+    lines = questions + ["/reset", "/exit", "How many shapes?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     ask(dict(cfg, chat=True), "cpu", nullcontext())
     out, err = capsys.readouterr()
     assert out == "".join(expected) and len(out.splitlines()) == 2
-    assert err.count("error: the question is too long") == 1
+    assert err.count("error: the question is too long") == 1 and "nothing to forget" in err
+
 
 def test_a_question_or_a_dataset_that_does_not_fit_the_run_is_one_line(full_run):
     d = full_run
@@ -310,9 +312,12 @@ def test_lora_on_the_lm_keeps_its_weights_and_saves_the_tower(shapes_dir):
     for k in ck["parts"]:
         assert torch.equal(got[k], ck["parts"][k]), k
     assert any(k.endswith(".lora_B.q") and v.abs().sum() > 0 for k, v in got.items())  # the adapters trained
-    for args, says in ((["--init_from=scratch"], "give one with --init_from"),
-                       (["--freeze=lm"], "give one of the two")):
-        p = run_script(train + args + ["--out_dir=bad"], cwd=d, check=False)
+    for args, says in ((["--init_from=scratch", "--out_dir=bad"], "give one with --init_from"),
+                       (["--freeze=lm", "--out_dir=bad"], "give one of the two"),
+                       (["--lora_dropout=1.5", "--out_dir=bad"], "--lora_dropout must be in [0, 1)"),
+                       (["--out_dir=lora", "--init_from=resume", "--max_iters=6", "--lora_alpha=8"],
+                        "lora_alpha=16.0")):
+        p = run_script(train + args, cwd=d, check=False)
         assert p.returncode == 2 and says in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
 
 
