@@ -23,6 +23,8 @@ numbers, strings, lists, dicts: no pickled classes, so loading a file cannot run
                  dict keyed by parameter name, so FSDP and DDP runs resume each other
     scaler       the fp16 GradScaler's, or None
     loader       the training loader's position      rng       every rank's RNG states
+    threads      torch's CPU threads when it was saved (a resume that picks its own takes them again:
+                 the count can change a CPU run's last digits; runtime.ThreadPicker)
     val_loss     the validation loss of these weights (evaluated at this step), or None when
                  a stop cut the evaluation short
     best_val_loss  the lowest val_loss of the run's checkpoints: out_dir/ckpt_best.pt is that one
@@ -337,7 +339,8 @@ def save_run(cfg, step, val_loss, best_val_loss, *, model, optimizers, scaler, l
         ckpt = make_checkpoint(model, meta, cfg, state_dict=model_state, step=step, optimizer=optim_state,
                                scaler=scaler.state_dict() if scaler.is_enabled() else None,
                                loader=loader.state_dict(), rng=rngs, val_loss=val_loss, best_val_loss=best_val_loss,
-                               base=base, evaluated=evaluated or val_loss is not None)
+                               base=base, evaluated=evaluated or val_loss is not None,
+                               threads=torch.get_num_threads())
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
         try:  # a full disk: the last good checkpoint stays, and every rank stops
             save_checkpoint(ckpt, path)

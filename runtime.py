@@ -323,12 +323,13 @@ class ThreadPicker:
     longer than on one thread. So a one-process CPU run with no thread count given (cpu_threads=0,
     no OMP_NUM_THREADS) times its first val batches (or, with no evaluation at the start, training
     steps) at the default and at halves of it, keeps the fastest and says so in one line. (The
-    thread count changes the speed; the losses came out the same to the last digit at 1 and 2
-    threads: README.)"""
+    thread count changes the speed, and can change the last digits: train.py's losses came out
+    the same at 1 and 2 threads, a vision run's did not (docs/vision.md). So a checkpoint records
+    the count (save_run), and a resumed run takes it again, resumed=, instead of picking anew.)"""
 
     STEPS = 3  # steps timed at each thread count, after the run's first (warm-up) step
 
-    def __init__(self, device_type, setting, ranks, say):
+    def __init__(self, device_type, setting, ranks, say, resumed=0):
         self.say, self.times, self.t0, self.warm, self.kind = say, {}, None, False, None
         self.counts = []  # the thread counts left to time: [n, n/2, ..., 1]; empty = nothing to do
         if device_type != "cpu":
@@ -338,6 +339,10 @@ class ThreadPicker:
             return
         n = torch.get_num_threads()
         if "OMP_NUM_THREADS" in os.environ or ranks > 1 or n == 1:  # chosen already (torchrun sets it)
+            return
+        if resumed:  # the count the run used before its checkpoint: the same arithmetic from here on
+            torch.set_num_threads(resumed)
+            say(f"CPU threads: {resumed}, as before the resume; cpu_threads=N or OMP_NUM_THREADS=N chooses", flush=True)
             return
         while n >= 1:
             self.counts.append(n)

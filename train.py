@@ -388,6 +388,7 @@ def train(cfg, world):
     # val_loss: of the weights now; best_val: of out_dir/ckpt_best.pt
     step, val_loss, best_val = (restore_run(ckpt, out_dir, raw_model, optimizers, scaler, train_loader, world, say)
                                 if resume else (0, None, None))
+    saved_threads = ckpt.get("threads", 0) if resume else 0  # the CPU threads the run had picked
     del ckpt  # the file is memory-mapped: let it go before this run replaces it
     model = wrap(raw_model, cfg, world, say)
     autocast = autocast_context(world.device_type, ptdtype)
@@ -398,7 +399,7 @@ def train(cfg, world):
     peak = cfg["peak_flops"] or (peak_flops(torch.cuda.get_device_name(world.device)) if world.device_type == "cuda" else None)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     clock = StepClock(start_step, world.device_type)
-    threads = ThreadPicker(world.device_type, cfg["cpu_threads"], world.size, say)  # (CPU only)
+    threads = ThreadPicker(world.device_type, cfg["cpu_threads"], world.size, say, saved_threads)  # (CPU only)
     vote = StopVote(world)  # the ranks' stop, agreed at every step
     bad_loss = torch.zeros((), dtype=torch.bool, device=world.device)  # a non-finite loss since the last check
     stopping = stop_agreed(stop, world)  # a stop every rank agreed on; one during the set-up ends the run here

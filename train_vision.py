@@ -307,6 +307,7 @@ def train(cfg, world):
     scaler = torch.amp.GradScaler(world.device_type, enabled=(ptdtype == torch.float16))
     step, val_loss, best_val = (restore_run(ckpt, cfg["out_dir"], gpt, optimizers, scaler, train_loader, world, say)
                                 if resume else (0, None, None))
+    saved_threads = ckpt.get("threads", 0) if resume else 0  # the CPU threads the run had picked
     del ckpt
     run_cfg = dict(cfg, vision=v, base=base)  # what the checkpoint keeps: how to rebuild the model
     module = VisionLM(gpt.train(), meta["image_token"])
@@ -316,7 +317,7 @@ def train(cfg, world):
     decode, stop_token = get_tokenizer(meta)[1], answer_end(meta)
     questions = val_questions(data_dir, "val", cfg["eval_questions"]) if cfg["eval_questions"] else None
 
-    threads = ThreadPicker(world.device_type, cfg["cpu_threads"], world.size, say)  # (CPU only: train.py's)
+    threads = ThreadPicker(world.device_type, cfg["cpu_threads"], world.size, say, saved_threads)  # (train.py's)
     start_step = step
     clock = StepClock(start_step, world.device_type)
     while True:

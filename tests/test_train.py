@@ -32,6 +32,7 @@ def test_end_to_end_then_sample(workdir):
     assert val[30] < val[0]
     ckpt = torch.load(workdir / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 30 and ckpt["meta"]["tokenizer"] == "char"
+    assert ckpt["threads"] == 1  # (run_script's OMP_NUM_THREADS): a resume that picks takes them again
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     # sample.py finds the newest out*/ckpt.pt by itself
     p = run_script([os.path.join(ROOT, "sample.py"), "--start=the king", "--num_samples=1",
@@ -688,6 +689,10 @@ def test_cpu_threads_are_picked_by_timing_the_first_steps(monkeypatch, busy):
         now[0] += cost[threads[0]] if kind == "training step" else 9.0
         picker.done()
     assert picker.counts == [] and max(picker.times) <= 4 and len(lines) == 2
+    # a resumed run takes the count its checkpoint recorded: no timing, the same arithmetic as before
+    threads[0] = 4
+    resumed = runtime.ThreadPicker("cpu", 0, 1, lambda line, **kw: lines.append(line), resumed=2)
+    assert threads[0] == 2 and resumed.counts == [] and lines[-1].startswith("CPU threads: 2, as before the resume")
     # a thread count given, or chosen by OMP_NUM_THREADS or torchrun, or a GPU: no timing
     runtime.ThreadPicker("cpu", 3, 1, print)
     assert threads[0] == 3
