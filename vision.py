@@ -497,7 +497,7 @@ class ImageSFTLoader(SFTLoader):
 
 
 # -----------------------------------------------------------------------------
-# exact-match accuracy, with the images and with a blank one
+# exact-match accuracy, with the images and with a blank one (vision.py: and with another picture)
 
 
 def val_questions(data_dir, split="val", limit=0):
@@ -575,12 +575,16 @@ def main():
         decode, stop = get_tokenizer(meta)[1], answer_end(meta)
         with_image = accuracy(vlm, questions, images, kinds, stop, decode, device, batch_size=cfg["batch_size"])
         blank = accuracy(vlm, questions, images, kinds, stop, decode, device, blank=True, batch_size=cfg["batch_size"])
+        # every question asked about another picture of the split: a "text alone" floor made of
+        # pictures the model knows (a blank one it never saw can draw answers that are no answer)
+        others = images[np.random.default_rng(0).permutation(len(images))]
+        permuted = accuracy(vlm, questions, others, kinds, stop, decode, device, batch_size=cfg["batch_size"])
     except UserError as e:
         die(str(e))
     print(f"{len(questions)} {cfg['split']} questions of {data_dir}: exact-match accuracy")
-    print(f"  {'kind':<12} {'image':>7} {'blank':>7}")
+    print(f"  {'kind':<12} {'image':>7} {'blank':>7} {'another':>8}")
     for k in with_image:
-        print(f"  {k:<12} {with_image[k]:>7.1%} {blank[k]:>7.1%}")
+        print(f"  {k:<12} {with_image[k]:>7.1%} {blank[k]:>7.1%} {permuted[k]:>8.1%}")
 
 
 if __name__ == "__main__":

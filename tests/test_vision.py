@@ -250,6 +250,28 @@ def test_chat_about_a_picture_answers_each_line_as_start_would(full_run, monkeyp
     assert err.count("error: the question is too long") == 1 and "nothing to forget" in err
 
 
+def test_vision_py_scores_with_the_image_a_blank_one_and_another_picture(full_run):
+    """python vision.py prints, per kind, the accuracy with each question's picture, a blank one,
+    and another picture of the split; each equals vision.accuracy's, computed here."""
+    from dataloader import get_tokenizer
+    from vision import accuracy, answer_end, val_questions
+    d = full_run
+    p = run_script([os.path.join(ROOT, "vision.py"), "--out_dir=full", "--device=cpu"], cwd=d)
+    lines = p.stdout.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if "exact-match accuracy" in line) + 1:]
+    rows = {line.split()[0]: line.split()[1:] for line in table}
+    vlm, meta, _ = load_vision_model(str(d / "full"))
+    questions, images, kinds = val_questions(str(d / "data/shapes"))
+    decode, stop = get_tokenizer(meta)[1], answer_end(meta)
+    others = images[np.random.default_rng(0).permutation(len(images))]
+    expected = [accuracy(vlm, questions, images, kinds, stop, decode, "cpu"),
+                accuracy(vlm, questions, images, kinds, stop, decode, "cpu", blank=True),
+                accuracy(vlm, questions, others, kinds, stop, decode, "cpu")]
+    assert rows["kind"] == ["image", "blank", "another"] and "all" in rows
+    for kind, got in rows.items():
+        if kind != "kind":
+            assert got == [f"{e[kind]:.1%}" for e in expected], kind
+
 def test_a_question_or_a_dataset_that_does_not_fit_the_run_is_one_line(full_run):
     d = full_run
     sample = [os.path.join(ROOT, "sample.py"), "--out_dir=full", "--image=red.png", "--max_new_tokens=2"]
